@@ -1,0 +1,108 @@
+"""Plain-PyTorch GSPN line scan: the oracle every other backend is tested against.
+
+Everything here works in the *scan frame*: a direction's flip/transpose of the grid is undone into
+`[..., N, L]`, where dim -2 holds the N scan steps in scan order and dim -1 the L positions of a line
+(position p's neighbours on the previous line are p-1, p, p+1). This file may materialize those copies;
+the Triton kernels reach the same elements by index arithmetic instead.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DIRECTIONS = ("tb", "bt", "lr", "rl")
+
+
+def to_scan_frame(t: torch.Tensor, direction: str) -> torch.Tensor:
+    """`[..., H, W]` -> `[..., N, L]` with steps in scan order on dim -2."""
+    if direction in ("lr", "rl"):
+        t = t.transpose(-1, -2)
+    if direction in ("bt", "rl"):
+        t = t.flip(-2)
+    return t
+
+
+def from_scan_frame(t: torch.Tensor, direction: str) -> torch.Tensor:
+    """Inverse of `to_scan_frame`: `[..., N, L]` -> `[..., H, W]` in the original pixel positions."""
+    if direction in ("bt", "rl"):
+        t = t.flip(-2)
+    if direction in ("lr", "rl"):
+        t = t.transpose(-1, -2)
+    return t
+
+
+def normalize_gates(a: torch.Tensor) -> torch.Tensor:
+    """Gate logits `a: [..., 3, N, L]` (scan frame) -> propagation weights of the same shape.
+
+    `g_k = sigmoid(a_k) / sum of sigmoid(a_k')` over the neighbours k' that exist: there is no k=0
+    (p-1) neighbour at p = 0 and no k=2 (p+1) neighbour at p = L-1, so every row is stochastic.
+    """
+    L = a.shape[-1]
+    p = torch.arange(L, device=a.device)
+    exists = torch.stack([p > 0, torch.ones_like(p, dtype=torch.bool), p < L - 1])  # (3, L)
+    s = torch.sigmoid(a) * exists[:, None, :].to(a.dtype)
+    return s / s.sum(dim=-3, keepdim=True)
+
+
+def expand_groups(t: torch.Tensor, channels: int, dim: int = 1) -> torch.Tensor:
+    """Repeat a grouped tensor along `dim` so that channel c reads group `c // (channels // G)`."""
+    return t.repeat_interleave(channels // t.shape[dim], dim=dim)
+
+
+def scan_lines(x: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """The recurrence in the scan frame, one line at a time.
+
+    x, lam: [B, C, N, L]; g: [B, C, 3, N, L] normalized weights; returns h: [B, C, N, L] with
+    `h[s] = g0*h[s-1][p-1] + g1*h[s-1][p] + g2*h[s-1][p+1] + lam*x`, restarting (h[s-1] = 0) at s = 0
+    and at every multiple of `chunk`.
+    """
+    N = x.shape[-2]
+    h = torch.zeros_like(x[..., 0, :])
+    lines = []
+    for s in range(N):
+        if chunk is not None and s % chunk == 0:
+            h = torch.zeros_like(h)
+        left = F.pad(h[..., :-1], (1, 0))  # h[s-1][p-1], 0 at p = 0
+        right = F.pad(h[..., 1:], (0, 1))  # h[s-1][p+1], 0 at p = L-1
+        h = g[:, :, 0, s] * left + g[:, :, 1, s] * h + g[:, :, 2, s] * right + lam[..., s, :] * x[..., s, :]
+        lines.append(h)
+    return torch.stack(lines, dim=-2)
+
+
+def gspn_scan_reference(
+    x: torch.Tensor,
+    gates: torch.Tensor,
+    lam: torch.Tensor,
+    u: torch.Tensor | None = None,
+    direction: str = "tb",
+    chunk: int | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """One-direction GSPN scan, differentiable by autograd.
+
+    x: [B, C, H, W]; gates: [B, G, 3, H, W] logits; lam, u: [B, G', H, W] (u=None means 1).
+    Returns y: [B, C, H, W] in x's dtype. With `upcast`, float16/bfloat16 inputs are computed in float32;
+    without it the whole scan runs in the input precision (the low-precision baseline of the tests).
+    """
+    C = x.shape[1]
+    dtype = x.dtype
+    work = torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else dtype
+
+    def frame(t):
+        return to_scan_frame(expand_groups(t.to(work), C), direction)
+
+    g = normalize_gates(frame(gates))
+    h = scan_lines(to_scan_frame(x.to(work), direction), g, frame(lam), chunk)
+    y = h if u is None else h * frame(u)
+    return from_scan_frame(y, direction).to(dtype)
+
+
+def gspn_scan_4dir_reference(x, gates, lam, u=None, chunk=None, upcast=True) -> torch.Tensor:
+    """Four directions (tb, bt, lr, rl): gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W]."""
+    return torch.stack(
+        [
+            gspn_scan_reference(x, gates[:, d], lam[:, d], None if u is None else u[:, d], direction, chunk, upcast)
+            for d, direction in enumerate(DIRECTIONS)
+        ],
+        dim=1,
+    )

@@ -1,0 +1,440 @@
+"""Fused GSPN line scan in Triton: one launch for every step (and for all four directions).
+
+Layout of the work. A program owns one line of the scan (all L positions) for a block of channels, for
+one batch element and one direction, and walks the N steps in order, keeping the state `h` of the
+previous line in fp32 registers. The two neighbours `h[p-1]`, `h[p+1]` cross threads, so each step also
+writes the line to a small per-program scratch buffer (two slots, ping-pong, one barrier per step) that
+stays in L1/L2. Directions are index arithmetic on the original `[.., H, W]` tensors (a runtime direction
+id picks which axis is the line and whether steps run backwards): no transposed or flipped copies.
+
+Channel blocks are chosen so that every block lies inside one group of each grouped tensor (gates, lam,
+u). A grouped tensor is then loaded once per step as one `[1, L]` line and broadcast over the block's
+channels ("compact multi-channel propagation"), and its gradient is reduced over the block in registers.
+When a group is larger than a block, each block writes its share to its own fp32 slice and the slices are
+summed afterwards: deterministic, no atomics.
+
+The backward needs `h` of every line. It is saved by the forward in the storage dtype: when `u` is None
+`h` is the output itself (no extra memory); otherwise the forward writes one more `[B, ndir, C, H, W]`
+tensor (only when a gradient is needed).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run only in its interpreter, which must be chosen before they are defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# At most this many elements in one program's [BLOCK_C, BLOCK_L] tile.
+MAX_TILE_ELEMENTS = 4096
+# `chunk=None` is passed as a chunk longer than any scan, so that only step 0 starts from h = 0.
+NO_CHUNK = 1 << 30
+# Tests set this to NaN so that any element a kernel fails to write shows up.
+POISON_FILL: float | None = None
+
+
+def _alloc(shape, dtype, device) -> torch.Tensor:
+    if POISON_FILL is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, POISON_FILL, dtype=dtype, device=device)
+
+
+@triton.jit
+def _line_offsets(c0, c, mask_c, CPG, s_row, p, s_pos, mask_p, SHARED: tl.constexpr):
+    """Offsets and mask of one line of a grouped tensor: [1, BLOCK_L] if shared by the block, else per channel."""
+    if SHARED:
+        off = (c0 // CPG).to(tl.int64) * s_row + p[None, :].to(tl.int64) * s_pos
+        m = mask_p[None, :]
+    else:
+        off = (c // CPG).to(tl.int64)[:, None] * s_row + p[None, :].to(tl.int64) * s_pos
+        m = mask_c[:, None] & mask_p[None, :]
+    return off, m
+
+
+@triton.jit
+def _gate_weights(a0, a1, a2, p, L):
+    """Fused stability-context normalization: logits -> (s0, s1, s2, 1/S), g_k = s_k / S."""
+    s0 = tl.where(p > 0, tl.sigmoid(a0), 0.0)
+    s1 = tl.sigmoid(a1)
+    s2 = tl.where(p < L - 1, tl.sigmoid(a2), 0.0)
+    return s0, s1, s2, 1.0 / (s0 + s1 + s2)
+
+
+@triton.jit
+def _scan_geometry(d, H, W):
+    """Direction id (0 tb, 1 bt, 2 lr, 3 rl) -> (is_col, rev, N steps, L positions)."""
+    is_col = (d >= 2).to(tl.int32)
+    rev = d % 2
+    N = H + is_col * (W - H)
+    L = W + is_col * (H - W)
+    return is_col, rev, N, L
+
+
+@triton.jit
+def _strides(is_col, s_h, s_w):
+    """(step stride, position stride) of a tensor for this direction."""
+    return s_h + is_col * (s_w - s_h), s_w + is_col * (s_h - s_w)
+
+
+@triton.jit
+def gspn_fwd_kernel(
+    x, a, lam, u, y, h_out, scratch,
+    H, W, CB, CHUNK, DIR_BASE, CPG_A, CPG_L, CPG_U,
+    sxb, sxc, sxh, sxw,
+    sab, sad, sag, sak, sah, saw,
+    slb, sld, slg, slh, slw,
+    sub, sud, sug, suh, suw,
+    syb, syd, syc, syh, syw,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    SHARED_A: tl.constexpr, SHARED_L: tl.constexpr, SHARED_U: tl.constexpr,
+    HAS_U: tl.constexpr, STORE_H: tl.constexpr, ACC: tl.constexpr,
+):
+    i_cb, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    is_col, rev, N, L = _scan_geometry(DIR_BASE + i_d, H, W)
+
+    c0 = i_cb * CB
+    o_c = tl.arange(0, BLOCK_C)
+    c = c0 + o_c
+    mask_c = o_c < CB
+    p = tl.arange(0, BLOCK_L)
+    mask_p = p < L
+    mask = mask_c[:, None] & mask_p[None, :]
+
+    # Per-tensor line offsets (without the step) and step strides.
+    xs_t, xs_p = _strides(is_col, sxh, sxw)
+    p_x = x + i_b.to(tl.int64) * sxb + c.to(tl.int64)[:, None] * sxc + p[None, :].to(tl.int64) * xs_p
+    as_t, as_p = _strides(is_col, sah, saw)
+    o_a, m_a = _line_offsets(c0, c, mask_c, CPG_A, sag, p, as_p, mask_p, SHARED_A)
+    p_a = a + i_b.to(tl.int64) * sab + i_d.to(tl.int64) * sad + o_a
+    ls_t, ls_p = _strides(is_col, slh, slw)
+    o_l, m_l = _line_offsets(c0, c, mask_c, CPG_L, slg, p, ls_p, mask_p, SHARED_L)
+    p_l = lam + i_b.to(tl.int64) * slb + i_d.to(tl.int64) * sld + o_l
+    if HAS_U:
+        us_t, us_p = _strides(is_col, suh, suw)
+        o_u, m_u = _line_offsets(c0, c, mask_c, CPG_U, sug, p, us_p, mask_p, SHARED_U)
+        p_u = u + i_b.to(tl.int64) * sub + i_d.to(tl.int64) * sud + o_u
+    ys_t, ys_p = _strides(is_col, syh, syw)
+    o_y = i_b.to(tl.int64) * syb + i_d.to(tl.int64) * syd + c.to(tl.int64)[:, None] * syc
+    o_y += p[None, :].to(tl.int64) * ys_p
+
+    # Two scratch slots of [BLOCK_C, BLOCK_L] per program for the neighbour exchange.
+    pid = (i_b * tl.num_programs(1) + i_d) * tl.num_programs(0) + i_cb
+    p_s = scratch + pid.to(tl.int64) * (2 * BLOCK_C * BLOCK_L) + o_c[:, None] * BLOCK_L + p[None, :]
+    m_left = mask & (p[None, :] >= 1)
+    m_right = mask & (p[None, :] + 1 < L)
+
+    h = tl.zeros([BLOCK_C, BLOCK_L], ACC)
+    for s in range(0, N):
+        t = (s + rev * (N - 1 - 2 * s)).to(tl.int64)  # row (or column) of the grid that step s writes
+        prev = p_s + ((s + 1) % 2) * (BLOCK_C * BLOCK_L)
+        left = tl.load(prev - 1, mask=m_left, other=0.0, volatile=True)
+        right = tl.load(prev + 1, mask=m_right, other=0.0, volatile=True)
+
+        a0 = tl.load(p_a + t * as_t, mask=m_a, other=0.0).to(ACC)
+        a1 = tl.load(p_a + t * as_t + sak, mask=m_a, other=0.0).to(ACC)
+        a2 = tl.load(p_a + t * as_t + 2 * sak, mask=m_a, other=0.0).to(ACC)
+        s0, s1, s2, inv = _gate_weights(a0, a1, a2, p[None, :], L)
+        b_x = tl.load(p_x + t * xs_t, mask=mask, other=0.0).to(ACC)
+        b_l = tl.load(p_l + t * ls_t, mask=m_l, other=0.0).to(ACC)
+
+        keep = (s % CHUNK) != 0  # the first line of a chunk starts from h = 0
+        h = tl.where(keep, (s0 * left + s1 * h + s2 * right) * inv, 0.0) + b_l * b_x
+        h = tl.where(mask, h, 0.0)
+        b_y = h
+        if HAS_U:
+            b_y = h * tl.load(p_u + t * us_t, mask=m_u, other=0.0).to(ACC)
+        tl.store(y + o_y + t * ys_t, b_y.to(y.dtype.element_ty), mask=mask)
+        if STORE_H:
+            tl.store(h_out + o_y + t * ys_t, h.to(h_out.dtype.element_ty), mask=mask)
+        tl.store(p_s + (s % 2) * (BLOCK_C * BLOCK_L), h)
+        tl.debug_barrier()
+
+
+@triton.jit
+def gspn_bwd_kernel(
+    x, a, lam, u, h_in, dy, scratch, dx, da, dlam, du,
+    H, W, CB, CHUNK, DIR_BASE, CPG_A, CPG_L, CPG_U,
+    sxb, sxc, sxh, sxw,
+    sab, sad, sag, sak, sah, saw,
+    slb, sld, slg, slh, slw,
+    sub, sud, sug, suh, suw,
+    syb, syd, syc, syh, syw,
+    sdyb, sdyd, sdyc, sdyh, sdyw,
+    sdas, sdab, sdad, sdag, sdak, sdah, sdaw,
+    sdls, sdlb, sdld, sdlg, sdlh, sdlw,
+    sdus, sdub, sdud, sdug, sduh, sduw,
+    BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
+    SHARED_A: tl.constexpr, SHARED_L: tl.constexpr, SHARED_U: tl.constexpr,
+    HAS_U: tl.constexpr, ACC: tl.constexpr,
+):
+    """Reverse scan of the adjoint: dh_s = u*dy_s + P_{s+1}^T dh_{s+1}, from the last step to the first.
+
+    h_in, dx: [B, ndir, C, H, W] (strides sy*); da/dlam/du: [NBLK, B, ndir, G, (3,) H, W] where a block
+    whose group spans several blocks writes its own slice NBLK-index `(c0 % CPG) // CB`.
+    """
+    i_cb, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    is_col, rev, N, L = _scan_geometry(DIR_BASE + i_d, H, W)
+
+    c0 = i_cb * CB
+    o_c = tl.arange(0, BLOCK_C)
+    c = c0 + o_c
+    mask_c = o_c < CB
+    p = tl.arange(0, BLOCK_L)
+    mask_p = p < L
+    mask = mask_c[:, None] & mask_p[None, :]
+    pp = p[None, :]
+
+    xs_t, xs_p = _strides(is_col, sxh, sxw)
+    p_x = x + i_b.to(tl.int64) * sxb + c.to(tl.int64)[:, None] * sxc + pp.to(tl.int64) * xs_p
+    as_t, as_p = _strides(is_col, sah, saw)
+    o_a, m_a = _line_offsets(c0, c, mask_c, CPG_A, sag, p, as_p, mask_p, SHARED_A)
+    p_a = a + i_b.to(tl.int64) * sab + i_d.to(tl.int64) * sad + o_a
+    ls_t, ls_p = _strides(is_col, slh, slw)
+    o_l, m_l = _line_offsets(c0, c, mask_c, CPG_L, slg, p, ls_p, mask_p, SHARED_L)
+    p_l = lam + i_b.to(tl.int64) * slb + i_d.to(tl.int64) * sld + o_l
+    ys_t, ys_p = _strides(is_col, syh, syw)
+    o_y = i_b.to(tl.int64) * syb + i_d.to(tl.int64) * syd + c.to(tl.int64)[:, None] * syc + pp.to(tl.int64) * ys_p
+    dys_t, dys_p = _strides(is_col, sdyh, sdyw)
+    p_dy = dy + i_b.to(tl.int64) * sdyb + i_d.to(tl.int64) * sdyd + c.to(tl.int64)[:, None] * sdyc
+    p_dy += pp.to(tl.int64) * dys_p
+
+    # Gradient slices of the grouped tensors.
+    das_t, das_p = _strides(is_col, sdah, sdaw)
+    o_da, _ = _line_offsets(c0, c, mask_c, CPG_A, sdag, p, das_p, mask_p, SHARED_A)
+    p_da = da + ((c0 % CPG_A) // CB).to(tl.int64) * sdas + i_b.to(tl.int64) * sdab + i_d.to(tl.int64) * sdad + o_da
+    dls_t, dls_p = _strides(is_col, sdlh, sdlw)
+    o_dl, _ = _line_offsets(c0, c, mask_c, CPG_L, sdlg, p, dls_p, mask_p, SHARED_L)
+    p_dl = dlam + ((c0 % CPG_L) // CB).to(tl.int64) * sdls + i_b.to(tl.int64) * sdlb + i_d.to(tl.int64) * sdld + o_dl
+    if HAS_U:
+        us_t, us_p = _strides(is_col, suh, suw)
+        o_u, m_u = _line_offsets(c0, c, mask_c, CPG_U, sug, p, us_p, mask_p, SHARED_U)
+        p_u = u + i_b.to(tl.int64) * sub + i_d.to(tl.int64) * sud + o_u
+        dus_t, dus_p = _strides(is_col, sduh, sduw)
+        o_du, _ = _line_offsets(c0, c, mask_c, CPG_U, sdug, p, dus_p, mask_p, SHARED_U)
+        p_du = du + ((c0 % CPG_U) // CB).to(tl.int64) * sdus + i_b.to(tl.int64) * sdub + i_d.to(tl.int64) * sdud + o_du
+
+    # Scratch: two slots, each holding q0 = g0*dh and q2 = g2*dh of the step scanned just before.
+    pid = (i_b * tl.num_programs(1) + i_d) * tl.num_programs(0) + i_cb
+    TILE: tl.constexpr = BLOCK_C * BLOCK_L
+    p_s = scratch + pid.to(tl.int64) * (4 * TILE) + o_c[:, None] * BLOCK_L + pp
+    m_left = mask & (pp >= 1)
+    m_right = mask & (pp + 1 < L)
+
+    q1 = tl.zeros([BLOCK_C, BLOCK_L], ACC)
+    t_last = (N - 1 + rev * (1 - N)).to(tl.int64)
+    h_cur = tl.load(h_in + o_y + t_last * ys_t, mask=mask, other=0.0).to(ACC)  # h of the current step
+    for k in range(0, N):
+        s = N - 1 - k
+        t = (s + rev * (N - 1 - 2 * s)).to(tl.int64)
+        t_prev = (s - 1 + rev * (N + 1 - 2 * s)).to(tl.int64)  # row of step s-1
+        keep_next = (k > 0) & (((s + 1) % CHUNK) != 0)  # does P_{s+1} link step s to step s+1?
+        keep = (s % CHUNK) != 0  # does P_s link step s to step s-1?
+
+        slot = p_s + ((k + 1) % 2) * (2 * TILE)
+        q0_right = tl.load(slot + 1, mask=m_right, other=0.0, volatile=True)  # g0[s+1, p+1] dh[s+1, p+1]
+        q2_left = tl.load(slot + TILE - 1, mask=m_left, other=0.0, volatile=True)  # g2[s+1, p-1] dh[s+1, p-1]
+        b_dy = tl.load(p_dy + t * dys_t, mask=mask, other=0.0).to(ACC)
+        if HAS_U:
+            b_u = tl.load(p_u + t * us_t, mask=m_u, other=0.0).to(ACC)
+            dh = b_u * b_dy
+            b_du = h_cur * b_dy
+            if SHARED_U:
+                b_du = tl.sum(b_du, axis=0, keep_dims=True)
+            tl.store(p_du + t * dus_t, b_du.to(du.dtype.element_ty), mask=m_u)
+        else:
+            dh = b_dy
+        dh += tl.where(keep_next, q0_right + q1 + q2_left, 0.0)
+        dh = tl.where(mask, dh, 0.0)
+
+        b_x = tl.load(p_x + t * xs_t, mask=mask, other=0.0).to(ACC)
+        b_l = tl.load(p_l + t * ls_t, mask=m_l, other=0.0).to(ACC)
+        tl.store(dx + o_y + t * ys_t, (b_l * dh).to(dx.dtype.element_ty), mask=mask)
+        b_dl = b_x * dh
+        if SHARED_L:
+            b_dl = tl.sum(b_dl, axis=0, keep_dims=True)
+        tl.store(p_dl + t * dls_t, b_dl.to(dlam.dtype.element_ty), mask=m_l)
+
+        # Previous line's state, at p-1, p, p+1 (h_prev becomes h_cur of the next iteration).
+        has_prev = (pp * 0 + s) >= 1  # [1, BLOCK_L]: a tensor mask, which the interpreter needs
+        p_hp = h_in + o_y + t_prev * ys_t
+        h_prev = tl.load(p_hp, mask=mask & has_prev, other=0.0).to(ACC)
+        h_left = tl.load(p_hp - ys_p, mask=m_left & has_prev, other=0.0).to(ACC)
+        h_right = tl.load(p_hp + ys_p, mask=m_right & has_prev, other=0.0).to(ACC)
+        dg0 = tl.where(keep, dh * h_left, 0.0)
+        dg1 = tl.where(keep, dh * h_prev, 0.0)
+        dg2 = tl.where(keep, dh * h_right, 0.0)
+        if SHARED_A:
+            dg0 = tl.sum(dg0, axis=0, keep_dims=True)
+            dg1 = tl.sum(dg1, axis=0, keep_dims=True)
+            dg2 = tl.sum(dg2, axis=0, keep_dims=True)
+
+        a0 = tl.load(p_a + t * as_t, mask=m_a, other=0.0).to(ACC)
+        a1 = tl.load(p_a + t * as_t + sak, mask=m_a, other=0.0).to(ACC)
+        a2 = tl.load(p_a + t * as_t + 2 * sak, mask=m_a, other=0.0).to(ACC)
+        s0, s1, s2, inv = _gate_weights(a0, a1, a2, pp, L)
+        # d loss / d s_k = (dg_k - sum_k' g_k' dg_k') / S, then through the sigmoid (s_k = 0 where absent).
+        centre = (s0 * dg0 + s1 * dg1 + s2 * dg2) * inv
+        p_dat = p_da + t * das_t
+        tl.store(p_dat, (s0 * (1.0 - tl.sigmoid(a0)) * (dg0 - centre) * inv).to(da.dtype.element_ty), mask=m_a)
+        tl.store(p_dat + sdak, (s1 * (1.0 - s1) * (dg1 - centre) * inv).to(da.dtype.element_ty), mask=m_a)
+        tl.store(p_dat + 2 * sdak, (s2 * (1.0 - tl.sigmoid(a2)) * (dg2 - centre) * inv).to(da.dtype.element_ty), mask=m_a)
+
+        # Hand g_k(s) * dh_s to step s-1: q1 stays in registers, q0 and q2 cross threads via scratch.
+        q1 = s1 * inv * dh
+        out = p_s + (k % 2) * (2 * TILE)
+        tl.store(out, s0 * inv * dh)
+        tl.store(out + TILE, s2 * inv * dh)
+        tl.debug_barrier()
+        h_cur = h_prev
+
+
+# ---------------------------------------------------------------- launchers
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _channel_block(C: int, cpgs: list[int], block_l: int) -> int:
+    """Channels per program: a divisor of every group size > 1 (so a block never straddles a group)."""
+    shared = [g for g in cpgs if g > 1]
+    limit = math.gcd(*shared) if shared else C
+    cap = max(1, MAX_TILE_ELEMENTS // block_l)
+    return max(d for d in range(1, min(limit, cap) + 1) if limit % d == 0)
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+class _Plan:
+    """Launch geometry shared by the forward and backward of one call."""
+
+    def __init__(self, x, a, lam, u, dir_base: int, ndir: int):
+        B, C, H, W = x.shape
+        self.B, self.C, self.H, self.W, self.ndir, self.dir_base = B, C, H, W, ndir, dir_base
+        L = max(H, W) if ndir > 1 else (W if dir_base < 2 else H)
+        self.block_l = _next_pow2(L)
+        self.cpg = [C // a.shape[2], C // lam.shape[2], C // (u.shape[2] if u is not None else C)]
+        self.cb = _channel_block(C, self.cpg, self.block_l)
+        self.block_c = _next_pow2(self.cb)
+        self.shared = [g > 1 for g in self.cpg]
+        self.grid = (C // self.cb, ndir, B)
+        self.programs = (C // self.cb) * ndir * B
+        self.acc = _acc_dtype(x.dtype)
+        self.scratch_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+
+    def n_slices(self, i: int) -> int:
+        """How many blocks share one group of grouped tensor i (0 gates, 1 lam, 2 u)."""
+        return self.cpg[i] // self.cb if self.shared[i] else 1
+
+    def common_args(self, x, a, lam, u, chunk: int | None):
+        uu = u if u is not None else lam  # placeholder pointer, never read when HAS_U is False
+        return (
+            self.H, self.W, self.cb, chunk or NO_CHUNK, self.dir_base, self.cpg[0], self.cpg[1], self.cpg[2],
+            *x.stride(), *a.stride(), *lam.stride(), *uu.stride(),
+        )
+
+    def meta(self, has_u: bool) -> dict:
+        return dict(
+            BLOCK_C=self.block_c, BLOCK_L=self.block_l, SHARED_A=self.shared[0], SHARED_L=self.shared[1],
+            SHARED_U=self.shared[2], HAS_U=has_u, ACC=self.acc,
+        )
+
+
+def _check_interpretable(x: torch.Tensor) -> None:
+    if x.device.type == "cpu" and not INTERPRETED:
+        raise RuntimeError(
+            "the triton GSPN backend got CPU tensors but Triton is not in interpreter mode: "
+            "set TRITON_INTERPRET=1 before importing kernels, or use backend='reference'"
+        )
+
+
+def gspn_fwd(x, a, lam, u, dir_base: int, ndir: int, chunk: int | None, store_h: bool):
+    """x: [B, C, H, W]; a: [B, ndir, G, 3, H, W]; lam, u: [B, ndir, G', H, W] (u may be None).
+
+    Returns (y, h): y [B, ndir, C, H, W]; h the saved state for the backward (y itself when u is None,
+    a separate tensor when `store_h`, else None).
+    """
+    _check_interpretable(x)
+    plan = _Plan(x, a, lam, u, dir_base, ndir)
+    B, C, H, W = x.shape
+    y = _alloc((B, ndir, C, H, W), x.dtype, x.device)
+    h = _alloc((B, ndir, C, H, W), x.dtype, x.device) if (store_h and u is not None) else None
+    scratch = _alloc((plan.programs * 2 * plan.block_c * plan.block_l,), plan.scratch_dtype, x.device)
+    args = plan.common_args(x, a, lam, u, chunk)
+    gspn_fwd_kernel[plan.grid](
+        x, a, lam, u if u is not None else lam, y, h if h is not None else y, scratch,
+        *args, *y.stride(),
+        STORE_H=h is not None, **plan.meta(u is not None),
+    )
+    return y, (y if u is None else h)
+
+
+def gspn_bwd(x, a, lam, u, h, dy, dir_base: int, ndir: int, chunk: int | None):
+    """Gradients of `gspn_fwd` for dy: [B, ndir, C, H, W]; returns (dx, da, dlam, du) shaped like the inputs."""
+    plan = _Plan(x, a, lam, u, dir_base, ndir)
+    B, C, H, W = x.shape
+    dev = x.device
+    f32 = plan.scratch_dtype
+    dx_buf = _alloc((B, ndir, C, H, W), x.dtype if ndir == 1 else f32, dev)
+
+    def grad_buffer(i, t):
+        n = plan.n_slices(i)
+        return _alloc((n, *t.shape), t.dtype if n == 1 else f32, dev)
+
+    da = grad_buffer(0, a)
+    dlam = grad_buffer(1, lam)
+    du = grad_buffer(2, u) if u is not None else dlam  # placeholder when HAS_U is False
+    scratch = _alloc((plan.programs * 4 * plan.block_c * plan.block_l,), f32, dev)
+    args = plan.common_args(x, a, lam, u, chunk)
+    gspn_bwd_kernel[plan.grid](
+        x, a, lam, u if u is not None else lam, h, dy, scratch, dx_buf, da, dlam, du,
+        *args, *h.stride(), *dy.stride(), *da.stride(), *dlam.stride(), *du.stride(),
+        **plan.meta(u is not None),
+    )
+
+    def reduce(buf, like):
+        return (buf[0] if buf.shape[0] == 1 else buf.sum(0)).to(like.dtype)
+
+    dx = (dx_buf[:, 0] if ndir == 1 else dx_buf.sum(1)).to(x.dtype)
+    return dx, reduce(da, a), reduce(dlam, lam), (reduce(du, u) if u is not None else None)
+
+
+class GSPNFunction(torch.autograd.Function):
+    """Autograd around the fused kernels. Inputs carry a direction axis (size ndir) after the batch."""
+
+    @staticmethod
+    def forward(ctx, x, a, lam, u, dir_base: int, ndir: int, chunk):
+        store_h = u is not None and any(ctx.needs_input_grad[:4])
+        y, h = gspn_fwd(x, a, lam, u, dir_base, ndir, chunk, store_h)
+        ctx.save_for_backward(x, a, lam, u, h)
+        ctx.geometry = (dir_base, ndir, chunk)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, a, lam, u, h = ctx.saved_tensors
+        dx, da, dlam, du = gspn_bwd(x, a, lam, u, h, dy, *ctx.geometry)
+        return dx, da, dlam, du, None, None, None
+
+
+def gspn_scan_triton(x, gates, lam, u=None, direction_id: int = 0, chunk=None):
+    """One direction: gates [B, G, 3, H, W], lam/u [B, G', H, W] -> y [B, C, H, W]."""
+    y = GSPNFunction.apply(
+        x, gates.unsqueeze(1), lam.unsqueeze(1), None if u is None else u.unsqueeze(1), direction_id, 1, chunk
+    )
+    return y[:, 0]
+
+
+def gspn_scan_4dir_triton(x, gates, lam, u=None, chunk=None):
+    """All four directions in one launch: gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W]."""
+    return GSPNFunction.apply(x, gates, lam, u, 0, 4, chunk)
