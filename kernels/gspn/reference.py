@@ -97,12 +97,18 @@ def gspn_scan_reference(
     return from_scan_frame(y, direction).to(dtype)
 
 
+def over_directions(scan, x, gates, lam, u=None, **kwargs) -> torch.Tensor:
+    """Run a one-direction `scan(x, gates, lam, u, direction=..., **kwargs)` for tb, bt, lr, rl and stack.
+
+    gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W].
+    """
+    outs = [
+        scan(x, gates[:, d], lam[:, d], None if u is None else u[:, d], direction=direction, **kwargs)
+        for d, direction in enumerate(DIRECTIONS)
+    ]
+    return torch.stack(outs, dim=1)
+
+
 def gspn_scan_4dir_reference(x, gates, lam, u=None, chunk=None, upcast=True) -> torch.Tensor:
     """Four directions (tb, bt, lr, rl): gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W]."""
-    return torch.stack(
-        [
-            gspn_scan_reference(x, gates[:, d], lam[:, d], None if u is None else u[:, d], direction, chunk, upcast)
-            for d, direction in enumerate(DIRECTIONS)
-        ],
-        dim=1,
-    )
+    return over_directions(gspn_scan_reference, x, gates, lam, u, chunk=chunk, upcast=upcast)

@@ -1,0 +1,203 @@
+"""The GSPN operator: reference against float64 gradcheck; triton and stepwise against the reference.
+
+Every test draws fresh random inputs. Fast backends are checked by the flash-attention rule: their error
+against the float64 reference is at most twice the error of the reference itself run in the same low
+precision (plus a few units in the last place of the largest value), forward and every gradient. Kernel
+outputs are poisoned with NaN before each launch, so an element a kernel never writes fails the test.
+"""
+import pytest
+import torch
+
+from kernels.gspn import BACKENDS, DIRECTIONS, GSPN, gspn_scan, gspn_scan_4dir
+from kernels.gspn import triton_scan
+from kernels.gspn.reference import gspn_scan_4dir_reference, gspn_scan_reference
+
+from gspn_inputs import inputs_of, make_inputs, max_err, output_and_grads
+
+NAMES = ("y", "dx", "dgates", "dlam", "du")
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(triton_scan, "POISON_FILL", float("nan"))
+
+
+def _case_id(case):
+    B, C, H, W, G, Gl, Gu, chunk, direction, dtype = case
+    dt = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float64: "f64"}[dtype]
+    return f"B{B}-C{C}-H{H}-W{W}-G{G}-lam{Gl}-u{Gu}-chunk{chunk}-{direction}-{dt}"
+
+
+F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
+# (B, C, H, W, G, G_lam, G_u, chunk, direction, dtype): odd shapes, every direction, groups 1 / C / between.
+TRITON_CASES = [
+    (2, 4, 7, 33, 1, 4, 4, None, "tb", F32),
+    (2, 4, 33, 7, 4, 4, None, None, "bt", F32),
+    (2, 6, 7, 33, 2, 6, 3, 3, "lr", F32),
+    (2, 6, 33, 2, 3, 3, 6, None, "rl", F32),
+    (2, 3, 1, 7, 3, 1, 3, None, "tb", F32),
+    (2, 4, 2, 1, 1, 1, 1, None, "lr", F32),
+    (2, 4, 7, 7, 2, 4, 2, 2, "4dir", F32),
+    (2, 8, 33, 33, 1, 8, None, None, "4dir", F32),
+    (2, 6, 7, 2, 6, 6, 6, 5, "4dir", F32),
+    (2, 4, 33, 7, 2, 4, 4, 4, "tb", BF16),
+    (2, 6, 7, 33, 3, 6, None, None, "rl", BF16),
+    (2, 4, 7, 7, 1, 4, 1, 3, "4dir", BF16),
+    (2, 3, 7, 33, 3, 3, None, 2, "4dir", F64),
+]
+STEPWISE_CASES = [
+    (2, 4, 7, 33, 2, 4, 4, None, "tb", F32),
+    (2, 6, 33, 7, 3, 6, None, 4, "lr", F32),
+    (2, 3, 7, 7, 1, 3, 3, 3, "4dir", F32),
+    (2, 4, 7, 2, 4, 2, 4, None, "bt", BF16),
+]
+
+
+def _op(direction, backend, upcast=True):
+    if backend == "reference":
+        if direction == "4dir":
+            return lambda x, g, l, u, chunk: gspn_scan_4dir_reference(x, g, l, u, chunk, upcast=upcast)
+        return lambda x, g, l, u, chunk: gspn_scan_reference(x, g, l, u, direction, chunk, upcast=upcast)
+    if direction == "4dir":
+        return lambda x, g, l, u, chunk: gspn_scan_4dir(x, g, l, u, chunk=chunk, backend=backend)
+    return lambda x, g, l, u, chunk: gspn_scan(x, g, l, u, direction=direction, chunk=chunk, backend=backend)
+
+
+def check_against_reference(case, backend):
+    B, C, H, W, G, Gl, Gu, chunk, direction, dtype = case
+    ndir = 4 if direction == "4dir" else 1
+    leaves = make_inputs(B, C, H, W, G, Gl, Gu, ndir, dtype)
+    out_shape = (B, ndir, C, H, W) if ndir == 4 else (B, C, H, W)
+    dy = torch.randn(out_shape, dtype=torch.float64).to(dtype).to(torch.float64)
+
+    def run(backend, dtype, upcast=True):
+        op = _op(direction, backend, upcast)
+        return output_and_grads(lambda *t: op(*t, chunk), inputs_of(leaves, dtype), dy)
+
+    exact = run("reference", torch.float64)
+    low = run("reference", dtype, upcast=False)
+    fast = run(backend, dtype)
+    eps = torch.finfo(dtype).eps
+    for name, f, r, lo in zip(NAMES, fast, exact, low):
+        if r is None:
+            assert f is None
+            continue
+        assert f.shape == r.shape, f"{name}: shape {tuple(f.shape)} != {tuple(r.shape)}"
+        assert not torch.isnan(f).any(), f"{name}: NaN (an element was never written)"
+        err, base = max_err(f, r), max_err(lo, r)
+        floor = 8 * eps * max(1.0, r.abs().max().item())  # a few ulps: float64 has no lower baseline
+        assert err <= 2 * base + floor, f"{name}: error {err:.3g} > 2 x {base:.3g} (reference in {dtype}) + {floor:.3g}"
+
+
+@pytest.mark.parametrize("case", TRITON_CASES, ids=_case_id)
+def test_triton_matches_reference(case):
+    check_against_reference(case, "triton")
+
+
+@pytest.mark.parametrize("case", STEPWISE_CASES, ids=_case_id)
+def test_stepwise_matches_reference(case):
+    check_against_reference(case, "stepwise")
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_reference_gradcheck(direction, chunk):
+    x, gates, lam, u = make_inputs(2, 4, 5, 3, 2, 4, 1, dtype=torch.float64)
+    op = lambda *t: gspn_scan_reference(*t, direction, chunk)  # noqa: E731
+    assert torch.autograd.gradcheck(op, (x, gates, lam, u), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_rows_are_stochastic(backend, dtype):
+    """x = lam = u = 1: each direction's output counts the lines scanned so far (tb row i gives i + 1)."""
+    B, C, H, W = 2, 3, 7, 33
+    x = torch.ones(B, C, H, W, dtype=dtype)
+    gates = torch.randn(B, 4, 1, 3, H, W, dtype=dtype) * 3
+    ones = torch.ones(B, 4, C, H, W, dtype=dtype)
+    ys = gspn_scan_4dir(x, gates, ones, ones, backend=backend)
+    i = torch.arange(H, dtype=dtype)[:, None].expand(H, W)
+    j = torch.arange(W, dtype=dtype)[None, :].expand(H, W)
+    expected = torch.stack([i + 1, H - i, j + 1, W - j])[:, None]  # tb, bt, lr, rl; [4, 1, H, W]
+    tol = 8 * torch.finfo(dtype).eps * max(H, W)
+    torch.testing.assert_close(ys, expected.expand_as(ys), rtol=0, atol=tol)
+    tb = gspn_scan(x, gates[:, 0], ones[:, 0], backend=backend)
+    torch.testing.assert_close(tb, (i + 1).expand_as(tb), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("backend", ["triton", "stepwise"])
+def test_non_contiguous_inputs(backend):
+    B, C, H, W = 2, 4, 7, 9
+    x = torch.randn(B, C, W, H).transpose(-1, -2)  # [B, C, H, W] with swapped strides
+    gates = torch.randn(B, 4, 2, 3, H, 2 * W)[..., ::2]
+    lam = torch.randn(B, 4, H, W, C).permute(0, 1, 4, 2, 3)
+    u = torch.randn(B, 4, 1, H, W).expand(B, 4, 2, H, W)
+    assert not any(t.is_contiguous() for t in (x, gates, lam, u))
+    torch.testing.assert_close(
+        gspn_scan_4dir(x, gates, lam, u, backend=backend), gspn_scan_4dir_reference(x, gates, lam, u)
+    )
+    torch.testing.assert_close(
+        gspn_scan(x, gates[:, 2], lam[:, 2], u[:, 2], direction="lr", backend=backend),
+        gspn_scan_reference(x, gates[:, 2], lam[:, 2], u[:, 2], "lr"),
+    )
+
+
+def test_module_matches_function():
+    x, gates, lam, u = (t.detach() for t in make_inputs(1, 4, 5, 6, 2, 4, 2, ndir=4))
+    torch.testing.assert_close(GSPN(chunk=2)(x, gates, lam, u), gspn_scan_4dir(x, gates, lam, u, chunk=2))
+    one = GSPN(direction="bt", backend="triton")
+    torch.testing.assert_close(one(x, gates[:, 1], lam[:, 1]), gspn_scan(x, gates[:, 1], lam[:, 1], direction="bt"))
+
+
+def _good():
+    return [t.detach().float() for t in make_inputs(1, 4, 3, 5, 2, 4, 2)]
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.__setitem__(0, torch.randn(4, 3, 5)), "x must be"),
+        (lambda a: a.__setitem__(1, torch.randn(1, 2, 3, 3, 6)), "gates must be"),
+        (lambda a: a.__setitem__(1, torch.randn(1, 3, 3, 3, 5)), "gates: the group count G=3"),
+        (lambda a: a.__setitem__(2, torch.randn(1, 4, 5, 3)), "lam must be"),
+        (lambda a: a.__setitem__(3, torch.randn(1, 3, 3, 5)), "u: the group count"),
+        (lambda a: a.__setitem__(2, a[2].double()), "lam has dtype"),
+        (lambda a: a.__setitem__(1, a[1].to("meta")), "gates is on meta"),
+        (lambda a: a.__setitem__(0, a[0].long()), "x: dtype"),
+    ],
+    ids=["x-rank", "gates-shape", "gates-groups", "lam-shape", "u-groups", "mixed-dtype", "mixed-device", "int-x"],
+)
+def test_bad_input_names_the_argument(mutate, message):
+    args = _good()
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        gspn_scan(*args)
+
+
+def test_bad_options_name_the_argument(monkeypatch):
+    x, gates, lam, u = _good()
+    with pytest.raises(ValueError, match="direction must be one of"):
+        gspn_scan(x, gates, lam, direction="diag")
+    with pytest.raises(ValueError, match="chunk must be"):
+        gspn_scan(x, gates, lam, chunk=0)
+    with pytest.raises(ValueError, match="backend: unknown GSPN backend 'cuda'"):
+        gspn_scan(x, gates, lam, backend="cuda")
+    with pytest.raises(ValueError, match="gates must be gate logits"):
+        gspn_scan_4dir(x, gates, lam)  # one-direction gates given to the 4-direction call
+    import kernels.gspn as gspn
+
+    monkeypatch.setattr(gspn, "_ENV_BACKEND", "fast")
+    with pytest.raises(ValueError, match="CGSPN_GSPN_BACKEND: unknown GSPN backend 'fast'"):
+        gspn_scan(x, gates, lam)
+
+
+def test_backend_choice(monkeypatch):
+    import kernels.gspn as gspn
+
+    x = torch.zeros(1)
+    monkeypatch.setattr(gspn, "_ENV_BACKEND", None)
+    assert gspn.choose_backend(None, x) == "reference"
+    assert gspn.choose_backend("stepwise", x) == "stepwise"
+    monkeypatch.setattr(gspn, "_ENV_BACKEND", "triton")
+    assert gspn.choose_backend(None, x) == "triton"
+    assert gspn.choose_backend("reference", x) == "reference"
