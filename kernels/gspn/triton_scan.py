@@ -23,13 +23,10 @@ import math
 import os
 
 import torch
+import triton
+import triton.language as tl
 
-# Without a GPU, Triton kernels run only in its interpreter, which must be chosen before they are defined.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+from kernels import TRITON_IMPORTED_EARLY  # sets TRITON_INTERPRET=1 on CPU-only machines
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -351,10 +348,11 @@ class _Plan:
 
 
 def _check_interpretable(x: torch.Tensor) -> None:
-    if x.device.type == "cpu" and not INTERPRETED:
+    if x.device.type == "cpu" and (TRITON_IMPORTED_EARLY or not INTERPRETED):
         raise RuntimeError(
-            "the triton GSPN backend got CPU tensors but Triton is not in interpreter mode: "
-            "set TRITON_INTERPRET=1 before importing kernels, or use backend='reference'"
+            "the triton GSPN backend got CPU tensors but Triton is not in interpreter mode: set "
+            "TRITON_INTERPRET=1 in the environment before Python starts (or before anything imports triton), "
+            "or use backend='reference'"
         )
 
 
