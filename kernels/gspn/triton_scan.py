@@ -411,9 +411,8 @@ class GSPNFunction(torch.autograd.Function):
     """Autograd around the fused kernels. Inputs carry a direction axis (size ndir) after the batch."""
 
     @staticmethod
-    def forward(ctx, x, a, lam, u, dir_base: int, ndir: int, chunk):
-        store_h = u is not None and any(ctx.needs_input_grad[:4])
-        y, h = gspn_fwd(x, a, lam, u, dir_base, ndir, chunk, store_h)
+    def forward(ctx, x, a, lam, u, dir_base: int, ndir: int, chunk, needs_grad: bool):
+        y, h = gspn_fwd(x, a, lam, u, dir_base, ndir, chunk, store_h=needs_grad)
         ctx.save_for_backward(x, a, lam, u, h)
         ctx.geometry = (dir_base, ndir, chunk)
         return y
@@ -422,17 +421,23 @@ class GSPNFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, a, lam, u, h = ctx.saved_tensors
         dx, da, dlam, du = gspn_bwd(x, a, lam, u, h, dy, *ctx.geometry)
-        return dx, da, dlam, du, None, None, None
+        return dx, da, dlam, du, None, None, None, None
+
+
+def _needs_grad(*tensors) -> bool:
+    """Will autograd call the backward? (Decided outside the Function, where grad mode is still visible.)"""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def gspn_scan_triton(x, gates, lam, u=None, direction_id: int = 0, chunk=None):
     """One direction: gates [B, G, 3, H, W], lam/u [B, G', H, W] -> y [B, C, H, W]."""
     y = GSPNFunction.apply(
-        x, gates.unsqueeze(1), lam.unsqueeze(1), None if u is None else u.unsqueeze(1), direction_id, 1, chunk
+        x, gates.unsqueeze(1), lam.unsqueeze(1), None if u is None else u.unsqueeze(1), direction_id, 1, chunk,
+        _needs_grad(x, gates, lam, u),
     )
     return y[:, 0]
 
 
 def gspn_scan_4dir_triton(x, gates, lam, u=None, chunk=None):
     """All four directions in one launch: gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W]."""
-    return GSPNFunction.apply(x, gates, lam, u, 0, 4, chunk)
+    return GSPNFunction.apply(x, gates, lam, u, 0, 4, chunk, _needs_grad(x, gates, lam, u))
