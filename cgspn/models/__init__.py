@@ -1,0 +1,1 @@
+"""Models: the DINOv2-layout ViT (teacher and isomorphic baseline), the C-GSPN student, adaptors."""
