@@ -74,7 +74,10 @@ def compile_variants(capability: int = 90) -> list[dict]:
                 signature[arg] = f"*{dtype}"
             else:
                 signature[arg] = "i32"
-        compiled = triton.compile(ASTSource(fn, signature, const), target=GPUTarget("cuda", capability, 32))
+        compiled = triton.compile(
+            ASTSource(fn, signature, const), target=GPUTarget("cuda", capability, 32),
+            options={"num_warps": triton_scan.num_warps_for(bc * bl)},
+        )
         report = _resource_usage(compiled.asm["cubin"])
         regs = re.search(r"REG:(\d+)", report)
         stack = re.search(r"STACK:(\d+)", report)

@@ -308,6 +308,12 @@ def _channel_block(C: int, cpgs: list[int], block_l: int) -> int:
     return max(d for d in range(1, min(limit, cap) + 1) if limit % d == 0)
 
 
+def num_warps_for(tile_elements: int) -> int:
+    """8 warps for tiles of 1024+ elements: at 4 the backward hits 255 registers and spills to the stack
+    (compile report for sm_90, kernels/NOTES.md); at 8 it needs 155-182 and no stack."""
+    return 8 if tile_elements >= 1024 else 4
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -343,7 +349,7 @@ class _Plan:
     def meta(self, has_u: bool) -> dict:
         return dict(
             BLOCK_C=self.block_c, BLOCK_L=self.block_l, SHARED_A=self.shared[0], SHARED_L=self.shared[1],
-            SHARED_U=self.shared[2], HAS_U=has_u, ACC=self.acc,
+            SHARED_U=self.shared[2], HAS_U=has_u, ACC=self.acc, num_warps=num_warps_for(self.block_c * self.block_l),
         )
 
 
