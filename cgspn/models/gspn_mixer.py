@@ -1,0 +1,72 @@
+"""The compressed latent-space propagation mixer: C-GSPN's replacement for attention.
+
+tokens [B, h*w, C] -> in-projection to a small proxy width Cp -> depthwise 3x3 conv (locality) -> heads
+predicting gate logits, lam and u for four directions -> `gspn_scan_4dir` in the proxy space -> learned
+merge of the four directions -> LayerNorm -> out-projection back to C. Propagation costs O(h*w*Cp),
+linear in the number of tokens, where attention costs O((h*w)^2 * C).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.gspn import gspn_scan_4dir
+
+
+@dataclass
+class GSPNMixerConfig:
+    proxy_dim: int = 96  # Cp
+    groups: int = 4  # G gate groups per direction (G = 1: one propagation shared by all proxy channels)
+    chunk: int | None = None  # restart the scan every `chunk` lines (local GSPN); None: global
+    backend: str | None = None  # kernels.gspn backend; None picks by device
+
+
+class GSPNMixer(nn.Module):
+    """tokens [B, h*w, C] and the grid (h, w) -> [B, h*w, C]."""
+
+    def __init__(self, dim: int, cfg: GSPNMixerConfig = GSPNMixerConfig()):
+        super().__init__()
+        Cp, G = cfg.proxy_dim, cfg.groups
+        if Cp < 1 or G < 1 or Cp % G:
+            raise ValueError(f"GSPNMixerConfig: groups={G} must divide proxy_dim={Cp} (both positive)")
+        if cfg.chunk is not None and cfg.chunk < 1:
+            raise ValueError(f"GSPNMixerConfig: chunk must be None or positive, got {cfg.chunk}")
+        self.cfg = cfg
+        self.in_proj = nn.Linear(dim, Cp)
+        self.local = nn.Conv2d(Cp, Cp, 3, padding=1, groups=Cp)
+        self.act = nn.GELU()
+        # Gates are shared by groups (compact propagation: few bytes per pixel); lam and u stay per proxy
+        # channel, since they decide what each channel writes and reads and cost only 2*Cp outputs per direction.
+        self.heads = nn.Conv2d(Cp, 4 * (3 * G + 2 * Cp), 1)
+        self.merge_logits = nn.Parameter(torch.zeros(4, Cp))
+        self.norm = nn.LayerNorm(Cp)
+        self.out_proj = nn.Linear(Cp, dim)
+        self._init_heads()
+
+    def _init_heads(self) -> None:
+        """Start as an even diffusion: neutral gates, lam = sigmoid(0) = 1/2, u = 1; small input dependence."""
+        nn.init.normal_(self.heads.weight, std=1e-3)
+        G, Cp = self.cfg.groups, self.cfg.proxy_dim
+        bias = torch.zeros(4, 3 * G + 2 * Cp)
+        bias[:, 3 * G + Cp :] = 1.0  # u
+        with torch.no_grad():
+            self.heads.bias.copy_(bias.flatten())
+
+    def forward(self, tokens: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        B, N, _ = tokens.shape
+        h, w = hw
+        if h * w != N:
+            raise ValueError(f"GSPNMixer: grid {h}x{w} does not hold {N} tokens")
+        G, Cp = self.cfg.groups, self.cfg.proxy_dim
+        z = self.in_proj(tokens).transpose(1, 2).reshape(B, Cp, h, w)  # (B, Cp, h, w)
+        z = self.act(self.local(z))
+        heads = self.heads(z).view(B, 4, 3 * G + 2 * Cp, h, w)
+        gates = heads[:, :, : 3 * G].reshape(B, 4, G, 3, h, w)
+        lam = torch.sigmoid(heads[:, :, 3 * G : 3 * G + Cp])  # (B, 4, Cp, h, w) in (0, 1): keeps h bounded
+        u = heads[:, :, 3 * G + Cp :]
+        ys = gspn_scan_4dir(z, gates, lam, u, chunk=self.cfg.chunk, backend=self.cfg.backend)  # (B, 4, Cp, h, w)
+        merge = torch.softmax(self.merge_logits, dim=0).to(ys.dtype)  # (4, Cp), per-channel weights over directions
+        y = torch.einsum("bdchw,dc->bhwc", ys, merge).reshape(B, N, Cp)
+        return self.out_proj(self.norm(y))
