@@ -81,7 +81,7 @@ class ViT(nn.Module):
         if (h, w) == (n, n):
             return self.pos_embed
         grid = grid.reshape(1, n, n, -1).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=h < n or w < n)
+        grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)  # no antialias, as DINOv2
         return torch.cat([cls, grid.to(cls.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
 
     def forward(self, images: torch.Tensor, return_blocks: bool = False) -> ViTOutput:

