@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.gspn import gspn_scan_4dir
+from kernels.gspn import BACKENDS, gspn_scan_4dir
 
 
 @dataclass
@@ -31,8 +31,10 @@ class GSPNMixer(nn.Module):
         Cp, G = cfg.proxy_dim, cfg.groups
         if Cp < 1 or G < 1 or Cp % G:
             raise ValueError(f"GSPNMixerConfig: groups={G} must divide proxy_dim={Cp} (both positive)")
-        if cfg.chunk is not None and cfg.chunk < 1:
-            raise ValueError(f"GSPNMixerConfig: chunk must be None or positive, got {cfg.chunk}")
+        if cfg.chunk is not None and (isinstance(cfg.chunk, bool) or not isinstance(cfg.chunk, int) or cfg.chunk < 1):
+            raise ValueError(f"GSPNMixerConfig: chunk must be None or a positive int, got {cfg.chunk!r}")
+        if cfg.backend is not None and cfg.backend not in BACKENDS:
+            raise ValueError(f"GSPNMixerConfig: backend must be None or one of {', '.join(BACKENDS)}, got {cfg.backend!r}")
         self.cfg = cfg
         self.in_proj = nn.Linear(dim, Cp)
         self.local = nn.Conv2d(Cp, Cp, 3, padding=1, groups=Cp)
@@ -64,7 +66,9 @@ class GSPNMixer(nn.Module):
         z = self.act(self.local(z))
         heads = self.heads(z).view(B, 4, 3 * G + 2 * Cp, h, w)
         gates = heads[:, :, : 3 * G].reshape(B, 4, G, 3, h, w)
-        lam = torch.sigmoid(heads[:, :, 3 * G : 3 * G + Cp])  # (B, 4, Cp, h, w) in (0, 1): keeps h bounded
+        # lam in (0, 1) is an input gate (a token can be skipped). Rows of propagation sum to 1, so h grows at
+        # most linearly along the scan (|h_i| <= (i+1) max|lam x|); the LayerNorm after the merge removes that scale.
+        lam = torch.sigmoid(heads[:, :, 3 * G : 3 * G + Cp])  # (B, 4, Cp, h, w)
         u = heads[:, :, 3 * G + Cp :]
         ys = gspn_scan_4dir(z, gates, lam, u, chunk=self.cfg.chunk, backend=self.cfg.backend)  # (B, 4, Cp, h, w)
         merge = torch.softmax(self.merge_logits, dim=0).to(ys.dtype)  # (4, Cp), per-channel weights over directions
