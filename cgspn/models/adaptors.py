@@ -5,17 +5,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Mlp
+
+class AdaptorMLP(nn.Module):
+    """[..., D_s] -> [..., D_t]: LayerNorm -> Linear(D_s, hidden) -> GELU -> Linear(hidden, D_t)."""
+
+    def __init__(self, student_dim: int, teacher_dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(student_dim)
+        self.fc1 = nn.Linear(student_dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, teacher_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
 
 
 class TeacherAdaptor(nn.Module):
-    """Student features (width D_s) -> one teacher's space (width D_t)."""
+    """Student features (width D_s) -> one teacher's space (width D_t): a summary head and a spatial head."""
 
     def __init__(self, student_dim: int, teacher_dim: int, hidden: int | None = None):
         super().__init__()
+        for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim), ("hidden", hidden)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"TeacherAdaptor: {name} must be a positive int, got {value!r}")
         hidden = hidden or max(student_dim, teacher_dim)
-        self.summary = nn.Sequential(nn.LayerNorm(student_dim), Mlp(student_dim, hidden), nn.Linear(student_dim, teacher_dim))
-        self.spatial = nn.Sequential(nn.LayerNorm(student_dim), Mlp(student_dim, hidden), nn.Linear(student_dim, teacher_dim))
+        self.summary = AdaptorMLP(student_dim, teacher_dim, hidden)
+        self.spatial = AdaptorMLP(student_dim, teacher_dim, hidden)
 
     def forward(self, summary: torch.Tensor, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """summary [B, D_s], patch_tokens [B, h, w, D_s] -> ([B, D_t], [B, h, w, D_t])."""
@@ -26,6 +41,8 @@ class Adaptors(nn.ModuleDict):
     """One `TeacherAdaptor` per teacher name: `Adaptors(384, {"dinov2_vits14_imgfocus": 384})`."""
 
     def __init__(self, student_dim: int, teacher_dims: dict[str, int], hidden: int | None = None):
+        if not teacher_dims:
+            raise ValueError("Adaptors: teacher_dims must name at least one teacher")
         super().__init__({name: TeacherAdaptor(student_dim, dim, hidden) for name, dim in teacher_dims.items()})
 
 
@@ -33,11 +50,15 @@ def match_grid(target: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """Resize a teacher's spatial target [B, h_t, w_t, D] to the student's grid hw -> [B, h, w, D].
 
     The teacher's grid differs when its patch size does (e.g. 14 vs 16 at one image size). The target,
-    never the student, is resized: bilinear, align_corners=False, with antialiasing when shrinking.
+    never the student's output, is resized: bilinear, align_corners=False, computed in float32 and returned
+    in the target's dtype, with antialiasing when a side shrinks (so that a smaller grid averages the
+    teacher's tokens instead of sampling a few of them). The same grid is returned unchanged.
     """
+    if target.dim() != 4:
+        raise ValueError(f"match_grid: target must be [B, h, w, D], got shape {tuple(target.shape)}")
     if tuple(target.shape[1:3]) == tuple(hw):
         return target
     shrink = hw[0] < target.shape[1] or hw[1] < target.shape[2]
-    x = target.permute(0, 3, 1, 2).float()
-    x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=shrink)
-    return x.permute(0, 2, 3, 1).to(target.dtype)
+    x = target.permute(0, 3, 1, 2).float()  # (B, D, h_t, w_t)
+    x = F.interpolate(x, size=tuple(hw), mode="bilinear", align_corners=False, antialias=shrink)
+    return x.permute(0, 2, 3, 1).to(target.dtype)  # (B, h, w, D)
