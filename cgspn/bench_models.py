@@ -12,24 +12,13 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from cgspn.models.cgspn import cgspn_from_teacher_config
+from kernels.bench import median_ms
 from cgspn.models.vit import ViTConfig, isomorphic_vit, parameter_count
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def main(argv=None) -> dict:
@@ -51,7 +40,7 @@ def main(argv=None) -> dict:
         x = torch.randn(1, 3, size, size)
         for name, model in (("teacher", teacher), ("student", student)):
             with torch.inference_mode():
-                ms = median_ms(lambda: model(x), args.reps)
+                ms = median_ms(lambda: model(x), "cpu", args.reps)
             rows.append(dict(model=name, side=size, batch=1, ms=ms))
             print(f"{name:>8} {size:>4} px: {ms:8.1f} ms", flush=True)
     for row in rows:
