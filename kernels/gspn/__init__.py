@@ -21,12 +21,15 @@ _ENV_BACKEND = os.environ.get("CGSPN_GSPN_BACKEND") or None
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def choose_backend(backend: str | None, x: torch.Tensor) -> str:
-    name = backend or _ENV_BACKEND or ("triton" if x.is_cuda else "reference")
+def _check_backend(name: str, source: str) -> str:
     if name not in BACKENDS:
-        source = "backend" if backend else "CGSPN_GSPN_BACKEND"
         raise ValueError(f"{source}: unknown GSPN backend {name!r}; known: {', '.join(BACKENDS)}")
     return name
+
+
+def choose_backend(backend: str | None, x: torch.Tensor) -> str:
+    name = backend or _ENV_BACKEND or ("triton" if x.is_cuda else "reference")
+    return _check_backend(name, "backend" if backend else "CGSPN_GSPN_BACKEND")
 
 
 def _check_grouped(name: str, t: torch.Tensor, lead: tuple, tail: tuple, C: int, what: str) -> None:
@@ -148,8 +151,8 @@ class GSPN(nn.Module):
         super().__init__()
         if direction is not None and direction not in DIRECTIONS:
             raise ValueError(f"direction must be None or one of {', '.join(DIRECTIONS)}, got {direction!r}")
-        if backend is not None and backend not in BACKENDS:
-            raise ValueError(f"backend: unknown GSPN backend {backend!r}; known: {', '.join(BACKENDS)}")
+        if backend is not None:
+            _check_backend(backend, "backend")
         self.direction, self.chunk, self.backend = direction, chunk, backend
 
     def forward(self, x, gates, lam, u=None):
