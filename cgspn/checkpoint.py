@@ -2,26 +2,18 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .outputs import atomic_write, write_json
+
 
 def config_path(path: str | Path) -> Path:
     """`models/x.safetensors` -> `models/x.json`."""
     return Path(path).with_suffix(".json")
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_model(model: nn.Module, path: str | Path, config: dict) -> Path:
@@ -31,8 +23,8 @@ def save_model(model: nn.Module, path: str | Path, config: dict) -> Path:
         raise ValueError(f"{path}: a checkpoint path must end in .safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic(path, lambda tmp: save_file(state, str(tmp)))
-    _atomic(config_path(path), lambda tmp: tmp.write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    write_json(config_path(path), config)
     return path
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
 from .checkpoint import load_state, read_config, save_model
 from .models.vit import ViT, ViTConfig
 
@@ -56,7 +57,7 @@ def load_teacher(name: str, **kwargs) -> ViT:
     elif name in _REGISTRY:
         model = _REGISTRY[name](**kwargs)
     else:
-        raise ValueError(f"unknown teacher {name!r}; known: {', '.join(known_teachers())}")
+        raise InputError(f"unknown teacher {name!r}; known: {', '.join(known_teachers())}")
     model.eval().requires_grad_(False)
     return model
 

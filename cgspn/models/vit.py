@@ -6,6 +6,7 @@ Parameter names follow DINOv2 (`patch_embed.proj`, `cls_token`, `pos_embed`, `bl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,7 @@ class ViTOutput:
     summary: torch.Tensor  # (B, D) the CLS token after the final norm
     block_inputs: list[torch.Tensor] = field(default_factory=list)  # per block (B, 1+h*w, D): norm1(x), token 0 = CLS
     mixer_outputs: list[torch.Tensor] = field(default_factory=list)  # per block (B, 1+h*w, D): attention output
+    layer_tokens: dict[int, torch.Tensor] = field(default_factory=dict)  # block k -> (B, h, w, D), final norm applied
 
 
 class Block(nn.Module):
@@ -84,15 +86,22 @@ class ViT(nn.Module):
         grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)  # no antialias, as DINOv2
         return torch.cat([cls, grid.to(cls.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)], dim=1)
 
-    def forward(self, images: torch.Tensor, return_blocks: bool = False) -> ViTOutput:
+    def forward(self, images: torch.Tensor, return_blocks: bool = False, layers: Sequence[int] = ()) -> ViTOutput:
+        """`layers`: blocks (0-based) whose output patch tokens to return too, through the final norm."""
         check_image_size(images, self.cfg.patch_size, type(self).__name__)
+        bad = [k for k in layers if not 0 <= k < len(self.blocks)]
+        if bad:
+            raise ValueError(f"layers: block indices {bad} out of range 0..{len(self.blocks) - 1}")
         x, (h, w) = self.patch_embed(images)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.position_embedding(h, w)
         record = [] if return_blocks else None
-        for block in self.blocks:
+        layer_tokens = {}
+        for k, block in enumerate(self.blocks):
             x = block(x, record)
+            if k in layers:
+                layer_tokens[k] = self.norm(x[:, 1:]).reshape(x.shape[0], h, w, -1)
         x = self.norm(x)
-        out = ViTOutput(patch_tokens=x[:, 1:].reshape(x.shape[0], h, w, -1), summary=x[:, 0])
+        out = ViTOutput(patch_tokens=x[:, 1:].reshape(x.shape[0], h, w, -1), summary=x[:, 0], layer_tokens=layer_tokens)
         if record:
             out.block_inputs = [y for y, _ in record]
             out.mixer_outputs = [m for _, m in record]

@@ -1,0 +1,185 @@
+"""Webdataset shards on local disk: write a split, index it for wids, read it back, zip it with features.
+
+Layout of a shard directory (what the `shard` stage writes):
+
+    <dir>/<split>-000000.tar ...   samples `<key>.png|jpg` image, `.cls` label, `.mask.png`, `.txt` caption
+    <dir>/<split>.json             wids descriptor: {"wids_version": 1, "shardlist": [{"url", "nsamples"}]}
+    <dir>/dataset.json             splits, counts, class names, the source
+
+Feature shards (the `cache_teacher` stage) mirror image shards file by file and key by key:
+`<features>/<teacher>/<split>-000000.tar` with `<key>.summary.npy` [D], `<key>.spatial.npy` [h, w, D], ...
+Readers raise ShardError naming the shard and the key.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from ..errors import ShardError
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+
+
+@dataclass
+class Sample:
+    """One record: encoded image bytes plus what is known about it."""
+
+    key: str  # unique within the dataset; letters, digits, '_' (no dots: webdataset splits on them)
+    image: bytes  # encoded (PNG, JPEG, ...)
+    ext: str = "png"
+    label: int | None = None
+    mask: bytes | None = None  # PNG, one channel, class index per pixel
+    caption: str | None = None
+
+    def to_webdataset(self) -> dict:
+        record = {"__key__": self.key, self.ext: self.image}
+        if self.label is not None:
+            record["cls"] = str(int(self.label)).encode()
+        if self.mask is not None:
+            record["mask.png"] = self.mask
+        if self.caption is not None:
+            record["txt"] = self.caption.encode()
+        return record
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 [H, W] or [H, W, 3] -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@dataclass
+class SplitInfo:
+    count: int
+    shards: list[str]
+    bytes: int
+
+
+def write_split(out_dir: Path, split: str, samples: Iterable[Sample], max_per_shard: int) -> SplitInfo:
+    """Write `samples` to `out_dir/<split>-NNNNNN.tar` (webdataset ShardWriter) and the wids index beside."""
+    import webdataset as wds
+
+    pattern = str(out_dir / f"{split}-%06d.tar")
+    count = 0
+    with wds.ShardWriter(pattern, maxcount=max_per_shard, verbose=0) as sink:
+        for sample in samples:
+            sink.write(sample.to_webdataset())
+            count += 1
+    shards = sorted(out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    if count == 0:
+        for s in shards:
+            s.unlink()
+        shards = []
+    lengths = [sum(1 for _ in iter_samples(s)) for s in shards]
+    index = {
+        "wids_version": 1,
+        "name": split,
+        "shardlist": [{"url": s.name, "nsamples": n, "filesize": s.stat().st_size} for s, n in zip(shards, lengths)],
+    }
+    (out_dir / f"{split}.json").write_text(json.dumps(index, indent=1) + "\n")
+    return SplitInfo(count, [s.name for s in shards], sum(s.stat().st_size for s in shards))
+
+
+def split_shards(shard_dir: str | Path, split: str) -> list[Path]:
+    """The shard files of `split`, from its wids index; ShardError if the index or a shard is missing."""
+    shard_dir = Path(shard_dir)
+    index = shard_dir / f"{split}.json"
+    if not index.exists():
+        known = sorted(p.stem for p in shard_dir.glob("*.json") if p.name != "dataset.json")
+        raise ShardError(f"{index}: no index for split {split!r} (splits here: {known})")
+    try:
+        entries = json.loads(index.read_text())["shardlist"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ShardError(f"{index}: not a wids index ({e})") from None
+    paths = [shard_dir / e["url"] for e in entries]
+    for p in paths:
+        if not p.exists():
+            raise ShardError(f"{p}: listed in {index.name} but missing")
+    return paths
+
+
+def iter_samples(path: str | Path) -> Iterator[dict]:
+    """Samples of one tar in order: {"__key__": key, "<ext>": bytes, ...}; ShardError if it is corrupt."""
+    path = Path(path)
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            sample: dict = {}
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                if sample and key != sample["__key__"]:
+                    yield sample
+                    sample = {}
+                sample["__key__"] = key
+                sample[ext] = tar.extractfile(member).read()
+            if sample:
+                yield sample
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no such shard") from None
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise ShardError(f"{path}: corrupt or truncated tar ({e})") from None
+
+
+def image_ext(sample: dict) -> str:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return ext
+    raise ShardError(f"sample {sample.get('__key__')!r}: no image entry (looked for {', '.join(IMAGE_EXTS)})")
+
+
+def decode_image(sample: dict, shard: str | Path = "?") -> np.ndarray:
+    """The sample's image as uint8 [H, W, 3]."""
+    data = sample[image_ext(sample)]
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"))
+    except Exception as e:  # PIL raises several types for a bad file
+        raise ShardError(f"{shard}: sample {sample['__key__']!r}: image does not decode ({e})") from None
+
+
+def decode_mask(sample: dict, shard: str | Path = "?") -> np.ndarray:
+    """The sample's label map as uint8 [H, W]."""
+    if "mask.png" not in sample:
+        raise ShardError(f"{shard}: sample {sample['__key__']!r} has no mask.png")
+    with Image.open(io.BytesIO(sample["mask.png"])) as im:
+        return np.asarray(im)
+
+
+def decode_npy(sample: dict, name: str, shard: str | Path = "?") -> np.ndarray:
+    entry = f"{name}.npy"
+    if entry not in sample:
+        have = sorted(k[:-4] for k in sample if k.endswith(".npy"))
+        raise ShardError(f"{shard}: sample {sample['__key__']!r} has no {entry} (has: {have})")
+    return np.load(io.BytesIO(sample[entry]), allow_pickle=False)
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def zip_samples(image_shard: Path, feature_shard: Path) -> Iterator[tuple[dict, dict]]:
+    """Pairs (image sample, feature sample) of two shards that must hold the same keys in the same order."""
+    pairs = itertools.zip_longest(iter_samples(image_shard), iter_samples(feature_shard))
+    for image, feature in pairs:
+        if image is None:
+            raise ShardError(f"{feature_shard}: extra key {feature['__key__']!r} that {image_shard} does not have")
+        if feature is None:
+            raise ShardError(f"{feature_shard}: key {image['__key__']!r} of {image_shard} is missing")
+        if image["__key__"] != feature["__key__"]:
+            raise ShardError(
+                f"{feature_shard}: key {feature['__key__']!r} where {image_shard} has {image['__key__']!r}"
+            )
+        yield image, feature

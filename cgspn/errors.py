@@ -1,0 +1,17 @@
+"""Errors for bad input: each message names the file, key or parameter at fault.
+
+A stage's command line turns these into one clear line on stderr and exit status 2 (cgspn.stage);
+anything else is a bug and keeps its traceback.
+"""
+
+
+class InputError(ValueError):
+    """Bad input to a stage: a file, a record in it, or a parameter."""
+
+
+class ParamError(InputError):
+    """A parameter that is missing, unknown, of the wrong type or out of range."""
+
+
+class ShardError(InputError):
+    """A shard that is missing, corrupt, holds an undecodable record, or does not match its partner."""

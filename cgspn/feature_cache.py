@@ -1,0 +1,66 @@
+"""Teacher features for one image shard, written as a feature shard that mirrors it key by key.
+
+Each feature sample holds float16 arrays: `summary.npy` [D], `spatial.npy` [h, w, D] (the final patch
+tokens), and `block<k>.npy` [h, w, D] for each requested intermediate block (through the final norm).
+The caller (the cache_teacher stage) runs one `cache_shard` per shard, in parallel on Ray actors.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import ShardError
+from .data.shards import decode_image, encode_npy, iter_samples
+from .phis import Moments
+from .teachers import preprocess
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    count: int
+    seconds: float  # wall time of reading, teacher forward and writing
+    bytes: int  # size of the feature shard
+    moments: Moments  # float64 sums over the spatial feature vectors (for PHI-S)
+
+
+@torch.inference_mode()
+def teacher_features(teacher, images: list[np.ndarray], resolution: int, layers: Sequence[int] = ()) -> dict:
+    """images: uint8 [H, W, 3] each (sizes may differ) -> {"summary": [B, D], "spatial": [B, h, w, D],
+    "block<k>": [B, h, w, D]} as float32 tensors, all through the same `preprocess` the training uses."""
+    x = torch.cat([preprocess(img, resolution) for img in images])
+    out = teacher(x, layers=tuple(layers))
+    feats = {"summary": out.summary, "spatial": out.patch_tokens}
+    feats.update({f"block{k}": t for k, t in out.layer_tokens.items()})
+    return {k: v.float() for k, v in feats.items()}
+
+
+def cache_shard(teacher, image_shard: Path, out_shard: Path, resolution: int, layers: Sequence[int] = (),
+                batch_size: int = 64) -> ShardResult:
+    """Run `teacher` over every image of `image_shard`; write `out_shard` (same keys, same order)."""
+    import webdataset as wds
+
+    start = time.perf_counter()
+    moments, count = None, 0
+    tmp = out_shard.with_name(f".{out_shard.name}.partial")
+    samples = iter_samples(image_shard)
+    with wds.TarWriter(str(tmp)) as sink:
+        while batch := [s for _, s in zip(range(batch_size), samples)]:
+            feats = teacher_features(teacher, [decode_image(s, image_shard) for s in batch], resolution, layers)
+            m = Moments.of(feats["spatial"])
+            moments = m if moments is None else moments + m
+            for i, s in enumerate(batch):
+                record = {"__key__": s["__key__"]}
+                record.update({f"{k}.npy": encode_npy(v[i].numpy().astype(np.float16)) for k, v in feats.items()})
+                sink.write(record)
+            count += len(batch)
+    if count == 0:
+        tmp.unlink()
+        raise ShardError(f"{image_shard}: the shard holds no samples")
+    tmp.replace(out_shard)
+    return ShardResult(image_shard.name, count, time.perf_counter() - start, out_shard.stat().st_size, moments)

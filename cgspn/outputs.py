@@ -1,0 +1,57 @@
+"""Outputs that are never half-written: a file or a whole directory appears complete or not at all.
+
+    with replace_dir("data/shards") as staging:   # write everything into `staging`
+        ...
+    # on success `data/shards` is swapped for the new tree; on error the old one is untouched
+    write_json("reports/metrics/shard.json", metrics)
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp)` on a temporary name beside `path`, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_json(path: str | Path, data) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+@contextlib.contextmanager
+def replace_dir(final: str | Path) -> Iterator[Path]:
+    """Yield an empty staging directory beside `final`; on success it replaces `final` as a whole.
+
+    The old `final` is moved aside before the swap and deleted only after the new tree is in place,
+    so no moment exists where a partial tree sits at `final`. On an exception the staging tree is
+    removed and `final` is left exactly as it was.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.with_name(f".{final.name}.partial{os.getpid()}")
+    old = final.with_name(f".{final.name}.old{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

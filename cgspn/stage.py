@@ -1,0 +1,35 @@
+"""The command line every stage shares: read its params section, open its MLflow run, turn bad input
+into one clear line and exit status 2.
+
+    # stages/shard.py
+    def main(params: dict, root: Path, run: StageRun) -> dict: ...
+    if __name__ == "__main__":
+        run_stage("shard", SCHEMA, main)
+
+`python -m stages.<name> [--params params.yaml] [--root .]`; outputs go under `--root`, as dvc.yaml says.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .errors import InputError
+from .params import Param, load_section
+
+
+def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=(main.__doc__ or "").strip())
+    parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    parser.add_argument("--root", default=".", help="folder the stage's outputs are relative to (default: .)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_section(args.params, name, schema)
+        from .tracking import stage_run
+
+        with stage_run(name, params) as run:
+            return main(params, Path(args.root), run)
+    except (InputError, FileNotFoundError) as e:
+        print(f"stage {name}: error: {e}", file=sys.stderr)
+        sys.exit(2)

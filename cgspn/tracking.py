@@ -1,0 +1,95 @@
+"""MLflow tracking for stages: one run per stage, a child of the pipeline's run when one is given.
+
+    with stage_run("shard", params) as run:     # params logged flat, the resolved config as config.json
+        run.log_metrics({"images_per_s": 1234.0})
+        run.log_artifact("reports/metrics/shard.json")
+
+Tracking URI: `MLFLOW_TRACKING_URI`, else `sqlite:///<repo>/mlflow.db`. Experiment: `CGSPN_EXPERIMENT`
+(default "cgspn"). When `CGSPN_PARENT_RUN_ID` holds a run id (the Prefect flow sets it), the stage run
+goes into that run's experiment with the tag `mlflow.parentRunId`, so MLflow shows it as a child.
+mlflow is imported lazily: the models never need it.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PARENT_RUN_ENV = "CGSPN_PARENT_RUN_ID"
+EXPERIMENT_ENV = "CGSPN_EXPERIMENT"
+DEFAULT_EXPERIMENT = "cgspn"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def flatten(params: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}, "c": [1, 2]} -> {"a.b": 1, "c": "[1, 2]"}."""
+    flat: dict[str, object] = {}
+    for k, v in params.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, name + "."))
+        else:
+            flat[name] = v
+    return flat
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class StageRun:
+    """A thin handle on the active MLflow run; numbers only go to metrics, nested dicts are flattened."""
+
+    def __init__(self, run):
+        self.run = run
+        self.id = run.info.run_id
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        import mlflow
+
+        numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if numeric:
+            mlflow.log_metrics(numeric, step=step)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        import mlflow
+
+        mlflow.log_artifact(str(path), artifact_path=folder)
+
+    def log_dict(self, data: dict, name: str) -> None:
+        import mlflow
+
+        mlflow.log_dict(data, name)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict, extra_tags: dict | None = None) -> Iterator[StageRun]:
+    """An MLflow run named after the stage; FAILED if the body raises, FINISHED otherwise."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    parent = os.environ.get(PARENT_RUN_ENV) or None
+    tags = {"cgspn.stage": stage, **(extra_tags or {})}
+    if commit := git_commit():
+        tags["mlflow.source.git.commit"] = commit
+    if parent:
+        experiment_id = mlflow.MlflowClient().get_run(parent).info.experiment_id
+        tags["mlflow.parentRunId"] = parent
+    else:
+        name = os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+        experiment_id = mlflow.set_experiment(name).experiment_id
+    with mlflow.start_run(run_name=stage, experiment_id=experiment_id, tags=tags) as run:
+        handle = StageRun(run)
+        mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+        handle.log_dict(params, "config.json")
+        yield handle
