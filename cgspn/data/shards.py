@@ -27,6 +27,7 @@ from PIL import Image
 from ..errors import ShardError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+TAR_MTIME = 0  # a fixed time stamp in every tar header: the same samples give byte-identical shards
 
 
 @dataclass
@@ -71,7 +72,7 @@ def write_split(out_dir: Path, split: str, samples: Iterable[Sample], max_per_sh
 
     pattern = str(out_dir / f"{split}-%06d.tar")
     count = 0
-    with wds.ShardWriter(pattern, maxcount=max_per_shard, verbose=0) as sink:
+    with wds.ShardWriter(pattern, maxcount=max_per_shard, verbose=0, mtime=TAR_MTIME) as sink:
         for sample in samples:
             sink.write(sample.to_webdataset())
             count += 1
@@ -143,7 +144,7 @@ def decode_image(sample: dict, shard: str | Path = "?") -> np.ndarray:
     data = sample[image_ext(sample)]
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"))
+            return np.array(im.convert("RGB"))
     except Exception as e:  # PIL raises several types for a bad file
         raise ShardError(f"{shard}: sample {sample['__key__']!r}: image does not decode ({e})") from None
 

@@ -1,0 +1,174 @@
+"""Stage `cache_teacher`: every teacher of models/teachers over the image shards, in parallel on Ray.
+
+Writes data/features/<teacher>/<split>-NNNNNN.tar mirroring data/shards key by key (float16 summary,
+spatial grid and chosen intermediate blocks), `phis.safetensors` (PHI-S statistics over the spatial
+features of `phis_splits`) and `meta.json` beside them. An actor pool of `workers` actors, each loading
+its teacher once; one task per shard. `ray.init` joins the cluster at RAY_ADDRESS when it is set (the
+paths must then be on a filesystem every node sees), else starts Ray locally.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import ray
+from ray.util import ActorPool
+from tqdm import tqdm
+
+from cgspn.data.shards import split_shards
+from cgspn.errors import InputError, ParamError
+from cgspn.outputs import replace_dir, write_json
+from cgspn.params import Param
+from cgspn.phis import Moments, PhiS
+from cgspn.stage import run_stage
+
+SCHEMA = {
+    "resolution": Param(int, min=14),  # images are resized and center-cropped to this square
+    "splits": Param(list, item=str),
+    "layers": Param(list, item=int, min=0),  # intermediate blocks whose outputs to cache too
+    "phis_splits": Param(list, item=str),
+    "workers": Param(int, min=0),  # 0: one per GPU (gpus_per_worker > 0), else one per cpus_per_worker CPUs
+    "cpus_per_worker": Param(int, min=1),
+    "gpus_per_worker": Param(float, min=0.0),
+    "batch_size": Param(int, min=1),
+}
+SHARDS = Path("data/shards")
+TEACHERS = Path("models/teachers")
+OUT = Path("data/features")
+METRICS = Path("reports/metrics/cache_teacher.json")
+
+
+@ray.remote
+class TeacherWorker:
+    """Loads one teacher once; caches one shard per call."""
+
+    def __init__(self, teacher_path: str, threads: int):
+        import torch
+
+        from cgspn.teachers import load_vit
+
+        torch.set_num_threads(threads)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.teacher = load_vit(teacher_path).eval().requires_grad_(False).to(device)
+        self.name = f"{os.uname().nodename}:{os.getpid()}"
+
+    def cache(self, image_shard: str, out_shard: str, resolution: int, layers: list[int], batch_size: int):
+        from cgspn.feature_cache import cache_shard
+
+        return self.name, cache_shard(self.teacher, Path(image_shard), Path(out_shard), resolution, layers, batch_size)
+
+
+def start_ray(p: dict) -> bool:
+    """Join RAY_ADDRESS or start Ray locally; returns whether this call started it."""
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        cpus = max(os.cpu_count() or 1, p["workers"] * p["cpus_per_worker"])
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def pool_size(p: dict) -> int:
+    if p["workers"]:
+        return p["workers"]
+    res = ray.cluster_resources()
+    if p["gpus_per_worker"] > 0:
+        return max(1, int(res.get("GPU", 0) / p["gpus_per_worker"]))
+    return max(1, int(res.get("CPU", 1) // p["cpus_per_worker"]))
+
+
+def check_inputs(p: dict, root: Path) -> tuple[list[dict], list[tuple[str, Path]]]:
+    missing = sorted(set(p["phis_splits"]) - set(p["splits"]))
+    if missing:
+        raise ParamError(f"params.yaml: cache_teacher.phis_splits {missing} are not in cache_teacher.splits")
+    index = root / TEACHERS / "teachers.json"
+    if not index.exists():
+        raise InputError(f"{index}: missing (run the teacher stage first)")
+    teachers = json.loads(index.read_text())["teachers"]
+    for t in teachers:
+        patch, depth = t["config"]["patch_size"], t["config"]["depth"]
+        if p["resolution"] % patch:
+            raise ParamError(f"params.yaml: cache_teacher.resolution={p['resolution']} is not a multiple of "
+                             f"teacher {t['name']}'s patch size {patch}")
+        bad = [k for k in p["layers"] if k >= depth]
+        if bad:
+            raise ParamError(f"params.yaml: cache_teacher.layers {bad} out of range for {t['name']} ({depth} blocks)")
+    jobs = [(split, shard) for split in p["splits"] for shard in split_shards(root / SHARDS, split)]
+    return teachers, jobs
+
+
+def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> dict:
+    """One teacher over every shard; returns its metrics."""
+    out_dir.mkdir()
+    n = pool_size(p)
+    path = str((root / TEACHERS / teacher["file"]).resolve())
+    t0 = time.perf_counter()
+    actors = [TeacherWorker.options(num_cpus=p["cpus_per_worker"], num_gpus=p["gpus_per_worker"]).remote(
+        path, p["cpus_per_worker"]) for _ in range(n)]
+    ray.get([a.__ray_ready__.remote() for a in actors])
+    t1 = time.perf_counter()
+    split_of = {shard.name: split for split, shard in jobs}
+    tasks = [(str(shard), str(out_dir / shard.name)) for _, shard in jobs]
+    pool = ActorPool(actors)
+    results = pool.map_unordered(
+        lambda a, job: a.cache.remote(job[0], job[1], p["resolution"], p["layers"], p["batch_size"]), tasks)
+    per_worker, per_split, moments = defaultdict(lambda: [0, 0.0]), defaultdict(int), None
+    total = 0
+    with tqdm(total=len(tasks), desc=f"cache {teacher['name']}", unit="shard") as bar:
+        for worker, r in results:
+            per_worker[worker][0] += r.count
+            per_worker[worker][1] += r.seconds
+            per_split[split_of[r.shard]] += r.count
+            total += r.count
+            if split_of[r.shard] in p["phis_splits"]:
+                moments = r.moments if moments is None else moments + r.moments
+            bar.update(1)
+            bar.set_postfix(images=total)
+    seconds = time.perf_counter() - t1
+    for a in actors:
+        ray.kill(a)
+    if moments is None:
+        raise InputError(f"cache_teacher: no features in phis_splits {p['phis_splits']} to estimate PHI-S from")
+    phis = PhiS.estimate(moments)
+    phis.save(out_dir / "phis.safetensors")
+    feature_bytes = sum(f.stat().st_size for f in out_dir.glob("*.tar"))
+    grid = p["resolution"] // teacher["config"]["patch_size"]
+    meta = {"teacher": teacher["name"], "resolution": p["resolution"], "grid": [grid, grid],
+            "dim": teacher["config"]["dim"], "layers": p["layers"], "dtype": "float16",
+            "splits": dict(per_split), "phis_splits": p["phis_splits"], "phis_vectors": moments.count,
+            "phis_scale": phis.scale}
+    write_json(out_dir / "meta.json", meta)
+    rates = [c / s for c, s in per_worker.values() if s > 0]
+    return {"images": total, "workers": n, "startup_seconds": round(t1 - t0, 2), "seconds": round(seconds, 2),
+            "images_per_s": round(total / seconds, 1),
+            "images_per_s_per_worker": round(sum(rates) / len(rates), 1),
+            "bytes": feature_bytes, "bytes_per_image": round(feature_bytes / max(total, 1))}
+
+
+def main(p: dict, root: Path, run) -> dict:
+    """Cache the teachers' features."""
+    teachers, jobs = check_inputs(p, root)
+    started = start_ray(p)
+    try:
+        metrics = {}
+        with replace_dir(root / OUT) as staging:
+            for t in teachers:
+                metrics[t["name"]] = m = cache_teacher(t, jobs, p, root, staging / Path(t["file"]).stem)
+                print(f"cache_teacher: {t['name']}: {m['images']} images, {m['images_per_s']} img/s with "
+                      f"{m['workers']} workers ({m['images_per_s_per_worker']} img/s per worker), "
+                      f"{m['bytes_per_image']} B/image")
+    finally:
+        if started:
+            ray.shutdown()
+    write_json(root / METRICS, metrics)
+    run.log_metrics(metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_stage("cache_teacher", SCHEMA, main)
