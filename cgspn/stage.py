@@ -46,5 +46,6 @@ def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[st
         with stage_run(name, params) as run:
             return main(params, Path(args.root), run)
     except (InputError, FileNotFoundError) as e:
-        print(f"stage {name}: error: {e}", file=sys.stderr)
+        cause = getattr(e, "cause", None)  # an error raised on a Ray worker carries the original here
+        print(f"\nstage {name}: error: {cause if isinstance(cause, Exception) else e}", file=sys.stderr)
         sys.exit(2)

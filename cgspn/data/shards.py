@@ -110,20 +110,31 @@ def split_shards(shard_dir: str | Path, split: str) -> list[Path]:
 
 
 def iter_samples(path: str | Path) -> Iterator[dict]:
-    """Samples of one tar in order: {"__key__": key, "<ext>": bytes, ...}; ShardError if it is corrupt."""
+    """Samples of one uncompressed tar in order: {"__key__": key, "<ext>": bytes, ...}.
+
+    Python's tarfile takes a truncated archive for a shorter one; this reader does not: a member whose
+    data is short, or an archive without its end-of-archive blocks, raises ShardError naming the file.
+    """
     path = Path(path)
     try:
-        with tarfile.open(path, "r:*") as tar:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
             sample: dict = {}
             for member in tar:
                 if not member.isfile():
                     continue
                 key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise ShardError(f"{path}: truncated in {member.name} ({len(data)} of {member.size} bytes)")
                 if sample and key != sample["__key__"]:
                     yield sample
                     sample = {}
                 sample["__key__"] = key
-                sample[ext] = tar.extractfile(member).read()
+                sample[ext] = data
+            f.seek(tar.offset)
+            end = f.read(2 * tarfile.BLOCKSIZE)
+            if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
+                raise ShardError(f"{path}: truncated (no end-of-archive marker after byte {tar.offset})")
             if sample:
                 yield sample
     except FileNotFoundError:
