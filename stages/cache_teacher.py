@@ -18,6 +18,7 @@ import ray
 from ray.util import ActorPool
 from tqdm import tqdm
 
+from cgspn.cluster import start_ray
 from cgspn.data.shards import split_shards
 from cgspn.errors import InputError, ParamError
 from cgspn.outputs import replace_dir, write_json
@@ -59,18 +60,6 @@ class TeacherWorker:
         from cgspn.feature_cache import cache_shard
 
         return self.name, cache_shard(self.teacher, Path(image_shard), Path(out_shard), resolution, layers, batch_size)
-
-
-def start_ray(p: dict) -> bool:
-    """Join RAY_ADDRESS or start Ray locally; returns whether this call started it."""
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:
-        cpus = max(os.cpu_count() or 1, p["workers"] * p["cpus_per_worker"])
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
-    return True
 
 
 def pool_size(p: dict) -> int:
@@ -153,7 +142,7 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> di
 def main(p: dict, root: Path, run) -> dict:
     """Cache the teachers' features."""
     teachers, jobs = check_inputs(p, root)
-    started = start_ray(p)
+    started = start_ray(p["workers"] * p["cpus_per_worker"])
     try:
         metrics = {}
         with replace_dir(root / OUT) as staging:

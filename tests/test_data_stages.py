@@ -38,7 +38,8 @@ MICRO = {
     "shard": {
         "source": "fashion_mnist", "path": "", "fashion_mnist_dir": "/usr/share/datasets/fashion-mnist",
         "train_count": 40, "val_count": 20, "mosaic_train_count": 8, "mosaic_val_count": 4, "mosaic_canvas": 28,
-        "garments_per_mosaic": [1, 2], "garment_size": [10, 20], "mosaic_eval_scales": [2], "mosaic_eval_count": 2,
+        "garments_per_mosaic": [1, 2], "garment_size": [10, 20], "mosaic_scales": [2], "mosaic_scaled_train_count": 2,
+        "mosaic_eval_count": 2,
         "photos": True, "val_fraction": 0.25, "max_per_shard": 16, "seed": 0,
     },
     "teacher": {"names": ["dinov2_vits14_imgfocus"]},
@@ -118,7 +119,7 @@ def test_shard_writes_every_split_with_a_wids_index(micro, tmp_path):
 
     shards = micro["root"] / "data/shards"
     meta = json.loads((shards / "dataset.json").read_text())
-    expected = {"train": 40, "val": 20, "mosaic_train": 8, "mosaic_val": 4, "mosaic_val_x2": 2}
+    expected = {"train": 40, "val": 20, "mosaic_train": 8, "mosaic_val": 4, "mosaic_train_x2": 2, "mosaic_val_x2": 2}
     for split, count in expected.items():
         assert meta["splits"][split]["count"] == count
         ds = wids.ShardListDataset(str(shards / f"{split}.json"), cache_dir=str(tmp_path))

@@ -141,7 +141,8 @@ def photo_samples() -> Iterator[Sample]:
 
 def fashion_mnist_splits(p: dict, download_dir: Path) -> Dataset:
     """The embedded default. Splits: train, val (garments from the official test set), mosaic_train,
-    mosaic_val, mosaic_val_x<s> for each bigger scale s (canvas x s, garments x s^2), photos."""
+    mosaic_val, mosaic_train_x<s> and mosaic_val_x<s> for each bigger scale s (canvas x s, garments x s^2),
+    photos."""
     rng = np.random.default_rng(p["seed"])
     tr_img, tr_lab = load_fashion_mnist("train", p["fashion_mnist_dir"], download_dir)
     te_img, te_lab = load_fashion_mnist("test", p["fashion_mnist_dir"], download_dir)
@@ -161,10 +162,12 @@ def fashion_mnist_splits(p: dict, download_dir: Path) -> Dataset:
         "mosaic_val": mosaic_samples("mosaic_val", te_img[mval], te_lab[mval], p["mosaic_val_count"], canvas, per,
                                      sizes, seed + 2),
     }
-    for s in p["mosaic_eval_scales"]:
-        splits[f"mosaic_val_x{s}"] = mosaic_samples(
-            f"mosaic_val_x{s}", te_img[mval], te_lab[mval], p["mosaic_eval_count"], canvas * s,
-            [per[0] * s * s, per[1] * s * s], sizes, seed + 2 + s)
+    for s in p["mosaic_scales"]:  # bigger canvases with proportionally more garments of the same sizes
+        bigger = (canvas * s, [per[0] * s * s, per[1] * s * s], sizes)
+        splits[f"mosaic_train_x{s}"] = mosaic_samples(f"mosaic_train_x{s}", tr_img[mtrain], tr_lab[mtrain],
+                                                      p["mosaic_scaled_train_count"], *bigger, seed + 10 + s)
+        splits[f"mosaic_val_x{s}"] = mosaic_samples(f"mosaic_val_x{s}", te_img[mval], te_lab[mval],
+                                                    p["mosaic_eval_count"], *bigger, seed + 20 + s)
     if p["photos"]:
         splits["photos"] = photo_samples()
     return Dataset(splits, FASHION_CLASSES, ["background"] + FASHION_CLASSES)

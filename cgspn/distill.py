@@ -1,0 +1,238 @@
+"""The three distillation tasks the training loop (cgspn.train) runs: what to train, a step's loss, and
+validation. Each task is built on every worker from a plain dict (its params plus resolved paths).
+
+- `Stage1Task` (module-wise): the frozen teacher runs once per batch with `return_blocks`; every student
+  mixer gets the teacher's normalized input to its block and must reproduce the teacher's attention output
+  there (relative MSE + cosine term per block, weighted). Only the mixers train.
+- `Stage2Task` (end to end): everything trains. Student features go through each teacher's adaptor heads
+  and are matched to that teacher's features, spatial in PHI-S space (MSE), summary by cosine. Targets
+  come from the feature cache, or from the teacher online (`targets: online`).
+- `HighresTask`: stage 2's objective at higher resolutions, with targets from the teacher computed online
+  at that resolution (its position grid interpolated). Steps cycle through the resolutions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.memory import ShardSubset
+from .losses import block_loss, cosine_distance, mean_cosine, spatial_loss
+from .models.adaptors import Adaptors, match_grid
+from .models.cgspn import cgspn_from_teacher_config, init_from_teacher
+from .phis import PhiS
+from .students import load_adaptors, load_student
+from .teachers import load_vit, preprocess
+
+
+def to_batch(images: list[np.ndarray], resolution: int, device) -> torch.Tensor:
+    """uint8 images [H, W, 3] of any sizes -> [B, 3, r, r] through the one shared `preprocess`."""
+    return torch.cat([preprocess(img, resolution) for img in images]).to(device)
+
+
+def autocast(device):
+    """bf16 autocast on GPUs; a no-op on CPUs (CPU bf16 matmuls are slow and lose the comparison)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
+
+
+class Stage1Task:
+    def __init__(self, cfg: dict, device, rank: int, world: int, seed: int):
+        self.cfg, self.device, self.rank, self.seed = cfg, device, rank, seed
+        self.teacher = load_vit(cfg["teacher_path"]).eval().requires_grad_(False).to(device)
+        torch.manual_seed(seed)
+        self.trainable = self.build(cfg, self.teacher).to(device)
+        self.data = ShardSubset(cfg["shards"], cfg["splits"], rank, world)
+        self.val = ShardSubset(cfg["shards"], [cfg["val_split"]], limit=cfg["val_count"]) if rank == 0 else None
+        depth = len(self.teacher.blocks)
+        w = cfg["block_weights"] or [1.0] * depth
+        if len(w) != depth:
+            raise ValueError(f"distill_stage1.block_weights has {len(w)} entries, the teacher has {depth} blocks")
+        self.weights = torch.tensor(w) / sum(w)
+        self.images_per_step = cfg["batch_size"]
+
+    @staticmethod
+    def build(cfg: dict, teacher=None) -> nn.Module:
+        """The student, its non-mixer weights copied from the teacher and frozen."""
+        teacher = teacher or load_vit(cfg["teacher_path"])
+        student = cgspn_from_teacher_config(teacher.cfg)
+        init_from_teacher(student, teacher)
+        for name, p in student.named_parameters():
+            p.requires_grad_(".attn." in name)
+        return student
+
+    def block_losses(self, images: list[np.ndarray]) -> torch.Tensor:
+        """[depth] loss per block for one batch."""
+        x = to_batch(images, self.cfg["resolution"], self.device)
+        hw = (x.shape[-2] // self.teacher.cfg.patch_size, x.shape[-1] // self.teacher.cfg.patch_size)
+        with torch.no_grad(), autocast(self.device):
+            t = self.teacher(x, return_blocks=True)
+        losses = []
+        with autocast(self.device):
+            for i, (inp, out) in enumerate(zip(t.block_inputs, t.mixer_outputs)):
+                pred = self.trainable.mixer_forward(i, inp[:, 1:], hw)  # patch tokens; the student has no CLS
+                losses.append(block_loss(pred, out[:, 1:], self.cfg["cosine_weight"]))
+        return torch.stack(losses)
+
+    def loss(self, step: int):
+        idx = self.data.batch_indices(step, self.cfg["batch_size"], self.seed, self.rank)
+        per_block = self.block_losses([self.data.images[i] for i in idx])
+        return (self.weights.to(per_block.device) * per_block).sum(), {
+            f"block{i}": v for i, v in enumerate(per_block.detach().tolist())}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.trainable.eval()
+        totals = []
+        for start in range(0, len(self.val), self.cfg["batch_size"]):
+            batch = self.val.images[start : start + self.cfg["batch_size"]]
+            totals.append(self.block_losses(batch) * len(batch))
+        per_block = (torch.stack(totals).sum(0) / len(self.val)).tolist()
+        return {"loss": float(np.mean(per_block)), **{f"block{i}": v for i, v in enumerate(per_block)}}
+
+
+class AdaptedObjective:
+    """Student features through each teacher's adaptors, compared with that teacher's targets."""
+
+    def __init__(self, cfg: dict, device):
+        self.cfg, self.device = cfg, device
+        self.teachers = list(cfg["teacher_weights"])
+        self.phis = {t: PhiS.load(Path(cfg["features"][t]) / "phis.safetensors") for t in self.teachers}
+
+    def terms(self, trainable: nn.Module, x: torch.Tensor, targets: dict) -> tuple[torch.Tensor, dict]:
+        """targets[teacher] = (summary [B, D_t], spatial [B, h_t, w_t, D_t]) -> (weighted loss, parts)."""
+        with autocast(self.device):
+            out = trainable["student"](x)
+        hw = tuple(out.patch_tokens.shape[1:3])
+        total, parts = 0.0, {}
+        for t in self.teachers:
+            summary_pred, spatial_pred = trainable["adaptors"][t](out.summary.float(), out.patch_tokens.float())
+            summary, spatial = targets[t]
+            z = self.phis[t].standardize(match_grid(spatial.float().to(self.device), hw))
+            l_spatial = spatial_loss(spatial_pred, z)
+            l_summary = cosine_distance(summary_pred, summary.to(self.device))
+            parts[f"{t}/spatial"], parts[f"{t}/summary"] = l_spatial.item(), l_summary.item()
+            w = self.cfg["teacher_weights"][t]
+            total = total + w * (self.cfg["spatial_weight"] * l_spatial + self.cfg["summary_weight"] * l_summary)
+        return total, parts
+
+    @torch.no_grad()
+    def fidelity(self, trainable: nn.Module, x: torch.Tensor, targets: dict) -> dict:
+        """Mean cosine similarity to each teacher: adapted patch features (de-standardized) and summary,
+        and the raw student patch tokens where widths agree."""
+        out = trainable["student"](x)
+        hw = tuple(out.patch_tokens.shape[1:3])
+        result = {}
+        for t in self.teachers:
+            summary_pred, spatial_pred = trainable["adaptors"][t](out.summary.float(), out.patch_tokens.float())
+            summary, spatial = (v.float().to(self.device) for v in targets[t])
+            spatial = match_grid(spatial, hw)
+            result[f"{t}/patch_cosine"] = mean_cosine(self.phis[t].destandardize(spatial_pred), spatial)
+            result[f"{t}/summary_cosine"] = mean_cosine(summary_pred, summary)
+            if spatial.shape[-1] == out.patch_tokens.shape[-1]:
+                result[f"{t}/patch_cosine_raw"] = mean_cosine(out.patch_tokens, spatial)
+        return result
+
+
+def online_targets(teachers: dict, x: torch.Tensor, device) -> dict:
+    with torch.no_grad(), autocast(device):
+        outs = {t: m(x) for t, m in teachers.items()}
+    return {t: (o.summary.float(), o.patch_tokens.float()) for t, o in outs.items()}
+
+
+class Stage2Task:
+    def __init__(self, cfg: dict, device, rank: int, world: int, seed: int):
+        self.cfg, self.device, self.rank, self.seed = cfg, device, rank, seed
+        torch.manual_seed(seed)
+        self.trainable = self.build(cfg).to(device)
+        self.objective = AdaptedObjective(cfg, device)
+        online = cfg["targets"] == "online"
+        self.teachers = {t: load_vit(cfg["teacher_paths"][t]).eval().requires_grad_(False).to(device)
+                         for t in self.objective.teachers} if online else {}
+        feature_dirs = None if online else {t: Path(cfg["features"][t]) for t in self.objective.teachers}
+        self.data = ShardSubset(cfg["shards"], cfg["splits"], rank, world, feature_dirs)
+        val_dirs = {t: Path(cfg["features"][t]) for t in self.objective.teachers}
+        self.val = (ShardSubset(cfg["shards"], [cfg["val_split"]], feature_dirs=val_dirs, limit=cfg["val_count"])
+                    if rank == 0 else None)
+        self.images_per_step = cfg["batch_size"]
+
+    @staticmethod
+    def build(cfg: dict) -> nn.Module:
+        """{"student": from `cfg["init_student"]`, "adaptors": fresh heads, one per teacher}."""
+        student = load_student(cfg["init_student"]).requires_grad_(True)
+        adaptors = Adaptors(student.cfg.dim, cfg["teacher_dims"], cfg["adaptor_hidden"] or None)
+        return nn.ModuleDict({"student": student, "adaptors": adaptors})
+
+    def loss(self, step: int):
+        idx = self.data.batch_indices(step, self.cfg["batch_size"], self.seed, self.rank)
+        x = to_batch([self.data.images[i] for i in idx], self.cfg["resolution"], self.device)
+        if self.teachers:
+            targets = online_targets(self.teachers, x, self.device)
+        else:
+            idx_t = torch.as_tensor(idx)
+            targets = {t: (f["summary"][idx_t], f["spatial"][idx_t]) for t, f in self.data.features.items()}
+        return self.objective.terms(self.trainable, x, targets)
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.trainable.eval()
+        sums, n = {}, 0
+        B = self.cfg["batch_size"]
+        for start in range(0, len(self.val), B):
+            idx = torch.arange(start, min(start + B, len(self.val)))
+            x = to_batch([self.val.images[i] for i in idx], self.cfg["resolution"], self.device)
+            targets = {t: (f["summary"][idx], f["spatial"][idx]) for t, f in self.val.features.items()}
+            _, losses = self.objective.terms(self.trainable, x, targets)
+            for k, v in {**losses, **self.objective.fidelity(self.trainable, x, targets)}.items():
+                sums[k] = sums.get(k, 0.0) + v * len(idx)
+            n += len(idx)
+        return {k: v / n for k, v in sums.items()}
+
+
+class HighresTask(Stage2Task):
+    """Targets online at each resolution; one data split per resolution (bigger mosaics for bigger images)."""
+
+    def __init__(self, cfg: dict, device, rank: int, world: int, seed: int):
+        self.cfg, self.device, self.rank, self.seed = cfg, device, rank, seed
+        torch.manual_seed(seed)
+        self.trainable = self.build(cfg).to(device)
+        self.objective = AdaptedObjective(cfg, device)
+        self.teachers = {t: load_vit(cfg["teacher_paths"][t]).eval().requires_grad_(False).to(device)
+                         for t in self.objective.teachers}
+        self.data = [ShardSubset(cfg["shards"], [s], rank, world) for s in cfg["splits"]]
+        self.val = ([ShardSubset(cfg["shards"], [s], limit=cfg["val_count"]) for s in cfg["val_splits"]]
+                    if rank == 0 else None)
+        self.images_per_step = float(np.mean(cfg["batch_sizes"]))
+
+    @staticmethod
+    def build(cfg: dict) -> nn.Module:
+        """{"student", "adaptors"}, both from stage 2's outputs."""
+        return nn.ModuleDict({"student": load_student(cfg["init_student"]).requires_grad_(True),
+                              "adaptors": load_adaptors(cfg["init_adaptors"]).requires_grad_(True)})
+
+    def loss(self, step: int):
+        j = step % len(self.cfg["resolutions"])
+        data, B, r = self.data[j], self.cfg["batch_sizes"][j], self.cfg["resolutions"][j]
+        idx = data.batch_indices(step // len(self.cfg["resolutions"]), B, self.seed, self.rank)
+        x = to_batch([data.images[i] for i in idx], r, self.device)
+        loss, parts = self.objective.terms(self.trainable, x, online_targets(self.teachers, x, self.device))
+        return loss, {f"{k}/{r}px": v for k, v in parts.items()}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.trainable.eval()
+        result = {}
+        for val, r, B in zip(self.val, self.cfg["resolutions"], self.cfg["batch_sizes"]):
+            sums, n = {}, 0
+            for start in range(0, len(val), B):
+                x = to_batch(val.images[start : start + B], r, self.device)
+                targets = online_targets(self.teachers, x, self.device)
+                for k, v in self.objective.fidelity(self.trainable, x, targets).items():
+                    sums[k] = sums.get(k, 0.0) + v * len(x)
+                n += len(x)
+            result.update({f"{k}/{r}px": v / n for k, v in sums.items()})
+        return result
+
+
+TASKS = {"distill_stage1": Stage1Task, "distill_stage2": Stage2Task, "highres": HighresTask}

@@ -1,0 +1,63 @@
+"""Stage `distill_stage1`: module-wise distillation. Each student mixer learns to reproduce the teacher's
+attention output from the teacher's own normalized block input; everything else is the teacher's, frozen.
+Writes models/distill_stage1/student.safetensors (+ .json), reports/metrics and reports/plots.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cgspn.errors import ParamError
+from cgspn.params import Param
+from cgspn.stage import run_stage
+from cgspn.students import save_student
+from cgspn.train import run_training, train_schema
+
+SCHEMA = {
+    **train_schema(),
+    "teacher": Param(str),  # a name in models/teachers/teachers.json
+    "resolution": Param(int, min=14),
+    "splits": Param(list, item=str),
+    "val_split": Param(str),
+    "block_weights": Param(list, item=float, min=0.0),  # one per block; [] = all equal
+    "cosine_weight": Param(float, min=0.0),
+}
+SHARDS = Path("data/shards")
+TEACHERS = Path("models/teachers")
+
+
+def teacher_entry(root: Path, name: str, param: str) -> dict:
+    """The teachers.json entry for `name`, or ParamError naming the parameter and the known teachers."""
+    index = root / TEACHERS / "teachers.json"
+    if not index.exists():
+        raise FileNotFoundError(f"{index}: missing (run the teacher stage first)")
+    teachers = {t["name"]: t for t in json.loads(index.read_text())["teachers"]}
+    if name not in teachers:
+        raise ParamError(f"params.yaml: {param}={name!r} is not among the materialized teachers {sorted(teachers)}")
+    return teachers[name]
+
+
+def main(p: dict, root: Path, run) -> dict:
+    """Train the student's mixers block by block."""
+    teacher = teacher_entry(root, p["teacher"], "distill_stage1.teacher")
+    if p["resolution"] % teacher["config"]["patch_size"]:
+        raise ParamError(f"params.yaml: distill_stage1.resolution={p['resolution']} is not a multiple of the "
+                         f"patch size {teacher['config']['patch_size']}")
+    teacher_path = root / TEACHERS / teacher["file"]
+    task = {"teacher_path": str(teacher_path.resolve()), "shards": str((root / SHARDS).resolve()),
+            "splits": p["splits"], "val_split": p["val_split"], "val_count": p["val_count"],
+            "resolution": p["resolution"], "batch_size": p["batch_size"], "block_weights": p["block_weights"],
+            "cosine_weight": p["cosine_weight"]}
+
+    def export(model, folder: Path) -> list[str]:
+        save_student(model, folder / "student.safetensors")
+        return ["student.safetensors", "student.json"]
+
+    metrics = run_training("distill_stage1", p, root, run, task, [teacher_path, root / SHARDS / "dataset.json"], export)
+    start, end = metrics["val_start"]["loss"], metrics["val_end"]["loss"]
+    print(f"distill_stage1: mean per-block validation loss {start:.4f} -> {end:.4f} ({start / end:.1f}x lower)")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_stage("distill_stage1", SCHEMA, main)

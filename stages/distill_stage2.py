@@ -1,0 +1,83 @@
+"""Stage `distill_stage2`: end-to-end distillation from the stage-1 student. Student features go through
+one adaptor per teacher and are matched to that teacher's cached features (spatial: MSE in PHI-S space;
+summary: cosine), weighted per teacher. `targets: online` recomputes them with the teacher instead.
+Writes models/distill_stage2/{student,adaptors}.safetensors (+ .json), reports/metrics and reports/plots.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from cgspn.errors import ParamError
+from cgspn.params import Param
+from cgspn.stage import run_stage
+from cgspn.students import save_adaptors, save_student
+from cgspn.train import run_training, train_schema
+from stages.distill_stage1 import TEACHERS, teacher_entry
+
+SCHEMA = {
+    **train_schema(),
+    "teacher_weights": Param(dict),  # {teacher name: weight}
+    "splits": Param(list, item=str),
+    "val_split": Param(str),
+    "targets": Param(str, choices=("cache", "online")),
+    "spatial_weight": Param(float, min=0.0),
+    "summary_weight": Param(float, min=0.0),
+    "adaptor_hidden": Param(int, min=0),  # 0: max(student width, teacher width)
+}
+SHARDS = Path("data/shards")
+FEATURES = Path("data/features")
+
+
+def teachers_config(p: dict, root: Path, section: str) -> dict:
+    """Paths, widths and feature folders of the weighted teachers; the resolution of their cache."""
+    if not p["teacher_weights"]:
+        raise ParamError(f"params.yaml: {section}.teacher_weights must name at least one teacher")
+    cfg = {"teacher_weights": {}, "teacher_paths": {}, "teacher_dims": {}, "features": {}}
+    resolutions = set()
+    for name, weight in p["teacher_weights"].items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ParamError(f"params.yaml: {section}.teacher_weights.{name} must be a number >= 0, got {weight!r}")
+        entry = teacher_entry(root, name, f"{section}.teacher_weights")
+        features = root / FEATURES / Path(entry["file"]).stem
+        meta = features / "meta.json"
+        if not meta.exists():
+            raise FileNotFoundError(f"{meta}: missing (run the cache_teacher stage first)")
+        resolutions.add(json.loads(meta.read_text())["resolution"])
+        cfg["teacher_weights"][name] = float(weight)
+        cfg["teacher_paths"][name] = str((root / TEACHERS / entry["file"]).resolve())
+        cfg["teacher_dims"][name] = entry["config"]["dim"]
+        cfg["features"][name] = str(features.resolve())
+    if len(resolutions) != 1:
+        raise ParamError(f"the teachers' feature caches differ in resolution {sorted(resolutions)}")
+    cfg["resolution"] = resolutions.pop()
+    return cfg
+
+
+def export_student_and_adaptors(model, folder: Path) -> list[str]:
+    save_student(model["student"], folder / "student.safetensors")
+    save_adaptors(model["adaptors"], folder / "adaptors.safetensors")
+    return ["student.safetensors", "student.json", "adaptors.safetensors", "adaptors.json"]
+
+
+def main(p: dict, root: Path, run) -> dict:
+    """Train the whole student against the teachers' features."""
+    init = root / "models" / "distill_stage1" / "student.safetensors"
+    if not init.exists():
+        raise FileNotFoundError(f"{init}: missing (run distill_stage1 first)")
+    task = {**teachers_config(p, root, "distill_stage2"), "init_student": str(init.resolve()),
+            "shards": str((root / SHARDS).resolve()), "splits": p["splits"], "val_split": p["val_split"],
+            "val_count": p["val_count"], "batch_size": p["batch_size"], "targets": p["targets"],
+            "spatial_weight": p["spatial_weight"], "summary_weight": p["summary_weight"],
+            "adaptor_hidden": p["adaptor_hidden"]}
+    inputs = [init] + [Path(f) / "meta.json" for f in task["features"].values()]
+    metrics = run_training("distill_stage2", p, root, run, task, inputs, export_student_and_adaptors)
+    for t in task["teacher_weights"]:
+        before, after = metrics["val_start"][f"{t}/patch_cosine_raw"], metrics["val_end"][f"{t}/patch_cosine"]
+        print(f"distill_stage2: {t}: mean patch cosine on {p['val_split']}: stage-1 student {before:.4f}, "
+              f"stage-2 student {after:.4f}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_stage("distill_stage2", SCHEMA, main)

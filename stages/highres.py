@@ -1,0 +1,54 @@
+"""Stage `highres`: continue the stage-2 student at higher resolutions (`scales` x the cached resolution),
+one data split per scale (bigger mosaics), with teacher targets computed online at that resolution (the
+teacher's position grid interpolated). Writes models/highres/{student,adaptors}.safetensors (+ .json).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cgspn.errors import ParamError
+from cgspn.params import Param
+from cgspn.stage import run_stage
+from cgspn.train import run_training, train_schema
+from stages.distill_stage2 import SHARDS, export_student_and_adaptors, teachers_config
+
+SCHEMA = {
+    **{k: v for k, v in train_schema().items() if k != "batch_size"},
+    "teacher_weights": Param(dict),
+    "scales": Param(list, item=int, min=1),  # resolutions: scale x the resolution of the feature cache
+    "splits": Param(list, item=str),  # one training split per scale
+    "val_splits": Param(list, item=str),  # one validation split per scale
+    "batch_sizes": Param(list, item=int, min=1),  # per worker, one per scale
+    "spatial_weight": Param(float, min=0.0),
+    "summary_weight": Param(float, min=0.0),
+}
+
+
+def main(p: dict, root: Path, run) -> dict:
+    """Train the student at high resolution."""
+    n = len(p["scales"])
+    for key in ("splits", "val_splits", "batch_sizes"):
+        if len(p[key]) != n:
+            raise ParamError(f"params.yaml: highres.{key} needs one entry per scale ({n}), got {p[key]}")
+    init = root / "models" / "distill_stage2"
+    for f in ("student.safetensors", "adaptors.safetensors"):
+        if not (init / f).exists():
+            raise FileNotFoundError(f"{init / f}: missing (run distill_stage2 first)")
+    teachers = teachers_config(p, root, "highres")
+    resolutions = [s * teachers["resolution"] for s in p["scales"]]
+    task = {**teachers, "init_student": str((init / "student.safetensors").resolve()),
+            "init_adaptors": str((init / "adaptors.safetensors").resolve()), "shards": str((root / SHARDS).resolve()),
+            "resolutions": resolutions, "splits": p["splits"], "val_splits": p["val_splits"],
+            "val_count": p["val_count"], "batch_sizes": p["batch_sizes"],
+            "spatial_weight": p["spatial_weight"], "summary_weight": p["summary_weight"]}
+    metrics = run_training("highres", p, root, run, task, [init / "student.safetensors"], export_student_and_adaptors)
+    for t in teachers["teacher_weights"]:
+        for r in resolutions:
+            k = f"{t}/patch_cosine/{r}px"
+            print(f"highres: {t} at {r} px: mean patch cosine {metrics['val_start'][k]:.4f} -> "
+                  f"{metrics['val_end'][k]:.4f}")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_stage("highres", SCHEMA, main)
