@@ -16,3 +16,35 @@ import torch  # noqa: E402
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def micro(tmp_path_factory):
+    """A root where shard -> teacher -> cache_teacher ran on the micro configuration (tests/micro.py),
+    each through its command line, as children of one MLflow parent run."""
+    import mlflow
+
+    from micro import DATA_STAGES, run, write_params
+
+    root = tmp_path_factory.mktemp("micro")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "CGSPN_EXPERIMENT": "micro"}
+    saved = {k: os.environ.get(k) for k in [*env, "CGSPN_PARENT_RUN_ID"]}
+    os.environ.update(env)
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    experiment = mlflow.set_experiment("micro").experiment_id
+    parent = mlflow.MlflowClient().create_run(experiment, run_name="pipeline").info.run_id
+    os.environ["CGSPN_PARENT_RUN_ID"] = parent
+    params = write_params(root / "params.yaml")
+    try:
+        metrics = {stage: run(stage, params, root) for stage in DATA_STAGES}
+    finally:
+        del os.environ["CGSPN_PARENT_RUN_ID"]
+    yield {"root": root, "params": params, "metrics": metrics, "parent": parent, "experiment": experiment}
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

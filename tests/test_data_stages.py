@@ -1,19 +1,15 @@
-"""The first DVC stages on a micro configuration: shard -> teacher -> cache_teacher, run through their
-command lines under one MLflow parent run, then checked against fresh computations; and every kind of
-bad input, each of which must fail with a message naming the culprit and leave earlier outputs intact."""
+"""The first DVC stages on a micro configuration (the `micro` fixture in conftest.py runs shard ->
+teacher -> cache_teacher through their command lines under one MLflow parent run), checked against fresh
+computations; and every kind of bad input, each of which must fail with a message naming the culprit and
+leave earlier outputs intact."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import yaml
-
 from cgspn.data.shards import (
     Sample,
     decode_image,
@@ -30,85 +26,12 @@ from cgspn.errors import InputError, ShardError
 from cgspn.feature_cache import teacher_features
 from cgspn.outputs import replace_dir
 from cgspn.phis import Moments, PhiS
-from cgspn.stage import run_stage
 from cgspn.teachers import load_vit
-from stages import cache_teacher, shard, teacher
-
-MICRO = {
-    "shard": {
-        "source": "fashion_mnist", "path": "", "fashion_mnist_dir": "/usr/share/datasets/fashion-mnist",
-        "train_count": 40, "val_count": 20, "mosaic_train_count": 8, "mosaic_val_count": 4, "mosaic_canvas": 28,
-        "garments_per_mosaic": [1, 2], "garment_size": [10, 20], "mosaic_scales": [2], "mosaic_scaled_train_count": 2,
-        "mosaic_eval_count": 2,
-        "photos": True, "val_fraction": 0.25, "max_per_shard": 16, "seed": 0,
-    },
-    "teacher": {"names": ["dinov2_vits14_imgfocus"]},
-    "cache_teacher": {
-        "resolution": 28, "splits": ["train", "val", "mosaic_train"], "layers": [5], "phis_splits": ["train"],
-        "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 8,
-    },
-}
-STAGES = {"shard": shard, "teacher": teacher, "cache_teacher": cache_teacher}
-
-
-def write_params(path: Path, **changes) -> Path:
-    """MICRO with `section__key=value` changes, written as a params file."""
-    params = json.loads(json.dumps(MICRO))
-    for dotted, value in changes.items():
-        section, key = dotted.split("__")
-        params[section][key] = value
-    path.write_text(yaml.safe_dump(params))
-    return path
-
-
-def run(stage: str, params: Path, root: Path) -> dict:
-    module = STAGES[stage]
-    return run_stage(stage, module.SCHEMA, module.main, ["--params", str(params), "--root", str(root)])
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def micro(tmp_path_factory, ray_local):
-    """A root with the three stages run on MICRO, each as a child of one MLflow parent run."""
-    import mlflow
-
-    root = tmp_path_factory.mktemp("micro")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "CGSPN_EXPERIMENT": "micro"}
-    old = {k: os.environ.get(k) for k in [*env, "CGSPN_PARENT_RUN_ID"]}
-    os.environ.update(env)
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    experiment = mlflow.set_experiment("micro").experiment_id
-    parent = mlflow.MlflowClient().create_run(experiment, run_name="pipeline").info.run_id
-    os.environ["CGSPN_PARENT_RUN_ID"] = parent
-    params = write_params(root / "params.yaml")
-    metrics = {stage: run(stage, params, root) for stage in STAGES}
-    del os.environ["CGSPN_PARENT_RUN_ID"]
-    yield {"root": root, "params": params, "metrics": metrics, "parent": parent, "experiment": experiment}
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
+from micro import MICRO, digest, expect_exit, write_params
+from micro import copy_root as micro_copy
 
 def copy_root(micro, tmp_path) -> Path:
-    root = tmp_path / "root"
-    for sub in ["data/shards", "data/features", "models/teachers"]:
-        shutil.copytree(micro["root"] / sub, root / sub)
-    return root
+    return micro_copy(micro["root"], tmp_path / "root")
 
 
 # --- shard ----------------------------------------------------------------------------------------
@@ -250,15 +173,6 @@ def test_each_stage_is_an_mlflow_child_run_with_params_and_artifacts(micro):
 
 
 # --- bad input ------------------------------------------------------------------------------------
-
-
-def expect_exit(capsys, stage, params, root, *needles):
-    with pytest.raises(SystemExit) as exit_info:
-        run(stage, params, root)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    for needle in needles:
-        assert needle in err, err
 
 
 def test_corrupt_tar_is_named_and_features_stay_intact(micro, tmp_path, capsys):

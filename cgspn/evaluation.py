@@ -1,0 +1,88 @@
+"""How good the features are: kNN classification, a linear segmentation probe, fidelity to the teacher,
+and PCA pictures of feature maps. Every function takes plain tensors; the evaluate stage feeds them.
+
+Shapes: summary vectors [N, D]; patch features [N, h, w, D]; label maps [N, H, W] (uint8 class ids).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+             k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+    """Weighted kNN (as in DINO): L2-normalized features, the k most similar bank entries vote for their
+    label with weight exp(similarity / temperature). Returns top-1 accuracy in [0, 1]."""
+    bank = F.normalize(bank.float(), dim=1)
+    classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    correct = 0
+    for start in range(0, len(queries), chunk):
+        q = F.normalize(queries[start : start + chunk].float(), dim=1)
+        sims, idx = (q @ bank.T).topk(min(k, len(bank)), dim=1)
+        votes = torch.zeros(len(q), classes).scatter_add_(1, bank_labels[idx], (sims / temperature).exp())
+        correct += (votes.argmax(1) == query_labels[start : start + chunk]).sum().item()
+    return correct / len(queries)
+
+
+class LinearSegProbe(nn.Module):
+    """Frozen patch features [N, h, w, D] -> BatchNorm -> 1x1 conv -> logits [N, classes, H, W] at pixels."""
+
+    def __init__(self, dim: int, classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(dim)
+        self.classify = nn.Conv2d(dim, classes, 1)
+
+    def forward(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        x = self.classify(self.norm(features.permute(0, 3, 1, 2).float()))
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def train_seg_probe(features: torch.Tensor, masks: torch.Tensor, classes: int, epochs: int = 60,
+                    batch_size: int = 32, lr: float = 1e-2, seed: int = 0) -> LinearSegProbe:
+    """Fit the probe with cross-entropy at pixel resolution (AdamW, cosine learning rate)."""
+    torch.manual_seed(seed)
+    probe = LinearSegProbe(features.shape[-1], classes)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * ((len(features) + batch_size - 1) // batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(features), generator=gen).split(batch_size):
+            logits = probe(features[idx], tuple(masks.shape[-2:]))
+            loss = F.cross_entropy(logits, masks[idx].long())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return probe.eval()
+
+
+@torch.no_grad()
+def mean_iou(probe: LinearSegProbe, features: torch.Tensor, masks: torch.Tensor, classes: int,
+             batch_size: int = 32) -> float:
+    """mIoU over the classes that occur in the masks or the predictions (pixels of all images pooled)."""
+    confusion = torch.zeros(classes, classes, dtype=torch.int64)
+    for start in range(0, len(features), batch_size):
+        pred = probe(features[start : start + batch_size], tuple(masks.shape[-2:])).argmax(1)
+        truth = masks[start : start + batch_size].long()
+        confusion += torch.bincount(truth.reshape(-1) * classes + pred.reshape(-1), minlength=classes**2).view(
+            classes, classes)
+    tp = confusion.diag().double()
+    union = confusion.sum(0).double() + confusion.sum(1).double() - tp
+    present = union > 0
+    return (tp[present] / union[present]).mean().item()
+
+
+def pca_rgb(features: torch.Tensor, basis: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """Patch features [h, w, D] -> uint8 [h, w, 3]: projections on the first three principal components,
+    each stretched to [0, 255] by its 1st and 99th percentiles. Returns (picture, basis [D, 3] used)."""
+    x = features.reshape(-1, features.shape[-1]).float()
+    x = x - x.mean(0)
+    if basis is None:
+        basis = torch.linalg.svd(x, full_matrices=False).Vh[:3].T
+    p = x @ basis
+    lo, hi = torch.quantile(p, 0.01, dim=0), torch.quantile(p, 0.99, dim=0)
+    p = ((p - lo) / (hi - lo).clamp_min(1e-8)).clamp(0, 1)
+    return (p.reshape(*features.shape[:2], 3).numpy() * 255).astype(np.uint8), basis

@@ -1,0 +1,87 @@
+"""A micro configuration of the whole pipeline for tests: a few dozen images at 28 px, a few steps."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from cgspn.stage import run_stage
+
+TRAIN_COMMON = {
+    "batch_size": 4, "lr": 0.001, "weight_decay": 0.0, "warmup_steps": 1, "min_lr_ratio": 0.1, "grad_clip": 1.0,
+    "checkpoint_every": 3, "val_every": 0, "val_count": 8, "log_every": 1, "seed": 0, "workers": 2,
+    "cpus_per_worker": 1, "use_gpu": False, "max_failures": 0, "storage_path": "runs/ray", "steps": 6,
+}
+MICRO = {
+    "shard": {
+        "source": "fashion_mnist", "path": "", "fashion_mnist_dir": "/usr/share/datasets/fashion-mnist",
+        "train_count": 40, "val_count": 20, "mosaic_train_count": 8, "mosaic_val_count": 4, "mosaic_canvas": 28,
+        "garments_per_mosaic": [1, 2], "garment_size": [10, 20], "mosaic_scales": [2], "mosaic_scaled_train_count": 4,
+        "mosaic_eval_count": 2, "photos": True, "val_fraction": 0.25, "max_per_shard": 16, "seed": 0,
+    },
+    "teacher": {"names": ["dinov2_vits14_imgfocus"]},
+    "cache_teacher": {
+        "resolution": 28, "splits": ["train", "val", "mosaic_train"], "layers": [5], "phis_splits": ["train"],
+        "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 8,
+    },
+    "distill_stage1": {**TRAIN_COMMON, "teacher": "dinov2_vits14_imgfocus", "resolution": 28,
+                       "splits": ["train", "mosaic_train"], "val_split": "val", "block_weights": [],
+                       "cosine_weight": 1.0},
+    "distill_stage2": {**TRAIN_COMMON, "teacher_weights": {"dinov2_vits14_imgfocus": 1.0},
+                       "splits": ["train", "mosaic_train"], "val_split": "val", "targets": "cache",
+                       "spatial_weight": 1.0, "summary_weight": 1.0, "adaptor_hidden": 0},
+    "highres": {**{k: v for k, v in TRAIN_COMMON.items() if k != "batch_size"}, "steps": 2, "checkpoint_every": 2,
+                "teacher_weights": {"dinov2_vits14_imgfocus": 1.0}, "scales": [2], "splits": ["mosaic_train_x2"],
+                "val_splits": ["mosaic_val_x2"], "batch_sizes": [2], "val_count": 2, "spatial_weight": 1.0,
+                "summary_weight": 1.0},
+}
+DATA_STAGES = ["shard", "teacher", "cache_teacher"]
+TRAIN_STAGES = ["distill_stage1", "distill_stage2", "highres"]
+
+
+def stage_module(stage: str):
+    import importlib
+
+    return importlib.import_module(f"stages.{stage}")
+
+
+def write_params(path: Path, **changes) -> Path:
+    """MICRO with `section__key=value` changes, written as a params file."""
+    params = json.loads(json.dumps(MICRO))
+    for dotted, value in changes.items():
+        section, key = dotted.split("__")
+        params[section][key] = value
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def run(stage: str, params: Path, root: Path) -> dict:
+    module = stage_module(stage)
+    return run_stage(stage, module.SCHEMA, module.main, ["--params", str(params), "--root", str(root)])
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def copy_root(root: Path, dest: Path, parts=("data/shards", "data/features", "models/teachers")) -> Path:
+    for sub in parts:
+        shutil.copytree(root / sub, dest / sub)
+    return dest
+
+
+def expect_exit(capsys, stage: str, params: Path, root: Path, *needles: str) -> str:
+    """Run a stage that must fail on bad input: exit status 2 and every needle in its stderr."""
+    import pytest
+
+    with pytest.raises(SystemExit) as exit_info:
+        run(stage, params, root)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    return err

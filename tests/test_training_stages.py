@@ -1,0 +1,135 @@
+"""The training stages on the micro configuration: distill_stage1 -> distill_stage2 -> highres through
+their command lines on Ray Train (2 CPU workers), their outputs and MLflow logs; a run killed part-way
+and started again resumes from its last checkpoint and ends at the same final step; bad input."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cgspn.students import load_adaptors, load_student
+from cgspn.teachers import load_vit
+from micro import TRAIN_STAGES, copy_root, expect_exit, run, write_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(micro, tmp_path_factory):
+    root = copy_root(micro["root"], tmp_path_factory.mktemp("trained"))
+    params = write_params(root / "params.yaml")
+    metrics = {stage: run(stage, params, root) for stage in TRAIN_STAGES}
+    return {"root": root, "params": params, "metrics": metrics}
+
+
+def test_each_stage_writes_a_student_that_runs_and_its_reports(trained):
+    root = trained["root"]
+    for stage in TRAIN_STAGES:
+        student = load_student(root / "models" / stage / "student.safetensors")
+        out = student(torch.randn(1, 3, 42, 56))
+        assert out.patch_tokens.shape == (1, 3, 4, 384) and torch.isfinite(out.summary).all()
+        metrics = json.loads((root / "reports/metrics" / f"{stage}.json").read_text())
+        steps = trained["metrics"][stage]["steps"]
+        assert metrics["steps"] == steps and metrics["images_per_s"] > 0
+        rows = (root / "reports/plots" / f"{stage}.csv").read_text().splitlines()
+        assert rows[0].startswith("step,loss") and [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, steps + 1))
+        assert (root / "reports/plots" / f"{stage}.png").stat().st_size > 10_000
+    for stage in ["distill_stage2", "highres"]:
+        adaptors = load_adaptors(root / "models" / stage / "adaptors.safetensors")
+        assert list(adaptors) == ["dinov2_vits14_imgfocus"]
+
+
+def test_stage1_trains_only_the_mixers(trained, micro):
+    root = trained["root"]
+    teacher = load_vit(root / "models/teachers/dinov2_vits14_imgfocus.safetensors").state_dict()
+    student = load_student(root / "models/distill_stage1/student.safetensors").state_dict()
+    shared = [k for k in student if k in teacher]
+    assert len(shared) > 100 and all(torch.equal(student[k], teacher[k]) for k in shared)
+    from cgspn.models.cgspn import cgspn_from_teacher_config
+
+    torch.manual_seed(0)
+    fresh = cgspn_from_teacher_config(load_vit(root / "models/teachers/dinov2_vits14_imgfocus.safetensors").cfg)
+    mixers = [k for k in student if ".attn." in k]
+    assert sum(not torch.equal(student[k], fresh.state_dict()[k]) for k in mixers) > len(mixers) // 2
+    val = trained["metrics"]["distill_stage1"]
+    assert val["val_end"]["loss"] < val["val_start"]["loss"]  # six steps already lower the block losses
+
+
+def test_stage2_reports_fidelity_before_and_after(trained):
+    m = trained["metrics"]["distill_stage2"]
+    for key in ["dinov2_vits14_imgfocus/patch_cosine", "dinov2_vits14_imgfocus/patch_cosine_raw",
+                "dinov2_vits14_imgfocus/summary_cosine"]:
+        assert -1 <= m["val_start"][key] <= 1 and -1 <= m["val_end"][key] <= 1
+    assert "dinov2_vits14_imgfocus/patch_cosine/56px" in trained["metrics"]["highres"]["val_end"]
+
+
+def test_rank_zero_logs_every_step_to_mlflow(trained):
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([mlflow.get_experiment_by_name("micro").experiment_id],
+                              "tags.`cgspn.stage` = 'distill_stage2'", order_by=["attributes.start_time DESC"])
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, 7))
+    for name in ["lr", "images_per_s", "dinov2_vits14_imgfocus/spatial", "val/dinov2_vits14_imgfocus/patch_cosine"]:
+        assert client.get_metric_history(runs[0].info.run_id, name), name
+    artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id, "model")]
+    assert "model/student.safetensors" in artifacts and "model/adaptors.safetensors" in artifacts
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(micro, tmp_path):
+    root = copy_root(micro["root"], tmp_path / "root")
+    params = write_params(tmp_path / "p.yaml", distill_stage1__steps=10, distill_stage1__checkpoint_every=2)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cmd = [sys.executable, "-m", "stages.distill_stage1", "--params", str(params), "--root", str(root)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline, seen = time.time() + 240, ""
+    try:
+        for line in proc.stdout:
+            seen += line
+            if "step 7/10" in line or time.time() > deadline:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and the training workers
+        proc.wait()
+    assert "step 7/10" in seen, seen[-3000:]
+    assert not (root / "models/distill_stage1").exists()  # killed before the end: no output yet
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    resumed = re.findall(r"resumed from the checkpoint at step (\d+)", done.stdout + done.stderr)
+    assert resumed and 2 <= int(resumed[0]) <= 8, done.stdout[-3000:]
+    metrics = json.loads((root / "reports/metrics/distill_stage1.json").read_text())
+    assert metrics["steps"] == 10
+    rows = (root / "reports/plots/distill_stage1.csv").read_text().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 11))  # one history, no step twice
+
+
+def test_bad_training_parameters_are_named(micro, tmp_path, capsys):
+    root = copy_root(micro["root"], tmp_path / "root")
+    expect_exit(capsys, "distill_stage1", write_params(tmp_path / "a.yaml", distill_stage1__teacher="nope"), root,
+                "distill_stage1.teacher='nope'")
+    expect_exit(capsys, "distill_stage1", write_params(tmp_path / "b.yaml", distill_stage1__resolution=30), root,
+                "distill_stage1.resolution=30")
+    expect_exit(capsys, "distill_stage2", write_params(tmp_path / "c.yaml", distill_stage2__lr="fast"), root,
+                "distill_stage2.lr must be float")
+    expect_exit(capsys, "highres", write_params(tmp_path / "d.yaml", highres__batch_sizes=[2, 2]), root,
+                "highres.batch_sizes needs one entry per scale")
+    expect_exit(capsys, "distill_stage2", write_params(tmp_path / "e.yaml"), root, "distill_stage1/student.safetensors")
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "params-full.yaml"])
+def test_both_parameter_sets_pass_every_stage_schema(params_file):
+    from cgspn.params import load_section
+    from micro import DATA_STAGES, stage_module
+
+    for stage in DATA_STAGES + TRAIN_STAGES:
+        load_section(REPO / params_file, stage, stage_module(stage).SCHEMA)
