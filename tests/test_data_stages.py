@@ -42,7 +42,7 @@ def test_shard_writes_every_split_with_a_wids_index(micro, tmp_path):
 
     shards = micro["root"] / "data/shards"
     meta = json.loads((shards / "dataset.json").read_text())
-    expected = {"train": 40, "val": 20, "mosaic_train": 8, "mosaic_val": 4, "mosaic_train_x2": 2, "mosaic_val_x2": 2}
+    expected = {"train": 40, "val": 20, "mosaic_train": 8, "mosaic_val": 4, "mosaic_train_x2": 4, "mosaic_val_x2": 2}
     for split, count in expected.items():
         assert meta["splits"][split]["count"] == count
         ds = wids.ShardListDataset(str(shards / f"{split}.json"), cache_dir=str(tmp_path))

@@ -1,0 +1,189 @@
+"""Block and model benchmark: one C-GSPN block against one attention block of the same width, and the
+whole student against the isomorphic ViT. Needs only torch, triton, numpy and matplotlib.
+
+    python -m cgspn.bench_blocks            # CUDA: the full set; CPU: reduced sizes, labelled CPU
+    python -m cgspn.bench_blocks --out DIR  # writes DIR/blocks.json, blocks-<device>.json, speedup and roofline plots
+
+Blocks: pre-norm transformer blocks (norm, mixer, layer scale, MLP 4x) on the tokens of a square image of
+side S with patch 16, i.e. (S/16)^2 tokens; the attention mixer is PyTorch SDPA (FlashAttention on a GPU),
+the C-GSPN mixer projects to a proxy width of width/4 and scans in four directions. Forward, and forward
+plus backward, at each side, width and batch; peak memory on CUDA. Times are medians of N after warm-up
+(CUDA events with the L2 cache flushed on a GPU; perf_counter on a CPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from kernels.bench import device_info, median_ms
+
+from .models.attention import Attention
+from .models.cgspn import CGSPN, CGSPNConfig
+from .models.gspn_mixer import GSPNMixer, GSPNMixerConfig
+from .models.vit import Block, ViT, ViTConfig
+
+PUBLISHED = "published C-GSPN: block 2x faster than FlashAttention at 1024 px (batch 32, width 1152), 4x at 2048 px"
+GOAL = "our goal on an H100/H200: at least 4x at 2048 px with batch 1 and width 1152, growing with resolution"
+PATCH = 16
+GPU_SET = {"sides": [224, 512, 1024, 2048, 4096], "widths": [384, 1152], "batches": [1, 32], "model_sides": [224, 512, 1024, 2048]}
+CPU_SET = {"sides": [224, 448], "widths": [384], "batches": [1], "model_sides": [224, 448]}
+
+
+def make_block(kind: str, width: int) -> Block:
+    if kind == "attention":
+        mixer = Attention(width, width // 64)
+    else:
+        mixer = GSPNMixer(width, GSPNMixerConfig(proxy_dim=width // 4, groups=4))
+    return Block(width, mixer, 4 * width, 1e-5, 1e-6)
+
+
+def time_block(kind: str, width: int, side: int, batch: int, dtype, device: str, reps: int) -> dict:
+    grid = side // PATCH
+    row = {"block": kind, "width": width, "side": side, "tokens": grid * grid, "batch": batch}
+    try:
+        block = make_block(kind, width).to(device, dtype)
+        x = torch.randn(batch, grid * grid, width, device=device, dtype=dtype, requires_grad=True)
+        kwargs = {"hw": (grid, grid)} if kind == "cgspn" else {}
+
+        def forward():
+            with torch.no_grad():
+                block(x, **kwargs)
+
+        def forward_backward():
+            block(x, **kwargs).float().square().mean().backward()
+
+        for mode, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            row[f"{mode}_ms"] = median_ms(fn, device, reps)
+            row[f"{mode}_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    except torch.OutOfMemoryError:
+        row["error"] = "out of memory"
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def time_models(sides: list[int], dtype, device: str, reps: int) -> list[dict]:
+    """Images/s of the student and the isomorphic ViT-S/14 (batch 1) at each side (rounded to patch 14)."""
+    cfg = ViTConfig()
+    models = {"cgspn": CGSPN(CGSPNConfig()), "vit": ViT(cfg)}
+    rows = []
+    for side in sides:
+        side14 = side // cfg.patch_size * cfg.patch_size
+        x = torch.randn(1, 3, side14, side14, device=device, dtype=dtype)
+        for name, model in models.items():
+            model = model.to(device, dtype).eval()
+            try:
+                with torch.no_grad():
+                    ms = median_ms(lambda: model(x), device, reps)
+                rows.append({"model": name, "side": side14, "batch": 1, "ms": ms, "images_per_s": 1e3 / ms})
+            except torch.OutOfMemoryError:
+                rows.append({"model": name, "side": side14, "batch": 1, "error": "out of memory"})
+    return rows
+
+
+def speedups(rows: list[dict]) -> list[dict]:
+    """Attention time over C-GSPN time for every (width, side, batch, mode) both finished."""
+    out = []
+    for r in rows:
+        if r["block"] != "cgspn" or "error" in r:
+            continue
+        a = next((x for x in rows if x["block"] == "attention" and all(x[k] == r[k] for k in ("width", "side", "batch"))), None)
+        if a is None or "error" in a:
+            continue
+        for mode in ("fwd", "fwd+bwd"):
+            out.append({"width": r["width"], "side": r["side"], "batch": r["batch"], "mode": mode,
+                        "speedup": a[f"{mode}_ms"] / r[f"{mode}_ms"]})
+    return out
+
+
+def plot_speedup(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = sorted({(s["width"], s["batch"], s["mode"]) for s in report["speedups"]})
+    for width, batch, mode in keys:
+        pts = sorted((s["side"], s["speedup"]) for s in report["speedups"]
+                     if (s["width"], s["batch"], s["mode"]) == (width, batch, mode))
+        ax.plot(*zip(*pts), marker="o", label=f"width {width}, batch {batch}, {mode}")
+    ax.axhline(1, color="gray", lw=0.8)
+    ax.set(xscale="log", yscale="log", xlabel="image side (px, patch 16)", ylabel="attention time / C-GSPN time",
+           title=f"C-GSPN block vs attention block ({report['info']['device']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_roofline(kernel_report: dict, path: Path, flops_per_byte_ceiling: float | None) -> None:
+    """Achieved GB/s of every kernel row against the measured copy ceiling (memory-bound op: the roof is
+    the bandwidth line). Points are (minimum bytes / time)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = kernel_report["rows"]
+    for backend in sorted({r["backend"] for r in rows}):
+        pts = [(r["min_bytes"], r["GBps"]) for r in rows if r["backend"] == backend]
+        ax.scatter(*zip(*pts), label=backend, s=18)
+    ax.axhline(kernel_report["copy_GBps"], color="red", lw=1, label=f"copy ceiling {kernel_report['copy_GBps']:.0f} GB/s")
+    ax.set(xscale="log", yscale="log", xlabel="minimum bytes moved", ylabel="achieved GB/s",
+           title=f"GSPN scan against the bandwidth roof ({kernel_report['info']['device']})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
+    args = parser.parse_args(argv)
+    device = args.device
+    sizes = GPU_SET if device == "cuda" else CPU_SET
+    reps = args.reps or (20 if device == "cuda" else 3)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    info = device_info(device)
+    print(f"block benchmark on {info['device']}, median of {reps}", flush=True)
+    rows = []
+    for width in sizes["widths"]:
+        for batch in sizes["batches"]:
+            for side in sizes["sides"]:
+                for kind in ("cgspn", "attention"):
+                    rows.append(time_block(kind, width, side, batch, dtype, device, reps))
+                    r = rows[-1]
+                    print(f"  {kind:>9} width {width} batch {batch:>2} side {side:>4}: "
+                          + (r.get("error") or f"fwd {r['fwd_ms']:.2f} ms, fwd+bwd {r['fwd+bwd_ms']:.2f} ms"), flush=True)
+    report = {"info": info, "scope": "full set" if device == "cuda" else "CPU: reduced sizes",
+              "method": f"median of {reps}, {str(dtype).replace('torch.', '')}, patch {PATCH}",
+              "published": PUBLISHED, "goal": GOAL, "blocks": rows, "speedups": speedups(rows),
+              "models": time_models(sizes["model_sides"], dtype, device, reps)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
+    for stem in ("blocks", f"blocks-{slug}"):
+        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot_speedup(report, args.out / f"speedup-{slug}.png")
+    kernel_json = args.out / f"kernel-{slug}.json"
+    if kernel_json.exists():
+        plot_roofline(json.loads(kernel_json.read_text()), args.out / f"roofline-{slug}.png", None)
+    for s in report["speedups"]:
+        print(f"  speedup width {s['width']} batch {s['batch']} side {s['side']} {s['mode']}: {s['speedup']:.2f}x")
+    print(PUBLISHED + "\n" + GOAL)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Stage `benchmark`: the GSPN kernel roofline (kernels.bench) and the block and model latency against
+attention (cgspn.bench_blocks), on the device at hand: the full set on a CUDA GPU, reduced sizes on a CPU.
+Both write under reports/benchmarks/ with the device in the file names; this stage runs them and logs the
+results to MLflow. On a GPU machine without the pipeline's packages, run the two modules directly.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cgspn import bench_blocks
+from cgspn.params import Param
+from cgspn.stage import run_stage
+from kernels import bench as kernel_bench
+
+SCHEMA = {"reps": Param(int, min=1), "kernel": Param(bool), "blocks": Param(bool)}
+OUT = Path("reports/benchmarks")
+
+
+def main(p: dict, root: Path, run) -> dict:
+    """Benchmark the kernel, the blocks and the models."""
+    out = root / OUT
+    metrics = {}
+    if p["kernel"]:
+        kernel = kernel_bench.main(["--out", str(out), "--reps", str(p["reps"])])
+        metrics["copy_GBps"] = kernel["copy_GBps"]
+    if p["blocks"]:
+        blocks = bench_blocks.main(["--out", str(out), "--reps", str(p["reps"])])
+        for s in blocks["speedups"]:
+            metrics[f"speedup/w{s['width']}_b{s['batch']}_{s['side']}px_{s['mode']}"] = s["speedup"]
+        for m in blocks["models"]:
+            if "images_per_s" in m:
+                metrics[f"images_per_s/{m['model']}_{m['side']}px"] = m["images_per_s"]
+    run.log_metrics(metrics)
+    for f in sorted(out.glob("*")):
+        if f.suffix in (".json", ".md", ".png"):
+            run.log_artifact(f, "benchmarks")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_stage("benchmark", SCHEMA, main)

@@ -1,0 +1,172 @@
+"""Stage `evaluate`: how good each model's features are, against the teacher.
+
+Models: the teacher, a randomly initialized student, and the distill_stage1, distill_stage2 and highres
+students. For each: kNN top-1 on the Fashion-MNIST `val` garments against the `train` garments (summary
+vector, and mean-pooled patch features), a linear segmentation probe (BatchNorm + 1x1 conv, trained on
+`mosaic_train[_x<s>]`, mIoU on `mosaic_val[_x<s>]`) at 1x, 2x and 4x the training resolution, fidelity
+to the teacher (mean cosine of the adapted patch features) at those sizes, and parameter counts. Writes
+reports/metrics/evaluate.json, reports/figures/evaluate_resolution.png and reports/figures/pca_maps.png.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cgspn.data.memory import ShardSubset
+from cgspn.data.shards import decode_mask, iter_samples, split_shards
+from cgspn.distill import to_batch
+from cgspn.evaluation import knn_top1, mean_iou, train_seg_probe
+from cgspn.figures import pca_figure, resolution_figure
+from cgspn.models.cgspn import cgspn_from_teacher_config
+from cgspn.models.vit import parameter_count
+from cgspn.outputs import write_json
+from cgspn.params import Param
+from cgspn.phis import PhiS
+from cgspn.stage import run_stage
+from cgspn.students import load_adaptors, load_student
+from cgspn.teachers import load_vit
+from stages.distill_stage1 import TEACHERS, teacher_entry
+
+SCHEMA = {
+    "teacher": Param(str),
+    "models": Param(list, item=str, choices=("teacher", "random", "distill_stage1", "distill_stage2", "highres")),
+    "knn_bank_split": Param(str),
+    "knn_query_split": Param(str),
+    "knn_k": Param(int, min=1),
+    "knn_temperature": Param(float, min=1e-6),
+    "seg_scales": Param(list, item=int, min=1),
+    "seg_epochs": Param(int, min=1),
+    "pca_photo": Param(str),
+    "pca_sizes": Param(list, item=int, min=14),
+    "pca_model": Param(str),
+    "batch_size": Param(int, min=1),
+    "threads": Param(int, min=1),
+    "seed": Param(int, min=0),
+}
+SHARDS = Path("data/shards")
+METRICS = Path("reports/metrics/evaluate.json")
+FIGURES = Path("reports/figures")
+
+
+class Encoder:
+    """One model under evaluation: images -> (summary [B, D], patch features [B, h, w, D], features in the
+    teacher's space [B, h, w, D_t] for fidelity). Students with adaptors map into the teacher's space
+    through them (PHI-S de-standardized); the others are compared as they are."""
+
+    def __init__(self, name: str, model, adaptor=None, phis: PhiS | None = None):
+        self.name, self.model, self.adaptor, self.phis = name, model.eval(), adaptor, phis
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor):
+        out = self.model(x)
+        summary, teacher_space = out.summary, out.patch_tokens
+        if self.adaptor is not None:
+            summary, spatial_z = self.adaptor(out.summary, out.patch_tokens)
+            teacher_space = self.phis.destandardize(spatial_z)
+        return summary, out.patch_tokens, teacher_space
+
+
+def load_encoders(p: dict, root: Path) -> dict[str, Encoder]:
+    entry = teacher_entry(root, p["teacher"], "evaluate.teacher")
+    teacher = load_vit(root / TEACHERS / entry["file"]).eval()
+    phis = PhiS.load(root / "data/features" / Path(entry["file"]).stem / "phis.safetensors")
+    encoders = {}
+    # The teacher first: the students' fidelity is measured against its features.
+    for name in ["teacher"] + [m for m in p["models"] if m != "teacher"]:
+        if name == "teacher":
+            encoders[name] = Encoder(name, teacher)
+        elif name == "random":
+            torch.manual_seed(p["seed"])
+            encoders[name] = Encoder(name, cgspn_from_teacher_config(teacher.cfg))
+        else:
+            folder = root / "models" / name
+            if not (folder / "student.safetensors").exists():
+                raise FileNotFoundError(f"{folder / 'student.safetensors'}: missing (run the {name} stage first)")
+            student = load_student(folder / "student.safetensors")
+            adaptor = None
+            if (folder / "adaptors.safetensors").exists():
+                adaptor = load_adaptors(folder / "adaptors.safetensors")[p["teacher"]]
+            encoders[name] = Encoder(name, student, adaptor, phis)
+    return encoders
+
+
+def encode(encoder: Encoder, images: list[np.ndarray], resolution: int, batch_size: int):
+    """All images at `resolution` -> (summary [N, D], patches [N, h, w, D], teacher space [N, h, w, D_t])."""
+    parts = [encoder(to_batch(images[i : i + batch_size], resolution, "cpu")) for i in range(0, len(images), batch_size)]
+    return [torch.cat(t) for t in zip(*parts)]
+
+
+def labels_of(root: Path, split: str) -> torch.Tensor:
+    return torch.tensor([int(s["cls"]) for sh in split_shards(root / SHARDS, split) for s in iter_samples(sh)])
+
+
+def masks_of(root: Path, split: str) -> torch.Tensor:
+    return torch.from_numpy(np.stack([decode_mask(s, sh) for sh in split_shards(root / SHARDS, split)
+                                      for s in iter_samples(sh)]))
+
+
+def seg_split(kind: str, scale: int) -> str:
+    return f"mosaic_{kind}" if scale == 1 else f"mosaic_{kind}_x{scale}"
+
+
+def main(p: dict, root: Path, run) -> dict:
+    """Evaluate every model."""
+    torch.set_num_threads(p["threads"])
+    entry = teacher_entry(root, p["teacher"], "evaluate.teacher")
+    meta = json.loads((root / "data/features" / Path(entry["file"]).stem / "meta.json").read_text())
+    base = meta["resolution"]
+    encoders = load_encoders(p, root)
+    classes = len(json.loads((root / SHARDS / "dataset.json").read_text())["mask_classes"])
+    bank = ShardSubset(root / SHARDS, [p["knn_bank_split"]])
+    queries = ShardSubset(root / SHARDS, [p["knn_query_split"]])
+    bank_labels, query_labels = labels_of(root, p["knn_bank_split"]), labels_of(root, p["knn_query_split"])
+    seg = {s: {kind: (ShardSubset(root / SHARDS, [seg_split(kind, s)]).images, masks_of(root, seg_split(kind, s)))
+               for kind in ("train", "val")} for s in p["seg_scales"]}
+    results, teacher_val = {}, {}
+    for name, enc in encoders.items():
+        start = time.perf_counter()
+        r = {"parameters": parameter_count(enc.model)}
+        b_sum, b_patch, _ = encode(enc, bank.images, base, p["batch_size"])
+        q_sum, q_patch, _ = encode(enc, queries.images, base, p["batch_size"])
+        knn = lambda a, b: knn_top1(a, bank_labels, b, query_labels, p["knn_k"], p["knn_temperature"])  # noqa: E731
+        r["knn_summary"] = knn(b_sum, q_sum)
+        r["knn_mean_patch"] = knn(b_patch.mean((1, 2)), q_patch.mean((1, 2)))
+        r["seg_miou"], r["fidelity"] = {}, {}
+        for s, data in seg.items():
+            px = base * s
+            _, tr_patch, _ = encode(enc, data["train"][0], px, p["batch_size"])
+            _, va_patch, va_teacher_space = encode(enc, data["val"][0], px, p["batch_size"])
+            probe = train_seg_probe(tr_patch, data["train"][1], classes, p["seg_epochs"], seed=p["seed"])
+            r["seg_miou"][str(px)] = mean_iou(probe, va_patch, data["val"][1], classes)
+            if name == "teacher":
+                teacher_val[s] = va_patch
+            if s in teacher_val and va_teacher_space.shape[-1] == teacher_val[s].shape[-1]:
+                cos = torch.nn.functional.cosine_similarity(va_teacher_space.float(), teacher_val[s].float(), dim=-1)
+                r["fidelity"][str(px)] = cos.mean().item()
+        r["seconds"] = round(time.perf_counter() - start, 1)
+        results[name] = r
+        print(f"evaluate: {name}: kNN summary {r['knn_summary']:.3f}, mean-patch {r['knn_mean_patch']:.3f}; "
+              f"seg mIoU {', '.join(f'{k}px {v:.3f}' for k, v in r['seg_miou'].items())}; "
+              f"fidelity {', '.join(f'{k}px {v:.3f}' for k, v in r['fidelity'].items())} ({r['seconds']} s)",
+              flush=True)
+    metrics = {"resolution": base, "models": results}
+    write_json(root / METRICS, metrics)
+    resolution_figure(results, root / FIGURES / "evaluate_resolution.png")
+    photo = next((s for sh in split_shards(root / SHARDS, "photos") for s in iter_samples(sh)
+                  if s.get("txt", b"").decode() == p["pca_photo"]), None)
+    if photo is None:
+        raise FileNotFoundError(f"evaluate.pca_photo={p['pca_photo']!r}: no such photo in the photos split")
+    pca_figure(photo, encoders["teacher"], encoders[p["pca_model"]], p["pca_sizes"],
+               root / FIGURES / "pca_maps.png")
+    run.log_metrics(metrics)
+    for f in sorted((root / FIGURES).glob("*.png")):
+        run.log_artifact(f, "figures")
+    return metrics
+
+
+if __name__ == "__main__":
+    run_stage("evaluate", SCHEMA, main)
