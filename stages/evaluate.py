@@ -34,7 +34,7 @@ from stages.distill_stage1 import TEACHERS, teacher_entry
 SCHEMA = {
     "teacher": Param(str),
     "models": Param(list, item=str, choices=("teacher", "random", "distill_stage1", "distill_stage2", "highres")),
-    "knn_bank_split": Param(str),
+    "knn_bank_split": Param(str),  # memory bank; the kNN summary uses the adaptor's output where there is one
     "knn_query_split": Param(str),
     "knn_k": Param(int, min=1),
     "knn_temperature": Param(float, min=1e-6),
@@ -133,15 +133,21 @@ def main(p: dict, root: Path, run) -> dict:
         b_sum, b_patch, _ = encode(enc, bank.images, base, p["batch_size"])
         q_sum, q_patch, _ = encode(enc, queries.images, base, p["batch_size"])
         knn = lambda a, b: knn_top1(a, bank_labels, b, query_labels, p["knn_k"], p["knn_temperature"])  # noqa: E731
-        r["knn_summary"] = knn(b_sum, q_sum)
+        r["knn_summary"] = knn(b_sum, q_sum)  # adapted summary where the model has an adaptor
         r["knn_mean_patch"] = knn(b_patch.mean((1, 2)), q_patch.mean((1, 2)))
-        r["seg_miou"], r["fidelity"] = {}, {}
+        r["seg_miou"], r["seg_miou_raw"], r["fidelity"] = {}, {}, {}
         for s, data in seg.items():
             px = base * s
-            _, tr_patch, _ = encode(enc, data["train"][0], px, p["batch_size"])
+            _, tr_patch, tr_teacher_space = encode(enc, data["train"][0], px, p["batch_size"])
             _, va_patch, va_teacher_space = encode(enc, data["val"][0], px, p["batch_size"])
-            probe = train_seg_probe(tr_patch, data["train"][1], classes, p["seg_epochs"], seed=p["seed"])
-            r["seg_miou"][str(px)] = mean_iou(probe, va_patch, data["val"][1], classes)
+            # The main probe reads the model's output features: through the adaptor where there is one.
+            for key, train_f, val_f in [("seg_miou", tr_teacher_space, va_teacher_space),
+                                        ("seg_miou_raw", tr_patch, va_patch)]:
+                if key == "seg_miou_raw" and enc.adaptor is None:
+                    r[key][str(px)] = r["seg_miou"][str(px)]  # the same features
+                    continue
+                probe = train_seg_probe(train_f, data["train"][1], classes, p["seg_epochs"], seed=p["seed"])
+                r[key][str(px)] = mean_iou(probe, val_f, data["val"][1], classes)
             if name == "teacher":
                 teacher_val[s] = va_patch
             if s in teacher_val and va_teacher_space.shape[-1] == teacher_val[s].shape[-1]:

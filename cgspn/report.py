@@ -1,0 +1,147 @@
+"""reports/REPORT.md from the metrics and benchmark JSON the stages wrote: tables, plots, provenance."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODEL_NAMES = {"teacher": "teacher (DINOv2 ViT-S/14, attention)", "random": "student, random init",
+               "distill_stage1": "student after stage 1", "distill_stage2": "student after stage 2",
+               "highres": "student after high-res"}
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def evaluation_section(ev: dict) -> list[str]:
+    models = ev["models"]
+    sides = sorted({int(k) for r in models.values() for k in r["seg_miou"]})
+    rows = []
+    for name, r in models.items():
+        rows.append([MODEL_NAMES.get(name, name), f"{r['parameters'] / 1e6:.1f} M", _pct(r["knn_summary"]),
+                     _pct(r["knn_mean_patch"])] + [_pct(r["seg_miou"].get(str(s), float("nan"))) for s in sides]
+                    + [f"{r['fidelity'][str(s)]:.3f}" if str(s) in r["fidelity"] else "-" for s in sides])
+    header = ["model", "parameters", "kNN top-1, summary (%)", "kNN top-1, mean patch (%)"] + \
+        [f"seg mIoU {s} px (%)" for s in sides] + [f"fidelity {s} px" for s in sides]
+    out = ["## How good the features are", "",
+           "kNN: Fashion-MNIST `val` garments classified against the `train` garments (k = 20, votes weighted by "
+           "exp(cosine / 0.07)). Segmentation: a linear probe (BatchNorm + 1x1 conv) on frozen patch features, "
+           f"trained on garment mosaics and scored on held-out mosaics at {', '.join(map(str, sides))} px (bigger "
+           "mosaics, more garments). Fidelity: mean cosine similarity of the model's features, through its "
+           "adaptor where it has one, to the teacher's patch features on the same images.", "",
+           _table(header, rows), "", "![metrics against resolution](figures/evaluate_resolution.png)", "",
+           "PCA of the patch features (first three components as RGB), teacher above the student:", "",
+           "![PCA feature maps](figures/pca_maps.png)", ""]
+    t, s2, hr = models.get("teacher"), models.get("distill_stage2"), models.get("highres")
+    checks = []
+    if t and s2 and "random" in models:
+        gap, lift = 100 * (t["knn_summary"] - s2["knn_summary"]), 100 * (s2["knn_summary"] - models["random"]["knn_summary"])
+        checks.append(f"- stage-2 student kNN (summary) is {gap:+.1f} points below the teacher (target: within 3) "
+                      f"and {lift:.1f} points above the random student (target: at least 10).")
+    if t and hr:
+        big = str(max(sides))
+        diff = 100 * (hr["seg_miou"][big] - t["seg_miou"][big])
+        checks.append(f"- at {big} px the high-res student's segmentation mIoU is {diff:+.1f} points against the "
+                      "teacher's (target: at least as good).")
+    if checks:
+        out += ["Targets:", ""] + checks + [""]
+    return out
+
+
+def training_section(root: Path) -> list[str]:
+    out = ["## Distillation", ""]
+    s1 = _load(root / "reports/metrics/distill_stage1.json")
+    s2 = _load(root / "reports/metrics/distill_stage2.json")
+    hr = _load(root / "reports/metrics/highres.json")
+    rows = []
+    if s1:
+        rows.append(["stage 1 (module-wise)", "mean per-block validation loss",
+                     f"{s1['val_start']['loss']:.3f} -> {s1['val_end']['loss']:.3f} "
+                     f"({s1['val_start']['loss'] / s1['val_end']['loss']:.1f}x lower)", s1["steps"], s1["images_per_s"],
+                     s1["seconds"]])
+    if s2:
+        for k in [k for k in s2["val_end"] if k.endswith("/patch_cosine")]:
+            t = k.split("/")[0]
+            rows.append(["stage 2 (end to end)", f"{t}: mean patch cosine on val",
+                         f"stage-1 student {s2['val_start'][t + '/patch_cosine_raw']:.3f} -> stage-2 student "
+                         f"{s2['val_end'][k]:.3f}", s2["steps"], s2["images_per_s"], s2["seconds"]])
+    if hr:
+        for k in [k for k in hr["val_end"] if "/patch_cosine/" in k]:
+            rows.append(["high resolution", k.replace("/patch_cosine/", ": mean patch cosine at "),
+                         f"{hr['val_start'][k]:.3f} -> {hr['val_end'][k]:.3f}", hr["steps"], hr["images_per_s"],
+                         hr["seconds"]])
+    out += [_table(["stage", "figure", "start -> end", "steps", "images/s", "seconds"], rows), ""]
+    out += [f"![{s} curves](plots/{s}.png)" for s in ("distill_stage1", "distill_stage2", "highres")
+            if (root / "reports/plots" / f"{s}.png").exists()]
+    return out + [""]
+
+
+def data_section(root: Path) -> list[str]:
+    shard, cache = _load(root / "reports/metrics/shard.json"), _load(root / "reports/metrics/cache_teacher.json")
+    out = ["## Data", ""]
+    if shard:
+        out += [_table(["split", "images", "shards", "MB"], [[s, v["count"], v["shards"], f"{v['bytes'] / 1e6:.1f}"]
+                                                             for s, v in shard["splits"].items()]), "",
+                f"Sharding: {shard['images']} images at {shard['images_per_s']} images/s."]
+    if cache:
+        for t, m in cache.items():
+            out.append(f"Teacher-feature cache ({t}): {m['images']} images at {m['images_per_s']} images/s with "
+                       f"{m['workers']} Ray workers ({m['images_per_s_per_worker']} per worker), "
+                       f"{m['bytes_per_image'] / 1e3:.1f} kB per image.")
+    return out + [""]
+
+
+def benchmark_section(root: Path) -> list[str]:
+    blocks = _load(root / "reports/benchmarks/blocks.json")
+    out = ["## Speed", ""]
+    if not blocks:
+        return out + ["No block benchmark yet (`python -m cgspn.bench_blocks`).", ""]
+    out += [f"Device: **{blocks['info']['device']}** ({blocks['scope']}); {blocks['method']}. "
+            "GPU records, where one was taken, are in `benchmarks/*-<gpu>.json`.", ""]
+    rows = [[b["block"], b["width"], b["batch"], b["side"], b["tokens"],
+             f"{b['fwd_ms']:.2f}" if "fwd_ms" in b else b.get("error"),
+             f"{b['fwd+bwd_ms']:.2f}" if "fwd+bwd_ms" in b else "-"] for b in blocks["blocks"]]
+    out += [_table(["block", "width", "batch", "side (px)", "tokens", "fwd ms", "fwd+bwd ms"], rows), ""]
+    out += [_table(["width", "batch", "side (px)", "mode", "attention / C-GSPN"],
+                   [[s["width"], s["batch"], s["side"], s["mode"], f"{s['speedup']:.2f}x"] for s in blocks["speedups"]]),
+            "", f"For comparison: {blocks['published']}. {blocks['goal']}.", ""]
+    out += [_table(["model", "side (px)", "images/s"],
+                   [[m["model"], m["side"], f"{m['images_per_s']:.1f}" if "images_per_s" in m else m.get("error")]
+                    for m in blocks["models"]]), ""]
+    slug = "cpu" if blocks["info"].get("kind") == "cpu" else None
+    for name in ([f"speedup-{slug}.png", f"roofline-{slug}.png", f"kernel-{slug}.png"] if slug else []):
+        if (root / "reports/benchmarks" / name).exists():
+            out.append(f"![{name}](benchmarks/{name})")
+    kernel_md = root / "reports/benchmarks/kernel.md"
+    if kernel_md.exists():
+        out += ["", "### The GSPN scan kernel", "", kernel_md.read_text()]
+    return out + [""]
+
+
+def build_report(root: Path, commit: str | None, params_text: str, when: str) -> str:
+    ev = _load(root / "reports/metrics/evaluate.json")
+    parts = ["# C-GSPN: pipeline report", "",
+             f"Generated {when} by the `report` stage of `dvc repro`, from commit `{commit or 'unknown'}` with "
+             "the parameters at the end of this page.", "",
+             "C-GSPN is a vision encoder whose token mixer is 2D spatial propagation (four-direction GSPN line "
+             "scans in a compressed channel space) instead of self-attention. It is distilled from an attention "
+             "teacher in two stages (each mixer imitates its block's attention output, then the whole network "
+             "matches the teacher's final features through adaptor heads) and then trained briefly at higher "
+             "resolution. The default run is sized for a 2-core CPU: Fashion-MNIST garments and mosaics at "
+             f"{ev['resolution'] if ev else 56} px, a few hundred training steps. Its figures show that the "
+             "pipeline works end to end, not what a full run reaches.", ""]
+    if ev:
+        parts += evaluation_section(ev)
+    parts += training_section(root) + data_section(root) + benchmark_section(root)
+    parts += ["## Parameters", "", "```yaml", params_text.strip(), "```", ""]
+    return "\n".join(parts)

@@ -1,0 +1,33 @@
+"""Stage `report`: reports/REPORT.md from the metrics, plots and benchmark records of the other stages,
+with the commit and the parameters that produced them. The last stage of the pipeline."""
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+from cgspn.outputs import atomic_write
+from cgspn.params import Param
+from cgspn.report import build_report
+from cgspn.stage import run_stage
+from cgspn.tracking import git_commit
+
+SCHEMA = {"title_note": Param(str)}
+OUT = Path("reports/REPORT.md")
+
+
+def main(p: dict, root: Path, run) -> dict:
+    """Write the report."""
+    params_file = root / "params.yaml"
+    params_text = params_file.read_text() if params_file.exists() else "(params.yaml not found)"
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = build_report(root, git_commit(), params_text, when)
+    if p["title_note"]:
+        text = text.replace("\n\n", f"\n\n{p['title_note']}\n\n", 1)
+    atomic_write(root / OUT, lambda tmp: tmp.write_text(text))
+    run.log_artifact(root / OUT)
+    print(f"report: wrote {OUT} ({len(text.splitlines())} lines)")
+    return {"lines": len(text.splitlines())}
+
+
+if __name__ == "__main__":
+    run_stage("report", SCHEMA, main)
