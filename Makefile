@@ -20,7 +20,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PYTHONUNBUFFERED := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo pipeline test bench venv clean-venv system-data
+.PHONY: demo pipeline serve test bench venv clean-venv system-data
 
 # The embedded default data: Fashion-MNIST from Debian (`dataset-fashion-mnist`). Installed here when we
 # may (root with apt-get); otherwise the shard stage says how to get it, or downloads it with a network.
@@ -46,11 +46,18 @@ system-data:
 	  else echo "note: $(FASHION_MNIST) is absent; run 'sudo apt-get install dataset-fashion-mnist'" \
 	    "(the shard stage downloads the files instead when a network allows)"; fi; }
 
-# The pipeline as far as it goes: every DVC stage, rerun only where something changed.
-demo: pipeline
+# The main job: the whole pipeline through the Prefect flow (each DVC stage a task; DVC skips what is
+# up to date), under one MLflow parent run; ends by printing where the report and the runs are.
+demo: $(STAMP) system-data
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m flows.pipeline
 
+# The same stages with plain DVC, no Prefect.
 pipeline: $(STAMP) system-data
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
+
+# A scheduled deployment for a Prefect server (see README): PREFECT_API_URL must point at it.
+serve: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m flows.serve $(if $(CRON),--cron "$(CRON)")
 
 bench: $(STAMP)
 	$(PY) -m kernels.bench

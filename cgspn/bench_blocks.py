@@ -30,7 +30,7 @@ PUBLISHED = "published C-GSPN: block 2x faster than FlashAttention at 1024 px (b
 GOAL = "our goal on an H100/H200: at least 4x at 2048 px with batch 1 and width 1152, growing with resolution"
 PATCH = 16
 GPU_SET = {"sides": [224, 512, 1024, 2048, 4096], "widths": [384, 1152], "batches": [1, 32], "model_sides": [224, 512, 1024, 2048]}
-CPU_SET = {"sides": [224, 448], "widths": [384], "batches": [1], "model_sides": [224, 448]}
+CPU_SET = {"sides": [224, 448, 896], "widths": [384], "batches": [1], "model_sides": [224, 448]}
 
 
 def make_block(kind: str, width: int) -> Block:

@@ -46,13 +46,14 @@ def evaluation_section(ev: dict) -> list[str]:
     checks = []
     if t and s2 and "random" in models:
         gap, lift = 100 * (t["knn_summary"] - s2["knn_summary"]), 100 * (s2["knn_summary"] - models["random"]["knn_summary"])
-        checks.append(f"- stage-2 student kNN (summary) is {gap:+.1f} points below the teacher (target: within 3) "
-                      f"and {lift:.1f} points above the random student (target: at least 10).")
+        side = f"{gap:.1f} points below" if gap >= 0 else f"{-gap:.1f} points above"
+        checks.append(f"- stage-2 student kNN (summary): {side} the teacher (target: within 3 points below), and "
+                      f"{lift:.1f} points above the random student (target: at least 10).")
     if t and hr:
         big = str(max(sides))
         diff = 100 * (hr["seg_miou"][big] - t["seg_miou"][big])
-        checks.append(f"- at {big} px the high-res student's segmentation mIoU is {diff:+.1f} points against the "
-                      "teacher's (target: at least as good).")
+        checks.append(f"- at {big} px the high-res student's segmentation mIoU is {abs(diff):.1f} points "
+                      f"{'above' if diff >= 0 else 'below'} the teacher's (target: at least as good).")
     if checks:
         out += ["Targets:", ""] + checks + [""]
     return out

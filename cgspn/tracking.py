@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +26,11 @@ DEFAULT_EXPERIMENT = "cgspn"
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+
+
+def metric_name(name: str) -> str:
+    """MLflow accepts letters, digits, '_', '-', '.', ' ', ':' and '/' in metric names; others become '_'."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, object]:
@@ -57,7 +63,8 @@ class StageRun:
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         import mlflow
 
-        numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric = {metric_name(k): float(v) for k, v in flatten(metrics).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if numeric:
             mlflow.log_metrics(numeric, step=step)
 

@@ -63,8 +63,10 @@ class MetricLogger:
             return
         from mlflow.entities import Metric
 
+        from .tracking import metric_name
+
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()])
 
 
 def train_loop_per_worker(cfg: dict) -> None:
