@@ -9,6 +9,10 @@ for key, value in {
     "DVC_NO_ANALYTICS": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
 }.items():
     os.environ.setdefault(key, value)
 
@@ -48,3 +52,38 @@ def micro(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def flow_run(tmp_path_factory, prefect_harness):
+    """The whole pipeline on the micro configuration through the Prefect flow, in a fresh git + DVC
+    repository, twice: the first run runs every stage, the second should skip them all."""
+    import mlflow
+
+    from flows.pipeline import pipeline
+    from micro import make_repo
+
+    repo = make_repo(tmp_path_factory.mktemp("flow") / "repo")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "CGSPN_EXPERIMENT")}
+    os.environ.update({"MLFLOW_TRACKING_URI": f"sqlite:///{repo.parent / 'mlflow.db'}", "CGSPN_EXPERIMENT": "flow"})
+    try:
+        first = pipeline(root=str(repo))
+        second = pipeline(root=str(repo))
+        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        experiment = mlflow.get_experiment_by_name("flow").experiment_id
+        yield {"root": repo, "first": first, "second": second, "experiment": experiment,
+               "tracking_uri": os.environ["MLFLOW_TRACKING_URI"]}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -38,6 +38,15 @@ MICRO = {
                 "val_splits": ["mosaic_val_x2"], "batch_sizes": [2], "val_count": 2, "spatial_weight": 1.0,
                 "summary_weight": 1.0},
 }
+MICRO.update({
+    "evaluate": {"teacher": "dinov2_vits14_imgfocus",
+                 "models": ["teacher", "random", "distill_stage1", "distill_stage2", "highres"],
+                 "knn_bank_split": "train", "knn_query_split": "val", "knn_k": 5, "knn_temperature": 0.07,
+                 "seg_scales": [1, 2], "seg_epochs": 2, "pca_photo": "astronaut", "pca_sizes": [56, 112],
+                 "pca_model": "highres", "batch_size": 16, "threads": 2, "seed": 0},
+    "benchmark": {"reps": 1, "kernel": False, "blocks": True, "cpu_sides": [64], "cpu_model_sides": [56]},
+    "report": {"title_note": "micro test run"},
+})
 DATA_STAGES = ["shard", "teacher", "cache_teacher"]
 TRAIN_STAGES = ["distill_stage1", "distill_stage2", "highres"]
 
@@ -85,3 +94,22 @@ def expect_exit(capsys, stage: str, params: Path, root: Path, *needles: str) -> 
     for needle in needles:
         assert needle in err, err
     return err
+
+
+def make_repo(dest: Path) -> Path:
+    """A git + DVC repository at `dest` holding this project's pipeline code and the MICRO parameters."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(repo / "dvc.yaml", dest / "dvc.yaml")
+    for sub in ["stages", "cgspn", "kernels"]:
+        shutil.copytree(repo / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    write_params(dest / "params.yaml")
+    (dest / ".gitignore").write_text("/data/\n/models/\n/runs/\n__pycache__/\nmlflow.db\n")
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "micro pipeline"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest

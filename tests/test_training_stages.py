@@ -1,5 +1,5 @@
-"""The training stages on the micro configuration: distill_stage1 -> distill_stage2 -> highres through
-their command lines on Ray Train (2 CPU workers), their outputs and MLflow logs; a run killed part-way
+"""The training stages on the micro configuration (distill_stage1 -> distill_stage2 -> highres, run by the
+Prefect flow in conftest.flow_run) on Ray Train with 2 CPU workers: their outputs and MLflow logs; a run killed part-way
 and started again resumes from its last checkpoint and ends at the same final step; bad input."""
 from __future__ import annotations
 
@@ -17,17 +17,20 @@ import torch
 
 from cgspn.students import load_adaptors, load_student
 from cgspn.teachers import load_vit
-from micro import TRAIN_STAGES, copy_root, expect_exit, run, write_params
+from micro import TRAIN_STAGES, copy_root, expect_exit, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def trained(micro, tmp_path_factory):
-    root = copy_root(micro["root"], tmp_path_factory.mktemp("trained"))
-    params = write_params(root / "params.yaml")
-    metrics = {stage: run(stage, params, root) for stage in TRAIN_STAGES}
-    return {"root": root, "params": params, "metrics": metrics}
+def trained(flow_run):
+    """The micro pipeline that the Prefect flow ran (conftest.flow_run): its root and stage metrics."""
+    import mlflow
+
+    mlflow.set_tracking_uri(flow_run["tracking_uri"])
+    root = flow_run["root"]
+    metrics = {s: json.loads((root / "reports/metrics" / f"{s}.json").read_text()) for s in TRAIN_STAGES}
+    return {"root": root, "metrics": metrics, "experiment": flow_run["experiment"]}
 
 
 def test_each_stage_writes_a_student_that_runs_and_its_reports(trained):
@@ -75,7 +78,7 @@ def test_rank_zero_logs_every_step_to_mlflow(trained):
     import mlflow
 
     client = mlflow.MlflowClient()
-    runs = client.search_runs([mlflow.get_experiment_by_name("micro").experiment_id],
+    runs = client.search_runs([trained["experiment"]],
                               "tags.`cgspn.stage` = 'distill_stage2'", order_by=["attributes.start_time DESC"])
     history = client.get_metric_history(runs[0].info.run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 7))
