@@ -22,6 +22,7 @@ import torch
 from kernels.bench import device_info, median_ms
 
 from .models.attention import Attention
+from .outputs import atomic_write
 from .models.cgspn import CGSPN, CGSPNConfig
 from .models.gspn_mixer import GSPNMixer, GSPNMixerConfig
 from .models.vit import Block, ViT, ViTConfig
@@ -124,22 +125,43 @@ def plot_speedup(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_roofline(kernel_report: dict, path: Path, flops_per_byte_ceiling: float | None) -> None:
-    """Achieved GB/s of every kernel row against the measured copy ceiling (memory-bound op: the roof is
-    the bandwidth line). Points are (minimum bytes / time)."""
+# Estimated arithmetic of the scan per element and direction: three neighbour products and sums, lam*x,
+# u*h and the gate normalization (three sigmoids and a division) forward; about twice that backward.
+SCAN_FLOPS = {"fwd": 20, "fwd+bwd": 60}
+
+
+def matmul_flops(device: str, dtype, reps: int) -> float:
+    """Ceiling for compute: FLOP/s of a large square matmul, measured here."""
+    n = 8192 if device == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return 2 * n**3 / (median_ms(lambda: a @ b, device, reps) / 1e3)
+
+
+def plot_roofline(kernel_report: dict, path: Path, peak_flops: float) -> None:
+    """The classic roofline: achieved FLOP/s of every kernel row against its arithmetic intensity (estimated
+    FLOPs over the fewest bytes the op must move), under the two measured roofs: copy bandwidth x intensity
+    and the matmul FLOP/s."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = kernel_report["rows"]
+    bw = kernel_report["copy_GBps"] * 1e9
     for backend in sorted({r["backend"] for r in rows}):
-        pts = [(r["min_bytes"], r["GBps"]) for r in rows if r["backend"] == backend]
+        pts = []
+        for r in (r for r in rows if r["backend"] == backend):
+            flops = SCAN_FLOPS[r["mode"]] * r["B"] * r["C"] * r["H"] * r["W"] * (4 if r["op"] == "4dir" else 1)
+            pts.append((flops / r["min_bytes"], flops / (r["ms"] / 1e3)))
         ax.scatter(*zip(*pts), label=backend, s=18)
-    ax.axhline(kernel_report["copy_GBps"], color="red", lw=1, label=f"copy ceiling {kernel_report['copy_GBps']:.0f} GB/s")
-    ax.set(xscale="log", yscale="log", xlabel="minimum bytes moved", ylabel="achieved GB/s",
-           title=f"GSPN scan against the bandwidth roof ({kernel_report['info']['device']})")
+    x = np.logspace(-2, 3, 100)
+    ax.plot(x, np.minimum(bw * x, peak_flops), color="red", lw=1,
+            label=f"roof: copy {kernel_report['copy_GBps']:.0f} GB/s, matmul {peak_flops / 1e12:.2f} TFLOP/s")
+    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (estimated FLOP per byte)",
+           ylabel="achieved FLOP/s", title=f"GSPN scan roofline ({kernel_report['info']['device']})")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -151,9 +173,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
+    parser.add_argument("--sides", type=int, nargs="+", default=None, help="image sides of the block benchmark")
+    parser.add_argument("--model-sides", type=int, nargs="+", default=None, help="image sides of the model benchmark")
     args = parser.parse_args(argv)
     device = args.device
-    sizes = GPU_SET if device == "cuda" else CPU_SET
+    sizes = dict(GPU_SET if device == "cuda" else CPU_SET)
+    sizes["sides"] = args.sides or sizes["sides"]
+    sizes["model_sides"] = args.model_sides or sizes["model_sides"]
     reps = args.reps or (20 if device == "cuda" else 3)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     info = device_info(device)
@@ -173,12 +199,13 @@ def main(argv=None) -> dict:
               "models": time_models(sizes["model_sides"], dtype, device, reps)}
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
-    for stem in ("blocks", f"blocks-{slug}"):
-        (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     plot_speedup(report, args.out / f"speedup-{slug}.png")
+    report["matmul_flops"] = matmul_flops(device, dtype, reps)
     kernel_json = args.out / f"kernel-{slug}.json"
     if kernel_json.exists():
-        plot_roofline(json.loads(kernel_json.read_text()), args.out / f"roofline-{slug}.png", None)
+        plot_roofline(json.loads(kernel_json.read_text()), args.out / f"roofline-{slug}.png", report["matmul_flops"])
+    for stem in ("blocks", f"blocks-{slug}"):
+        atomic_write(args.out / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     for s in report["speedups"]:
         print(f"  speedup width {s['width']} batch {s['batch']} side {s['side']} {s['mode']}: {s['speedup']:.2f}x")
     print(PUBLISHED + "\n" + GOAL)

@@ -45,7 +45,7 @@ def run_stage(stage: str, root: str, overrides: list[str], parent_run_id: str | 
     if parent_run_id:
         env[PARENT_RUN_ENV] = parent_run_id
     cmd = dvc_command(stage, overrides)
-    logger.info("$ %s", " ".join(cmd[0:1] and ["dvc", *cmd[1:]]))
+    logger.info("$ dvc %s", " ".join(cmd[1:]))
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
     for line in proc.stdout:

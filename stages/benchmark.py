@@ -7,24 +7,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from cgspn import bench_blocks
 from cgspn.params import Param
 from cgspn.stage import run_stage
 from kernels import bench as kernel_bench
 
-SCHEMA = {"reps": Param(int, min=1), "kernel": Param(bool), "blocks": Param(bool)}
+SCHEMA = {
+    "reps": Param(int, min=1),
+    "kernel": Param(bool),
+    "blocks": Param(bool),
+    "cpu_sides": Param(list, item=int, min=16),  # block sides on a CPU; a GPU runs the full set
+    "cpu_model_sides": Param(list, item=int, min=14),
+}
 OUT = Path("reports/benchmarks")
 
 
 def main(p: dict, root: Path, run) -> dict:
     """Benchmark the kernel, the blocks and the models."""
     out = root / OUT
+    out.mkdir(parents=True, exist_ok=True)
     metrics = {}
     if p["kernel"]:
         kernel = kernel_bench.main(["--out", str(out), "--reps", str(p["reps"])])
         metrics["copy_GBps"] = kernel["copy_GBps"]
     if p["blocks"]:
-        blocks = bench_blocks.main(["--out", str(out), "--reps", str(p["reps"])])
+        sides = [] if torch.cuda.is_available() else ["--sides", *map(str, p["cpu_sides"]),
+                                                      "--model-sides", *map(str, p["cpu_model_sides"])]
+        blocks = bench_blocks.main(["--out", str(out), "--reps", str(p["reps"]), *sides])
         for s in blocks["speedups"]:
             metrics[f"speedup/w{s['width']}_b{s['batch']}_{s['side']}px_{s['mode']}"] = s["speedup"]
         for m in blocks["models"]:

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from cgspn.data.shards import (
-    Sample,
     decode_image,
     decode_mask,
     decode_npy,
