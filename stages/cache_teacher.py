@@ -23,7 +23,7 @@ from cgspn.data.shards import split_shards
 from cgspn.errors import InputError, ParamError
 from cgspn.outputs import replace_dir, write_json
 from cgspn.params import Param
-from cgspn.phis import PhiS
+from cgspn.phis import Moments, PhiS
 from cgspn.stage import run_stage
 
 SCHEMA = {
