@@ -115,7 +115,7 @@ def benchmark_section(root: Path) -> list[str]:
     out += [_table(["block", "width", "batch", "side (px)", "tokens", "fwd ms", "fwd+bwd ms"], rows), ""]
     out += [_table(["width", "batch", "side (px)", "mode", "attention / C-GSPN"],
                    [[s["width"], s["batch"], s["side"], s["mode"], f"{s['speedup']:.2f}x"] for s in blocks["speedups"]]),
-            "", f"For comparison: {blocks['published']}. {blocks['goal']}.", ""]
+            "", f"For comparison, the {blocks['published']}. {blocks['goal'][0].upper() + blocks['goal'][1:]}.", ""]
     out += [_table(["model", "side (px)", "images/s"],
                    [[m["model"], m["side"], f"{m['images_per_s']:.1f}" if "images_per_s" in m else m.get("error")]
                     for m in blocks["models"]]), ""]
