@@ -66,7 +66,8 @@ def pca_figure(photo: dict, teacher, student, sizes: list[int], path: Path) -> P
                             torch.tensor([0.485, 0.456, 0.406])).clamp(0, 1)).numpy())
         axes[0, j].set_title(f"{size} px")
         for i, enc in [(1, teacher), (2, student)]:
-            _, _, teacher_space = enc(x)  # the student through its adaptor: the features it offers the teacher's users
+            # the student through its adaptor: the features it offers the teacher's users
+            _, _, teacher_space, _ = enc(x)
             axes[i, j].imshow(pca_rgb(teacher_space[0])[0], interpolation="nearest")
             axes[i, 0].set_ylabel(enc.name)
     for ax in axes.flat:

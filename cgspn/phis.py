@@ -107,6 +107,12 @@ class PhiS:
         rot = torch.as_tensor(self.rotation, dtype=z.dtype, device=z.device)
         return z * self.scale @ rot + mean
 
+    def from_direction(self, z: torch.Tensor) -> torch.Tensor:
+        """A prediction [..., D] trained under a cosine loss in standardized space has a direction but no
+        meaningful norm: set it to the estimation set's root-mean-square norm (sqrt(D) there, each dimension
+        having unit variance) and de-standardize."""
+        return self.destandardize(torch.nn.functional.normalize(z, dim=-1) * z.shape[-1] ** 0.5)
+
     def save(self, path: str | Path) -> Path:
         from safetensors.numpy import save_file
 
@@ -125,3 +131,12 @@ class PhiS:
             raise FileNotFoundError(f"{path}: no PHI-S statistics (run the cache_teacher stage)")
         t = load_file(str(path))
         return cls(t["mean"], t["rotation"], float(t["scale"][0]), t["eigenvalues"])
+
+
+PHIS_FILES = {"spatial": "phis.safetensors", "summary": "phis_summary.safetensors"}
+
+
+def load_teacher_phis(feature_dir: str | Path) -> dict[str, PhiS]:
+    """{"spatial": PhiS of the patch features, "summary": PhiS of the summary vectors} from a teacher's
+    feature cache (written by the cache_teacher stage)."""
+    return {kind: PhiS.load(Path(feature_dir) / name) for kind, name in PHIS_FILES.items()}

@@ -28,14 +28,17 @@ def evaluation_section(ev: dict) -> list[str]:
     sides = sorted({int(k) for r in models.values() for k in r["seg_miou"]})
     rows = []
     for name, r in models.items():
-        rows.append([MODEL_NAMES.get(name, name), f"{r['parameters'] / 1e6:.1f} M", _pct(r["knn_summary"]),
-                     _pct(r["knn_mean_patch"])] + [_pct(r["seg_miou"].get(str(s), float("nan"))) for s in sides]
-                    + [f"{r['fidelity'][str(s)]:.3f}" if str(s) in r["fidelity"] else "-" for s in sides])
-    header = ["model", "parameters", "kNN top-1, summary (%)", "kNN top-1, mean patch (%)"] + \
+        knn = [r["knn_summary"], r.get("knn_summary_raw", r["knn_summary"]), r["knn_mean_patch"]]
+        seg = [_pct(r["seg_miou"].get(str(s), float("nan"))) for s in sides]
+        fidelity = [f"{r['fidelity'][str(s)]:.3f}" if str(s) in r["fidelity"] else "-" for s in sides]
+        rows.append([MODEL_NAMES.get(name, name), f"{r['parameters'] / 1e6:.1f} M"] + [_pct(k) for k in knn] + seg + fidelity)
+    header = ["model", "parameters", "kNN top-1, summary (%)", "kNN top-1, own summary (%)",
+              "kNN top-1, mean patch (%)"] + \
         [f"seg mIoU {s} px (%)" for s in sides] + [f"fidelity {s} px" for s in sides]
     out = ["## How good the features are", "",
            "kNN: Fashion-MNIST `val` garments classified against the `train` garments (k = 20, votes weighted by "
-           "exp(cosine / 0.07)). Segmentation: a linear probe (BatchNorm + 1x1 conv) on frozen patch features, "
+           "exp(cosine / 0.07)); the summary is the adaptor's prediction of the teacher's summary where the model "
+           "has an adaptor, the own summary is the model's summary vector before any adaptor. Segmentation: a linear probe (BatchNorm + 1x1 conv) on frozen patch features, "
            f"trained on garment mosaics and scored on held-out mosaics at {', '.join(map(str, sides))} px (bigger "
            "mosaics, more garments). Fidelity: mean cosine similarity of the model's features, through its "
            "adaptor where it has one, to the teacher's patch features on the same images.", "",

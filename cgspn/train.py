@@ -81,8 +81,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     device = ray.train.torch.get_device()
     task = TASKS[cfg["stage"]](cfg["task"], device, rank, world, cfg["seed"])
     model, opt_cfg = task.trainable, cfg["opt"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
+    groups = task.param_groups(opt_cfg.get("backbone_lr_scale", 1.0))
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
     step, history, val_history = 0, [], []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -104,7 +105,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         t0 = time.perf_counter()
         lr = learning_rate(step, opt_cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         model.train()
         loss, parts = task.loss(step)
         optimizer.zero_grad(set_to_none=True)
@@ -219,7 +220,8 @@ def run_training(stage: str, p: dict, root: Path, run, task_cfg: dict, inputs: l
 
     cfg = {
         "stage": stage, "task": task_cfg, "seed": p["seed"], "threads": p["cpus_per_worker"],
-        "opt": {k: p[k] for k in ("steps", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip")},
+        "opt": {k: p[k] for k in ("steps", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip",
+                                  "backbone_lr_scale") if k in p},
         "checkpoint_every": p["checkpoint_every"], "val_every": p["val_every"], "log_every": p["log_every"],
         "mlflow": {"uri": tracking_uri(), "run_id": run.id}, "inputs": [str(i) for i in inputs],
     }

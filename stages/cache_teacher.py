@@ -1,8 +1,9 @@
 """Stage `cache_teacher`: every teacher of models/teachers over the image shards, in parallel on Ray.
 
 Writes data/features/<teacher>/<split>-NNNNNN.tar mirroring data/shards key by key (float16 summary,
-spatial grid and chosen intermediate blocks), `phis.safetensors` (PHI-S statistics over the spatial
-features of `phis_splits`) and `meta.json` beside them. An actor pool of `workers` actors, each loading
+spatial grid and chosen intermediate blocks), `phis.safetensors` and `phis_summary.safetensors` (PHI-S
+statistics over the spatial features and over the summary vectors of `phis_splits`) and `meta.json` beside
+them. An actor pool of `workers` actors, each loading
 its teacher once; one task per shard. `ray.init` joins the cluster at RAY_ADDRESS when it is set (the
 paths must then be on a filesystem every node sees), else starts Ray locally.
 """
@@ -23,7 +24,7 @@ from cgspn.data.shards import split_shards
 from cgspn.errors import InputError, ParamError
 from cgspn.outputs import replace_dir, write_json
 from cgspn.params import Param
-from cgspn.phis import Moments, PhiS
+from cgspn.phis import PHIS_FILES, PhiS
 from cgspn.stage import run_stage
 
 SCHEMA = {
@@ -115,7 +116,7 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> di
             per_split[split_of[r.shard]] += r.count
             total += r.count
             if split_of[r.shard] in p["phis_splits"]:
-                moments = r.moments if moments is None else moments + r.moments
+                moments = r.moments if moments is None else {k: moments[k] + r.moments[k] for k in moments}
             bar.update(1)
             bar.set_postfix(images=total)
     seconds = time.perf_counter() - t1
@@ -123,14 +124,15 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> di
         ray.kill(a)
     if moments is None:
         raise InputError(f"cache_teacher: no features in phis_splits {p['phis_splits']} to estimate PHI-S from")
-    phis = PhiS.estimate(moments)
-    phis.save(out_dir / "phis.safetensors")
+    phis = {kind: PhiS.estimate(moments[kind]) for kind in PHIS_FILES}
+    for kind, name in PHIS_FILES.items():
+        phis[kind].save(out_dir / name)
     feature_bytes = sum(f.stat().st_size for f in out_dir.glob("*.tar"))
     grid = p["resolution"] // teacher["config"]["patch_size"]
     meta = {"teacher": teacher["name"], "resolution": p["resolution"], "grid": [grid, grid],
             "dim": teacher["config"]["dim"], "layers": p["layers"], "dtype": "float16",
-            "splits": dict(per_split), "phis_splits": p["phis_splits"], "phis_vectors": moments.count,
-            "phis_scale": phis.scale}
+            "splits": dict(per_split), "phis_splits": p["phis_splits"], "phis_vectors": moments["spatial"].count,
+            "phis_scale": phis["spatial"].scale, "phis_summary_scale": phis["summary"].scale}
     write_json(out_dir / "meta.json", meta)
     rates = [c / s for c, s in per_worker.values() if s > 0]
     return {"images": total, "workers": n, "startup_seconds": round(t1 - t0, 2), "seconds": round(seconds, 2),

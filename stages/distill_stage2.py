@@ -17,6 +17,7 @@ from stages.distill_stage1 import TEACHERS, teacher_entry
 
 SCHEMA = {
     **train_schema(),
+    "backbone_lr_scale": Param(float, min=0.0, max=1.0),  # x lr for the inherited backbone; heads get lr
     "teacher_weights": Param(dict),  # {teacher name: weight}
     "splits": Param(list, item=str),
     "val_split": Param(str),

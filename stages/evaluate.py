@@ -25,7 +25,7 @@ from cgspn.models.cgspn import cgspn_from_teacher_config
 from cgspn.models.vit import parameter_count
 from cgspn.outputs import write_json
 from cgspn.params import Param
-from cgspn.phis import PhiS
+from cgspn.phis import PhiS, load_teacher_phis
 from cgspn.stage import run_stage
 from cgspn.students import load_adaptors, load_student
 from cgspn.teachers import load_vit
@@ -54,10 +54,10 @@ FIGURES = Path("reports/figures")
 
 class Encoder:
     """One model under evaluation: images -> (summary [B, D], patch features [B, h, w, D], features in the
-    teacher's space [B, h, w, D_t] for fidelity). Students with adaptors map into the teacher's space
-    through them (PHI-S de-standardized); the others are compared as they are."""
+    teacher's space [B, h, w, D_t] for fidelity, the model's own summary [B, D]). Students with adaptors
+    map into the teacher's space through them (PHI-S de-standardized); the others are compared as they are."""
 
-    def __init__(self, name: str, model, adaptor=None, phis: PhiS | None = None):
+    def __init__(self, name: str, model, adaptor=None, phis: dict[str, PhiS] | None = None):
         self.name, self.model, self.adaptor, self.phis = name, model.eval(), adaptor, phis
 
     @torch.no_grad()
@@ -65,15 +65,16 @@ class Encoder:
         out = self.model(x)
         summary, teacher_space = out.summary, out.patch_tokens
         if self.adaptor is not None:
-            summary, spatial_z = self.adaptor(out.summary, out.patch_tokens)
-            teacher_space = self.phis.destandardize(spatial_z)
-        return summary, out.patch_tokens, teacher_space
+            summary_z, spatial_z = self.adaptor(out.summary, out.patch_tokens)
+            summary = self.phis["summary"].from_direction(summary_z)
+            teacher_space = self.phis["spatial"].destandardize(spatial_z)
+        return summary, out.patch_tokens, teacher_space, out.summary
 
 
 def load_encoders(p: dict, root: Path) -> dict[str, Encoder]:
     entry = teacher_entry(root, p["teacher"], "evaluate.teacher")
     teacher = load_vit(root / TEACHERS / entry["file"]).eval()
-    phis = PhiS.load(root / "data/features" / Path(entry["file"]).stem / "phis.safetensors")
+    phis = load_teacher_phis(root / "data/features" / Path(entry["file"]).stem)
     encoders = {}
     # The teacher first: the students' fidelity is measured against its features.
     for name in ["teacher"] + [m for m in p["models"] if m != "teacher"]:
@@ -95,7 +96,8 @@ def load_encoders(p: dict, root: Path) -> dict[str, Encoder]:
 
 
 def encode(encoder: Encoder, images: list[np.ndarray], resolution: int, batch_size: int):
-    """All images at `resolution` -> (summary [N, D], patches [N, h, w, D], teacher space [N, h, w, D_t])."""
+    """All images at `resolution` -> (summary [N, D], patches [N, h, w, D], teacher space [N, h, w, D_t],
+    own summary [N, D])."""
     parts = [encoder(to_batch(images[i : i + batch_size], resolution, "cpu")) for i in range(0, len(images), batch_size)]
     return [torch.cat(t) for t in zip(*parts)]
 
@@ -130,16 +132,17 @@ def main(p: dict, root: Path, run) -> dict:
     for name, enc in encoders.items():
         start = time.perf_counter()
         r = {"parameters": parameter_count(enc.model)}
-        b_sum, b_patch, _ = encode(enc, bank.images, base, p["batch_size"])
-        q_sum, q_patch, _ = encode(enc, queries.images, base, p["batch_size"])
+        b_sum, b_patch, _, b_own = encode(enc, bank.images, base, p["batch_size"])
+        q_sum, q_patch, _, q_own = encode(enc, queries.images, base, p["batch_size"])
         knn = lambda a, b: knn_top1(a, bank_labels, b, query_labels, p["knn_k"], p["knn_temperature"])  # noqa: E731
         r["knn_summary"] = knn(b_sum, q_sum)  # adapted summary where the model has an adaptor
         r["knn_mean_patch"] = knn(b_patch.mean((1, 2)), q_patch.mean((1, 2)))
+        r["knn_summary_raw"] = knn(b_own, q_own) if enc.adaptor is not None else r["knn_summary"]
         r["seg_miou"], r["seg_miou_raw"], r["fidelity"] = {}, {}, {}
         for s, data in seg.items():
             px = base * s
-            _, tr_patch, tr_teacher_space = encode(enc, data["train"][0], px, p["batch_size"])
-            _, va_patch, va_teacher_space = encode(enc, data["val"][0], px, p["batch_size"])
+            _, tr_patch, tr_teacher_space, _ = encode(enc, data["train"][0], px, p["batch_size"])
+            _, va_patch, va_teacher_space, _ = encode(enc, data["val"][0], px, p["batch_size"])
             # The main probe reads the model's output features: through the adaptor where there is one.
             for key, train_f, val_f in [("seg_miou", tr_teacher_space, va_teacher_space),
                                         ("seg_miou_raw", tr_patch, va_patch)]:

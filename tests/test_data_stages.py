@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from cgspn.data.shards import (
     decode_image,
     decode_mask,
@@ -24,7 +25,7 @@ from cgspn.data.sources import FASHION_CLASSES, FOREGROUND_THRESHOLD, garment_sa
 from cgspn.errors import InputError, ShardError
 from cgspn.feature_cache import teacher_features
 from cgspn.outputs import replace_dir
-from cgspn.phis import Moments, PhiS
+from cgspn.phis import Moments, PhiS, load_teacher_phis
 from cgspn.teachers import load_vit
 from micro import MICRO, digest, expect_exit, write_params
 from micro import copy_root as micro_copy
@@ -132,11 +133,12 @@ def test_feature_shards_mirror_the_image_shards_and_hold_the_teachers_features(m
     assert m["images"] == 68 and m["workers"] == 2 and m["bytes_per_image"] > 0
 
 
-def test_phis_statistics_standardize_the_cached_features(micro):
+@pytest.mark.parametrize("kind", ["spatial", "summary"])
+def test_phis_statistics_standardize_the_cached_features(micro, kind):
     features = micro["root"] / "data/features/dinov2_vits14_imgfocus"
-    phis = PhiS.load(features / "phis.safetensors")
-    spatial = [decode_npy(s, "spatial") for p in sorted(features.glob("train-*.tar")) for s in iter_samples(p)]
-    z = phis.standardize(torch.tensor(np.stack(spatial)).double().reshape(-1, 384))
+    phis = load_teacher_phis(features)[kind]
+    cached = [decode_npy(s, kind) for p in sorted(features.glob("train-*.tar")) for s in iter_samples(p)]
+    z = phis.standardize(torch.tensor(np.stack(cached)).double().reshape(-1, 384))
     assert z.mean(0).abs().max() < 0.05  # estimated in float64 from float32 features; cached in float16
     assert (z.var(0, unbiased=False) - 1).abs().max() < 0.1
 
@@ -153,6 +155,19 @@ def test_phis_is_an_isotropic_rotation_that_equalizes_variance():
     R = torch.tensor(phis.rotation)
     torch.testing.assert_close(R @ R.T, torch.eye(12, dtype=torch.float64))
     torch.testing.assert_close(phis.destandardize(z), x)
+
+
+def test_a_predicted_direction_is_put_back_at_the_typical_norm():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3000, 16, generator=gen, dtype=torch.float64) * torch.logspace(-1, 1, 16, dtype=torch.float64) + 5
+    phis = PhiS.estimate(Moments.of(x))
+    z = phis.standardize(x)
+    # every standardized dimension has unit variance, so the mean squared norm is D
+    torch.testing.assert_close((z**2).sum(1).mean(), torch.tensor(16.0, dtype=torch.float64))
+    pred = z[:5] * torch.tensor([0.1, 1.0, 3.0, 7.0, 100.0], dtype=torch.float64)[:, None]  # any positive scale
+    back = phis.standardize(phis.from_direction(pred))
+    torch.testing.assert_close(back.norm(dim=1), torch.full((5,), 4.0, dtype=torch.float64))
+    torch.testing.assert_close(F.cosine_similarity(back, z[:5], dim=1), torch.ones(5, dtype=torch.float64))
 
 
 def test_each_stage_is_an_mlflow_child_run_with_params_and_artifacts(micro):

@@ -74,6 +74,22 @@ def test_stage2_reports_fidelity_before_and_after(trained):
     assert "dinov2_vits14_imgfocus/patch_cosine/56px" in trained["metrics"]["highres"]["val_end"]
 
 
+def test_backbone_lr_scale_holds_the_inherited_weights_and_trains_the_heads(trained):
+    """The micro highres stage runs with backbone_lr_scale 0: its blocks, embedding and norm are stage 2's
+    exactly, while the summary head and the adaptors (learning rate not scaled) moved."""
+    root = trained["root"]
+    before = load_student(root / "models/distill_stage2/student.safetensors").state_dict()
+    after = load_student(root / "models/highres/student.safetensors").state_dict()
+    backbone = [k for k in after if k.startswith(("patch_embed.", "blocks.", "norm."))]
+    heads = [k for k in after if k.startswith("summary_head.")]
+    assert len(backbone) > 100 and len(backbone) + len(heads) == len(after)
+    assert all(torch.equal(before[k], after[k]) for k in backbone)
+    assert any(not torch.equal(before[k], after[k]) for k in heads)
+    a0 = load_adaptors(root / "models/distill_stage2/adaptors.safetensors").state_dict()
+    a1 = load_adaptors(root / "models/highres/adaptors.safetensors").state_dict()
+    assert any(not torch.equal(a0[k], a1[k]) for k in a1)
+
+
 def test_rank_zero_logs_every_step_to_mlflow(trained):
     import mlflow
 
@@ -136,3 +152,18 @@ def test_both_parameter_sets_pass_every_stage_schema(params_file):
 
     for stage in DATA_STAGES + TRAIN_STAGES:
         load_section(REPO / params_file, stage, stage_module(stage).SCHEMA)
+
+
+def test_evaluate_scores_every_model_against_the_teacher(trained):
+    ev = json.loads((trained["root"] / "reports/metrics/evaluate.json").read_text())
+    models = ev["models"]
+    assert list(models) == ["teacher", "random", "distill_stage1", "distill_stage2", "highres"]
+    sides = [str(ev["resolution"] * s) for s in (1, 2)]
+    for name, r in models.items():
+        for key in ["knn_summary", "knn_summary_raw", "knn_mean_patch"]:
+            assert 0.0 <= r[key] <= 1.0, (name, key)
+        assert sorted(r["seg_miou"]) == sorted(sides) and all(0.0 <= v <= 1.0 for v in r["seg_miou"].values())
+    # the teacher's features against themselves; the students' through their adaptors, de-standardized
+    assert all(abs(v - 1.0) < 1e-5 for v in models["teacher"]["fidelity"].values())
+    assert models["teacher"]["knn_summary_raw"] == models["teacher"]["knn_summary"]
+    assert all(-1.0 <= v < 0.999 for m in ["distill_stage2", "highres"] for v in models[m]["fidelity"].values())
