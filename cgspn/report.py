@@ -26,25 +26,33 @@ def _table(header: list[str], rows: list[list]) -> str:
 def evaluation_section(ev: dict) -> list[str]:
     models = ev["models"]
     sides = sorted({int(k) for r in models.values() for k in r["seg_miou"]})
-    rows = []
+    rows, adapted_rows = [], []
     for name, r in models.items():
-        knn = [r["knn_summary"], r.get("knn_summary_raw", r["knn_summary"]), r["knn_mean_patch"]]
+        knn = [_pct(r["knn_summary"]), _pct(r["knn_mean_patch"])]
         seg = [_pct(r["seg_miou"].get(str(s), float("nan"))) for s in sides]
         fidelity = [f"{r['fidelity'][str(s)]:.3f}" if str(s) in r["fidelity"] else "-" for s in sides]
-        rows.append([MODEL_NAMES.get(name, name), f"{r['parameters'] / 1e6:.1f} M"] + [_pct(k) for k in knn] + seg + fidelity)
-    header = ["model", "parameters", "kNN top-1, summary (%)", "kNN top-1, own summary (%)",
-              "kNN top-1, mean patch (%)"] + \
+        rows.append([MODEL_NAMES.get(name, name), f"{r['parameters'] / 1e6:.1f} M"] + knn + seg + fidelity)
+        if r.get("knn_summary_adapted") is not None:
+            adapted_rows.append([MODEL_NAMES.get(name, name), _pct(r["knn_summary_adapted"])]
+                                + [_pct(r["seg_miou_adapted"].get(str(s), float("nan"))) for s in sides])
+    header = ["model", "parameters", "kNN top-1, summary (%)", "kNN top-1, mean patch (%)"] + \
         [f"seg mIoU {s} px (%)" for s in sides] + [f"fidelity {s} px" for s in sides]
     out = ["## How good the features are", "",
-           "kNN: Fashion-MNIST `val` garments classified against the `train` garments (k = 20, votes weighted by "
-           "exp(cosine / 0.07)); the summary is the adaptor's prediction of the teacher's summary where the model "
-           "has an adaptor, the own summary is the model's summary vector before any adaptor. Segmentation: a linear probe (BatchNorm + 1x1 conv) on frozen patch features, "
-           f"trained on garment mosaics and scored on held-out mosaics at {', '.join(map(str, sides))} px (bigger "
-           "mosaics, more garments). Fidelity: mean cosine similarity of the model's features, through its "
-           "adaptor where it has one, to the teacher's patch features on the same images.", "",
-           _table(header, rows), "", "![metrics against resolution](figures/evaluate_resolution.png)", "",
-           "PCA of the patch features (first three components as RGB), teacher above the student:", "",
-           "![PCA feature maps](figures/pca_maps.png)", ""]
+           "Every model is scored on its own features. kNN: Fashion-MNIST `val` garments classified against the "
+           "`train` garments (k = 20, votes weighted by exp(cosine / 0.07)) by the summary vector, and by the "
+           "mean of the patch features. Segmentation: a linear probe (BatchNorm + 1x1 conv) on the frozen patch "
+           f"features, trained on garment mosaics and scored on held-out mosaics at {', '.join(map(str, sides))} "
+           "px (bigger mosaics, more garments). Fidelity: mean cosine similarity of the model's features, through "
+           "its adaptor where it has one, to the teacher's patch features on the same images.", "",
+           _table(header, rows), ""]
+    if adapted_rows:
+        out += ["The students' adaptor outputs (their predictions of the teacher's summary and patch features), "
+                "scored the same way:", "",
+                _table(["model", "kNN top-1, adapted summary (%)"] + [f"seg mIoU {s} px, adapted (%)" for s in sides],
+                       adapted_rows), ""]
+    out += ["![metrics against resolution](figures/evaluate_resolution.png)", "",
+            "PCA of the patch features (first three components as RGB), teacher above the student:", "",
+            "![PCA feature maps](figures/pca_maps.png)", ""]
     t, s2, hr = models.get("teacher"), models.get("distill_stage2"), models.get("highres")
     checks = []
     if t and s2 and "random" in models:

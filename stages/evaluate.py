@@ -1,8 +1,8 @@
 """Stage `evaluate`: how good each model's features are, against the teacher.
 
 Models: the teacher, a randomly initialized student, and the distill_stage1, distill_stage2 and highres
-students. For each: kNN top-1 on the Fashion-MNIST `val` garments against the `train` garments (summary
-vector, and mean-pooled patch features), a linear segmentation probe (BatchNorm + 1x1 conv, trained on
+students. For each: kNN top-1 on the Fashion-MNIST `val` garments against the `train` garments (the model's summary
+vector, the adaptor's summary where there is one, and mean-pooled patch features), a linear segmentation probe (BatchNorm + 1x1 conv, trained on
 `mosaic_train[_x<s>]`, mIoU on `mosaic_val[_x<s>]`) at 1x, 2x and 4x the training resolution, fidelity
 to the teacher (mean cosine of the adapted patch features) at those sizes, and parameter counts. Writes
 reports/metrics/evaluate.json, reports/figures/evaluate_resolution.png and reports/figures/pca_maps.png.
@@ -34,7 +34,7 @@ from stages.distill_stage1 import TEACHERS, teacher_entry
 SCHEMA = {
     "teacher": Param(str),
     "models": Param(list, item=str, choices=("teacher", "random", "distill_stage1", "distill_stage2", "highres")),
-    "knn_bank_split": Param(str),  # memory bank; the kNN summary uses the adaptor's output where there is one
+    "knn_bank_split": Param(str),  # memory bank
     "knn_query_split": Param(str),
     "knn_k": Param(int, min=1),
     "knn_temperature": Param(float, min=1e-6),
@@ -135,20 +135,22 @@ def main(p: dict, root: Path, run) -> dict:
         b_sum, b_patch, _, b_own = encode(enc, bank.images, base, p["batch_size"])
         q_sum, q_patch, _, q_own = encode(enc, queries.images, base, p["batch_size"])
         knn = lambda a, b: knn_top1(a, bank_labels, b, query_labels, p["knn_k"], p["knn_temperature"])  # noqa: E731
-        r["knn_summary"] = knn(b_sum, q_sum)  # adapted summary where the model has an adaptor
+        # The model's own summary vector, the one every model has; and, for students with an adaptor, the
+        # adaptor's prediction of the teacher's summary.
+        r["knn_summary"] = knn(b_own, q_own)
+        r["knn_summary_adapted"] = knn(b_sum, q_sum) if enc.adaptor is not None else None
         r["knn_mean_patch"] = knn(b_patch.mean((1, 2)), q_patch.mean((1, 2)))
-        r["knn_summary_raw"] = knn(b_own, q_own) if enc.adaptor is not None else r["knn_summary"]
-        r["seg_miou"], r["seg_miou_raw"], r["fidelity"] = {}, {}, {}
+        r["seg_miou"], r["seg_miou_adapted"], r["fidelity"] = {}, {}, {}
         for s, data in seg.items():
             px = base * s
             _, tr_patch, tr_teacher_space, _ = encode(enc, data["train"][0], px, p["batch_size"])
             _, va_patch, va_teacher_space, _ = encode(enc, data["val"][0], px, p["batch_size"])
-            # The main probe reads the model's output features: through the adaptor where there is one.
-            for key, train_f, val_f in [("seg_miou", tr_teacher_space, va_teacher_space),
-                                        ("seg_miou_raw", tr_patch, va_patch)]:
-                if key == "seg_miou_raw" and enc.adaptor is None:
-                    r[key][str(px)] = r["seg_miou"][str(px)]  # the same features
-                    continue
+            # The probe reads the model's own patch features (what every model has), and for students with
+            # an adaptor also the adaptor's prediction of the teacher's features.
+            probes = [("seg_miou", tr_patch, va_patch)]
+            if enc.adaptor is not None:
+                probes.append(("seg_miou_adapted", tr_teacher_space, va_teacher_space))
+            for key, train_f, val_f in probes:
                 probe = train_seg_probe(train_f, data["train"][1], classes, p["seg_epochs"], seed=p["seed"])
                 r[key][str(px)] = mean_iou(probe, val_f, data["val"][1], classes)
             if name == "teacher":
@@ -158,7 +160,8 @@ def main(p: dict, root: Path, run) -> dict:
                 r["fidelity"][str(px)] = cos.mean().item()
         r["seconds"] = round(time.perf_counter() - start, 1)
         results[name] = r
-        print(f"evaluate: {name}: kNN summary {r['knn_summary']:.3f}, mean-patch {r['knn_mean_patch']:.3f}; "
+        adapted = f" (adapted {r['knn_summary_adapted']:.3f})" if enc.adaptor is not None else ""
+        print(f"evaluate: {name}: kNN summary {r['knn_summary']:.3f}{adapted}, mean-patch {r['knn_mean_patch']:.3f}; "
               f"seg mIoU {', '.join(f'{k}px {v:.3f}' for k, v in r['seg_miou'].items())}; "
               f"fidelity {', '.join(f'{k}px {v:.3f}' for k, v in r['fidelity'].items())} ({r['seconds']} s)",
               flush=True)
