@@ -5,8 +5,9 @@ validation. Each task is built on every worker from a plain dict (its params plu
   mixer gets the teacher's normalized input to its block and must reproduce the teacher's attention output
   there (relative MSE + cosine term per block, weighted). Only the mixers train.
 - `Stage2Task` (end to end): everything trains. Student features go through each teacher's adaptor heads
-  and are matched to that teacher's features, spatial in PHI-S space (MSE), summary by cosine. Targets
-  come from the feature cache, or from the teacher online (`targets: online`).
+  and are matched to that teacher's features, spatial in PHI-S space (MSE), summary by cosine, and the
+  patch tokens of chosen intermediate blocks of the teacher (`block_targets`) like the spatial ones.
+  Targets come from the feature cache, or from the teacher online (`targets: online`).
 - `HighresTask`: stage 2's objective at higher resolutions, with targets from the teacher computed online
   at that resolution (its position grid interpolated). Steps cycle through the resolutions.
 """
@@ -112,34 +113,54 @@ class Stage1Task:
         return {"loss": float(np.mean(per_block)), **{f"block{i}": v for i, v in enumerate(per_block)}}
 
 
+def feature_names(cfg: dict) -> dict[str, tuple[str, ...]]:
+    """Per teacher, the features the objective reads: "summary", "spatial" and "block<k>" per block target."""
+    blocks = cfg.get("block_targets", {})
+    return {t: ("summary", "spatial", *(f"block{k}" for k in blocks.get(t, []))) for t in cfg["teacher_weights"]}
+
+
 class AdaptedObjective:
     """Student features through each teacher's adaptors, compared with that teacher's targets, both in the
-    teacher's PHI-S standardized space: spatial by MSE, summary by cosine. The summary is standardized too
-    because a teacher's summary vectors share a large common component (DINOv2's: cosine 0.91 to their
-    mean on Fashion-MNIST); a cosine on raw vectors is then near 0.95 for a head that predicts only that
-    mean, and says nothing about what tells images apart."""
+    teacher's PHI-S standardized space: spatial (and each block target) by MSE, summary by cosine. The
+    summary is standardized too because a teacher's summary vectors share a large common component
+    (DINOv2's: cosine 0.91 to their mean on Fashion-MNIST); a cosine on raw vectors is then near 0.95 for a
+    head that predicts only that mean, and says nothing about what tells images apart."""
 
     def __init__(self, cfg: dict, device):
         self.cfg, self.device = cfg, device
         self.teachers = list(cfg["teacher_weights"])
+        self.names = feature_names(cfg)
         self.phis = {t: load_teacher_phis(cfg["features"][t]) for t in self.teachers}
 
+    def standardized(self, teacher: str, name: str, target: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """A cached or online target [B, D] or [B, h_t, w_t, D] -> PHI-S space, grids resized to hw."""
+        target = target.float().to(self.device)
+        if target.dim() == 4:
+            target = match_grid(target, hw)
+        return self.phis[teacher][name].standardize(target)
+
+    def predictions(self, trainable: nn.Module, teacher: str, out) -> dict[str, torch.Tensor]:
+        """The adaptor heads of `teacher` on the student's output -> {feature name: prediction in PHI-S space}."""
+        adaptor = trainable["adaptors"][teacher]
+        tokens = out.patch_tokens.float()
+        preds = dict(zip(("summary", "spatial"), adaptor(out.summary.float(), tokens)))
+        preds.update({name: adaptor.blocks[name[len("block"):]](tokens) for name in self.names[teacher][2:]})
+        return preds
+
     def terms(self, trainable: nn.Module, x: torch.Tensor, targets: dict) -> tuple[torch.Tensor, dict]:
-        """targets[teacher] = (summary [B, D_t], spatial [B, h_t, w_t, D_t]) -> (weighted loss, parts)."""
+        """targets[teacher][name]: "summary" [B, D_t], "spatial" and "block<k>" [B, h_t, w_t, D_t]
+        -> (weighted loss, parts)."""
         with autocast(self.device):
             out = trainable["student"](x)
         hw = tuple(out.patch_tokens.shape[1:3])
+        weight = {"summary": self.cfg["summary_weight"], "spatial": self.cfg["spatial_weight"]}
         total, parts = 0.0, {}
         for t in self.teachers:
-            summary_pred, spatial_pred = trainable["adaptors"][t](out.summary.float(), out.patch_tokens.float())
-            summary, spatial = targets[t]
-            z = self.phis[t]["spatial"].standardize(match_grid(spatial.float().to(self.device), hw))
-            l_spatial = spatial_loss(spatial_pred, z)
-            summary_z = self.phis[t]["summary"].standardize(summary.float().to(self.device))
-            l_summary = cosine_distance(summary_pred, summary_z)
-            parts[f"{t}/spatial"], parts[f"{t}/summary"] = l_spatial.item(), l_summary.item()
-            w = self.cfg["teacher_weights"][t]
-            total = total + w * (self.cfg["spatial_weight"] * l_spatial + self.cfg["summary_weight"] * l_summary)
+            for name, pred in self.predictions(trainable, t, out).items():
+                z = self.standardized(t, name, targets[t][name], hw)
+                loss = cosine_distance(pred, z) if name == "summary" else spatial_loss(pred, z)
+                parts[f"{t}/{name}"] = loss.item()
+                total = total + self.cfg["teacher_weights"][t] * weight.get(name, self.cfg.get("block_weight", 1.0)) * loss
         return total, parts
 
     @torch.no_grad()
@@ -151,22 +172,35 @@ class AdaptedObjective:
         hw = tuple(out.patch_tokens.shape[1:3])
         result = {}
         for t in self.teachers:
-            summary_pred, spatial_pred = trainable["adaptors"][t](out.summary.float(), out.patch_tokens.float())
-            summary, spatial = (v.float().to(self.device) for v in targets[t])
-            spatial = match_grid(spatial, hw)
-            phis = self.phis[t]
-            result[f"{t}/patch_cosine"] = mean_cosine(phis["spatial"].destandardize(spatial_pred), spatial)
-            result[f"{t}/summary_cosine"] = mean_cosine(phis["summary"].from_direction(summary_pred), summary)
-            result[f"{t}/summary_cosine_z"] = mean_cosine(summary_pred, phis["summary"].standardize(summary))
+            preds, phis = self.predictions(trainable, t, out), self.phis[t]
+            summary = targets[t]["summary"].float().to(self.device)
+            spatial = match_grid(targets[t]["spatial"].float().to(self.device), hw)
+            result[f"{t}/patch_cosine"] = mean_cosine(phis["spatial"].destandardize(preds["spatial"]), spatial)
+            result[f"{t}/summary_cosine"] = mean_cosine(phis["summary"].from_direction(preds["summary"]), summary)
+            result[f"{t}/summary_cosine_z"] = mean_cosine(preds["summary"], phis["summary"].standardize(summary))
+            for name in self.names[t][2:]:
+                block = match_grid(targets[t][name].float().to(self.device), hw)
+                result[f"{t}/{name}_cosine"] = mean_cosine(phis[name].destandardize(preds[name]), block)
             if spatial.shape[-1] == out.patch_tokens.shape[-1]:
                 result[f"{t}/patch_cosine_raw"] = mean_cosine(out.patch_tokens, spatial)
         return result
 
 
-def online_targets(teachers: dict, x: torch.Tensor, device) -> dict:
-    with torch.no_grad(), autocast(device):
-        outs = {t: m(x) for t, m in teachers.items()}
-    return {t: (o.summary.float(), o.patch_tokens.float()) for t, o in outs.items()}
+def online_targets(teachers: dict, x: torch.Tensor, device, names: dict[str, tuple[str, ...]]) -> dict:
+    """The teachers run on x -> targets[teacher][name] as `AdaptedObjective.terms` takes them."""
+    targets = {}
+    for t, model in teachers.items():
+        blocks = [int(n[len("block"):]) for n in names[t] if n.startswith("block")]
+        with torch.no_grad(), autocast(device):
+            out = model(x, layers=blocks)
+        targets[t] = {"summary": out.summary.float(), "spatial": out.patch_tokens.float(),
+                      **{f"block{k}": v.float() for k, v in out.layer_tokens.items()}}
+    return targets
+
+
+def cached_targets(features: dict, idx: torch.Tensor) -> dict:
+    """features[teacher][name]: [N, ...] held by a ShardSubset -> the rows idx, as targets[teacher][name]."""
+    return {t: {n: f[idx] for n, f in named.items()} for t, named in features.items()}
 
 
 class Stage2Task:
@@ -179,10 +213,11 @@ class Stage2Task:
         self.teachers = {t: load_vit(cfg["teacher_paths"][t]).eval().requires_grad_(False).to(device)
                          for t in self.objective.teachers} if online else {}
         feature_dirs = None if online else {t: Path(cfg["features"][t]) for t in self.objective.teachers}
-        self.data = ShardSubset(cfg["shards"], cfg["splits"], rank, world, feature_dirs)
+        names = self.objective.names
+        self.data = ShardSubset(cfg["shards"], cfg["splits"], rank, world, feature_dirs, names)
         val_dirs = {t: Path(cfg["features"][t]) for t in self.objective.teachers}
-        self.val = (ShardSubset(cfg["shards"], [cfg["val_split"]], feature_dirs=val_dirs, limit=cfg["val_count"])
-                    if rank == 0 else None)
+        self.val = (ShardSubset(cfg["shards"], [cfg["val_split"]], feature_dirs=val_dirs, feature_names=names,
+                                limit=cfg["val_count"]) if rank == 0 else None)
         self.images_per_step = cfg["batch_size"]
 
     def param_groups(self, backbone_lr_scale: float = 1.0) -> list[dict]:
@@ -190,19 +225,19 @@ class Stage2Task:
 
     @staticmethod
     def build(cfg: dict) -> nn.Module:
-        """{"student": from `cfg["init_student"]`, "adaptors": fresh heads, one per teacher}."""
+        """{"student": from `cfg["init_student"]`, "adaptors": fresh heads, one set per teacher}."""
         student = load_student(cfg["init_student"]).requires_grad_(True)
-        adaptors = Adaptors(student.cfg.dim, cfg["teacher_dims"], cfg["adaptor_hidden"] or None)
+        adaptors = Adaptors(student.cfg.dim, cfg["teacher_dims"], cfg["adaptor_hidden"] or None,
+                            cfg.get("block_targets"))
         return nn.ModuleDict({"student": student, "adaptors": adaptors})
 
     def loss(self, step: int):
         idx = self.data.batch_indices(step, self.cfg["batch_size"], self.seed, self.rank)
         x = to_batch([self.data.images[i] for i in idx], self.cfg["resolution"], self.device)
         if self.teachers:
-            targets = online_targets(self.teachers, x, self.device)
+            targets = online_targets(self.teachers, x, self.device, self.objective.names)
         else:
-            idx_t = torch.as_tensor(idx)
-            targets = {t: (f["summary"][idx_t], f["spatial"][idx_t]) for t, f in self.data.features.items()}
+            targets = cached_targets(self.data.features, torch.as_tensor(idx))
         return self.objective.terms(self.trainable, x, targets)
 
     @torch.no_grad()
@@ -213,7 +248,7 @@ class Stage2Task:
         for start in range(0, len(self.val), B):
             idx = torch.arange(start, min(start + B, len(self.val)))
             x = to_batch([self.val.images[i] for i in idx], self.cfg["resolution"], self.device)
-            targets = {t: (f["summary"][idx], f["spatial"][idx]) for t, f in self.val.features.items()}
+            targets = cached_targets(self.val.features, idx)
             _, losses = self.objective.terms(self.trainable, x, targets)
             for k, v in {**losses, **self.objective.fidelity(self.trainable, x, targets)}.items():
                 sums[k] = sums.get(k, 0.0) + v * len(idx)
@@ -247,7 +282,8 @@ class HighresTask(Stage2Task):
         data, B, r = self.data[j], self.cfg["batch_sizes"][j], self.cfg["resolutions"][j]
         idx = data.batch_indices(step // len(self.cfg["resolutions"]), B, self.seed, self.rank)
         x = to_batch([data.images[i] for i in idx], r, self.device)
-        loss, parts = self.objective.terms(self.trainable, x, online_targets(self.teachers, x, self.device))
+        targets = online_targets(self.teachers, x, self.device, self.objective.names)
+        loss, parts = self.objective.terms(self.trainable, x, targets)
         return loss, {f"{k}/{r}px": v for k, v in parts.items()}
 
     @torch.no_grad()
@@ -258,7 +294,7 @@ class HighresTask(Stage2Task):
             sums, n = {}, 0
             for start in range(0, len(val), B):
                 x = to_batch(val.images[start : start + B], r, self.device)
-                targets = online_targets(self.teachers, x, self.device)
+                targets = online_targets(self.teachers, x, self.device, self.objective.names)
                 for k, v in self.objective.fidelity(self.trainable, x, targets).items():
                     sums[k] = sums.get(k, 0.0) + v * len(x)
                 n += len(x)

@@ -16,7 +16,7 @@ import torch
 
 from .errors import ShardError
 from .data.shards import TAR_MTIME, decode_image, encode_npy, iter_samples
-from .phis import PHIS_FILES, Moments
+from .phis import Moments
 from .teachers import preprocess
 
 
@@ -26,7 +26,7 @@ class ShardResult:
     count: int
     seconds: float  # wall time of reading, teacher forward and writing
     bytes: int  # size of the feature shard
-    moments: dict[str, Moments]  # {"spatial", "summary"}: float64 sums over those vectors (for PHI-S)
+    moments: dict[str, Moments]  # per feature kind ("spatial", "summary", "block<k>"): float64 sums (PHI-S)
 
 
 @torch.inference_mode()
@@ -52,7 +52,7 @@ def cache_shard(teacher, image_shard: Path, out_shard: Path, resolution: int, la
     with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
         while batch := [s for _, s in zip(range(batch_size), samples)]:
             feats = teacher_features(teacher, [decode_image(s, image_shard) for s in batch], resolution, layers)
-            m = {k: Moments.of(feats[k]) for k in PHIS_FILES}
+            m = {k: Moments.of(v) for k, v in feats.items()}
             moments = m if moments is None else {k: moments[k] + m[k] for k in m}
             for i, s in enumerate(batch):
                 record = {"__key__": s["__key__"]}

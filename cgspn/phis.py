@@ -136,7 +136,17 @@ class PhiS:
 PHIS_FILES = {"spatial": "phis.safetensors", "summary": "phis_summary.safetensors"}
 
 
+def phis_file(kind: str) -> str:
+    """The statistics file of a feature kind: "spatial", "summary", or "block<k>" (an intermediate block)."""
+    return PHIS_FILES.get(kind, f"phis_{kind}.safetensors")
+
+
 def load_teacher_phis(feature_dir: str | Path) -> dict[str, PhiS]:
-    """{"spatial": PhiS of the patch features, "summary": PhiS of the summary vectors} from a teacher's
-    feature cache (written by the cache_teacher stage)."""
-    return {kind: PhiS.load(Path(feature_dir) / name) for kind, name in PHIS_FILES.items()}
+    """{"spatial": PhiS of the patch features, "summary": PhiS of the summary vectors, "block<k>": PhiS of
+    block k's patch tokens for every cached block} from a teacher's feature cache (the cache_teacher stage)."""
+    import json
+
+    meta = Path(feature_dir) / "meta.json"
+    blocks = json.loads(meta.read_text()).get("layers", []) if meta.exists() else []
+    kinds = [*PHIS_FILES, *(f"block{k}" for k in blocks)]
+    return {kind: PhiS.load(Path(feature_dir) / phis_file(kind)) for kind in kinds}

@@ -32,6 +32,9 @@ def evaluation_section(ev: dict) -> list[str]:
         seg = [_pct(r["seg_miou"].get(str(s), float("nan"))) for s in sides]
         fidelity = [f"{r['fidelity'][str(s)]:.3f}" if str(s) in r["fidelity"] else "-" for s in sides]
         rows.append([MODEL_NAMES.get(name, name), f"{r['parameters'] / 1e6:.1f} M"] + knn + seg + fidelity)
+        for k, seg_k in r.get("seg_miou_blocks", {}).items():  # the teacher's blocks that students also learn
+            rows.append([f"{MODEL_NAMES.get(name, name)}, block {k}", "-", "-", "-"]
+                        + [_pct(seg_k.get(str(s), float("nan"))) for s in sides] + ["-"] * len(sides))
         if r.get("knn_summary_adapted") is not None:
             adapted_rows.append([MODEL_NAMES.get(name, name), _pct(r["knn_summary_adapted"])]
                                 + [_pct(r["seg_miou_adapted"].get(str(s), float("nan"))) for s in sides])
@@ -43,7 +46,9 @@ def evaluation_section(ev: dict) -> list[str]:
            "mean of the patch features. Segmentation: a linear probe (BatchNorm + 1x1 conv) on the frozen patch "
            f"features, trained on garment mosaics and scored on held-out mosaics at {', '.join(map(str, sides))} "
            "px (bigger mosaics, more garments). Fidelity: mean cosine similarity of the model's features, through "
-           "its adaptor where it has one, to the teacher's patch features on the same images.", "",
+           "its adaptor where it has one, to the teacher's patch features on the same images. A teacher block row "
+           "is the probe on that intermediate block of the teacher (its patch tokens through the final norm): the "
+           "students learn to predict it beside the teacher's output, so it is a target they saw.", "",
            _table(header, rows), ""]
     if adapted_rows:
         out += ["The students' adaptor outputs (their predictions of the teacher's summary and patch features), "

@@ -44,9 +44,10 @@ def save_adaptors(adaptors: Adaptors, path: str | Path) -> Path:
 def adaptors_config(adaptors: Adaptors) -> dict:
     first = next(iter(adaptors.values()))
     return {"student_dim": first.summary.norm.normalized_shape[0], "hidden": first.summary.fc1.out_features,
-            "teacher_dims": {name: a.summary.fc2.out_features for name, a in adaptors.items()}}
+            "teacher_dims": {name: a.summary.fc2.out_features for name, a in adaptors.items()},
+            "blocks": {name: [int(k) for k in a.blocks] for name, a in adaptors.items() if len(a.blocks)}}
 
 
 def load_adaptors(path: str | Path) -> Adaptors:
     cfg = read_config(path)
-    return load_state(Adaptors(cfg["student_dim"], cfg["teacher_dims"], cfg["hidden"]), path)
+    return load_state(Adaptors(cfg["student_dim"], cfg["teacher_dims"], cfg["hidden"], cfg.get("blocks")), path)

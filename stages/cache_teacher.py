@@ -1,9 +1,9 @@
 """Stage `cache_teacher`: every teacher of models/teachers over the image shards, in parallel on Ray.
 
 Writes data/features/<teacher>/<split>-NNNNNN.tar mirroring data/shards key by key (float16 summary,
-spatial grid and chosen intermediate blocks), `phis.safetensors` and `phis_summary.safetensors` (PHI-S
-statistics over the spatial features and over the summary vectors of `phis_splits`) and `meta.json` beside
-them. An actor pool of `workers` actors, each loading
+spatial grid and chosen intermediate blocks), PHI-S statistics over the features of `phis_splits`
+(`phis.safetensors` for the spatial grid, `phis_summary.safetensors` for the summary vectors,
+`phis_block<k>.safetensors` for each cached block) and `meta.json` beside them. An actor pool of `workers` actors, each loading
 its teacher once; one task per shard. `ray.init` joins the cluster at RAY_ADDRESS when it is set (the
 paths must then be on a filesystem every node sees), else starts Ray locally.
 """
@@ -24,7 +24,7 @@ from cgspn.data.shards import split_shards
 from cgspn.errors import InputError, ParamError
 from cgspn.outputs import replace_dir, write_json
 from cgspn.params import Param
-from cgspn.phis import PHIS_FILES, PhiS
+from cgspn.phis import PhiS, phis_file
 from cgspn.stage import run_stage
 
 SCHEMA = {
@@ -124,9 +124,9 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> di
         ray.kill(a)
     if moments is None:
         raise InputError(f"cache_teacher: no features in phis_splits {p['phis_splits']} to estimate PHI-S from")
-    phis = {kind: PhiS.estimate(moments[kind]) for kind in PHIS_FILES}
-    for kind, name in PHIS_FILES.items():
-        phis[kind].save(out_dir / name)
+    phis = {kind: PhiS.estimate(m) for kind, m in moments.items()}
+    for kind, stats in phis.items():
+        stats.save(out_dir / phis_file(kind))
     feature_bytes = sum(f.stat().st_size for f in out_dir.glob("*.tar"))
     grid = p["resolution"] // teacher["config"]["patch_size"]
     meta = {"teacher": teacher["name"], "resolution": p["resolution"], "grid": [grid, grid],

@@ -1,6 +1,7 @@
 """Stage `distill_stage2`: end-to-end distillation from the stage-1 student. Student features go through
 one adaptor per teacher and are matched to that teacher's cached features (spatial: MSE in PHI-S space;
-summary: cosine), weighted per teacher. `targets: online` recomputes them with the teacher instead.
+summary: cosine; the patch tokens of the intermediate blocks in `block_targets`: MSE in PHI-S space),
+weighted per teacher. `targets: online` recomputes them with the teacher instead.
 Writes models/distill_stage2/{student,adaptors}.safetensors (+ .json), reports/metrics and reports/plots.
 """
 from __future__ import annotations
@@ -24,6 +25,8 @@ SCHEMA = {
     "targets": Param(str, choices=("cache", "online")),
     "spatial_weight": Param(float, min=0.0),
     "summary_weight": Param(float, min=0.0),
+    "block_targets": Param(dict),  # {teacher: [block, ...]}: intermediate blocks to match too (cached ones)
+    "block_weight": Param(float, min=0.0),
     "adaptor_hidden": Param(int, min=0),  # 0: max(student width, teacher width)
 }
 SHARDS = Path("data/shards")
@@ -31,10 +34,15 @@ FEATURES = Path("data/features")
 
 
 def teachers_config(p: dict, root: Path, section: str) -> dict:
-    """Paths, widths and feature folders of the weighted teachers; the resolution of their cache."""
+    """Paths, widths and feature folders of the weighted teachers, their block targets, the resolution of
+    their cache. A block target must be in the teacher's feature cache (its PHI-S statistics are there)."""
     if not p["teacher_weights"]:
         raise ParamError(f"params.yaml: {section}.teacher_weights must name at least one teacher")
-    cfg = {"teacher_weights": {}, "teacher_paths": {}, "teacher_dims": {}, "features": {}}
+    unknown = sorted(set(p["block_targets"]) - set(p["teacher_weights"]))
+    if unknown:
+        raise ParamError(f"params.yaml: {section}.block_targets names {unknown}, which are not in teacher_weights")
+    cfg = {"teacher_weights": {}, "teacher_paths": {}, "teacher_dims": {}, "features": {}, "block_targets": {},
+           "block_weight": p["block_weight"]}
     resolutions = set()
     for name, weight in p["teacher_weights"].items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
@@ -44,7 +52,18 @@ def teachers_config(p: dict, root: Path, section: str) -> dict:
         meta = features / "meta.json"
         if not meta.exists():
             raise FileNotFoundError(f"{meta}: missing (run the cache_teacher stage first)")
-        resolutions.add(json.loads(meta.read_text())["resolution"])
+        meta = json.loads(meta.read_text())
+        resolutions.add(meta["resolution"])
+        blocks = p["block_targets"].get(name, [])
+        if not isinstance(blocks, list) or any(isinstance(k, bool) or not isinstance(k, int) for k in blocks):
+            raise ParamError(f"params.yaml: {section}.block_targets.{name} must be a list of block indices, "
+                             f"got {blocks!r}")
+        missing = sorted(set(blocks) - set(meta.get("layers", [])))
+        if missing:
+            raise ParamError(f"params.yaml: {section}.block_targets.{name} has blocks {missing} that the feature "
+                             f"cache does not hold (cache_teacher.layers is {meta.get('layers', [])})")
+        if blocks:
+            cfg["block_targets"][name] = blocks
         cfg["teacher_weights"][name] = float(weight)
         cfg["teacher_paths"][name] = str((root / TEACHERS / entry["file"]).resolve())
         cfg["teacher_dims"][name] = entry["config"]["dim"]

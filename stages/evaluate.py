@@ -4,7 +4,9 @@ Models: the teacher, a randomly initialized student, and the distill_stage1, dis
 students. For each: kNN top-1 on the Fashion-MNIST `val` garments against the `train` garments (the model's summary
 vector, the adaptor's summary where there is one, and mean-pooled patch features), a linear segmentation probe (BatchNorm + 1x1 conv, trained on
 `mosaic_train[_x<s>]`, mIoU on `mosaic_val[_x<s>]`) at 1x, 2x and 4x the training resolution, fidelity
-to the teacher (mean cosine of the adapted patch features) at those sizes, and parameter counts. Writes
+to the teacher (mean cosine of the adapted patch features) at those sizes, and parameter counts. The
+teacher's intermediate blocks in `teacher_blocks` (the students' block targets) get the segmentation probe
+too, so that a student's figure can be read against every target it learned from. Writes
 reports/metrics/evaluate.json, reports/figures/evaluate_resolution.png and reports/figures/pca_maps.png.
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ from cgspn.evaluation import knn_top1, mean_iou, train_seg_probe
 from cgspn.figures import pca_figure, resolution_figure
 from cgspn.models.cgspn import cgspn_from_teacher_config
 from cgspn.models.vit import parameter_count
+from cgspn.errors import ParamError
 from cgspn.outputs import write_json
 from cgspn.params import Param
 from cgspn.phis import PhiS, load_teacher_phis
@@ -40,6 +43,7 @@ SCHEMA = {
     "knn_temperature": Param(float, min=1e-6),
     "seg_scales": Param(list, item=int, min=1),
     "seg_epochs": Param(int, min=1),
+    "teacher_blocks": Param(list, item=int, min=0),  # teacher blocks to probe too (the block targets)
     "pca_photo": Param(str),
     "pca_sizes": Param(list, item=int, min=14),
     "pca_model": Param(str),
@@ -102,6 +106,15 @@ def encode(encoder: Encoder, images: list[np.ndarray], resolution: int, batch_si
     return [torch.cat(t) for t in zip(*parts)]
 
 
+@torch.no_grad()
+def teacher_block_features(teacher, images: list[np.ndarray], resolution: int, blocks: list[int],
+                           batch_size: int) -> dict[int, torch.Tensor]:
+    """{block k: its patch tokens through the final norm [N, h, w, D]} for all images at `resolution`."""
+    parts = [teacher(to_batch(images[i : i + batch_size], resolution, "cpu"), layers=blocks).layer_tokens
+             for i in range(0, len(images), batch_size)]
+    return {k: torch.cat([t[k] for t in parts]) for k in blocks}
+
+
 def labels_of(root: Path, split: str) -> torch.Tensor:
     return torch.tensor([int(s["cls"]) for sh in split_shards(root / SHARDS, split) for s in iter_samples(sh)])
 
@@ -122,6 +135,10 @@ def main(p: dict, root: Path, run) -> dict:
     meta = json.loads((root / "data/features" / Path(entry["file"]).stem / "meta.json").read_text())
     base = meta["resolution"]
     encoders = load_encoders(p, root)
+    depth = len(encoders["teacher"].model.blocks)
+    if any(k >= depth for k in p["teacher_blocks"]):
+        raise ParamError(f"params.yaml: evaluate.teacher_blocks={p['teacher_blocks']}: the teacher has blocks "
+                         f"0..{depth - 1}")
     classes = len(json.loads((root / SHARDS / "dataset.json").read_text())["mask_classes"])
     bank = ShardSubset(root / SHARDS, [p["knn_bank_split"]])
     queries = ShardSubset(root / SHARDS, [p["knn_query_split"]])
@@ -155,6 +172,14 @@ def main(p: dict, root: Path, run) -> dict:
                 r[key][str(px)] = mean_iou(probe, val_f, data["val"][1], classes)
             if name == "teacher":
                 teacher_val[s] = va_patch
+                blocks = p["teacher_blocks"]
+                if blocks:
+                    tr_blocks, va_blocks = (teacher_block_features(enc.model, data[kind][0], px, blocks, p["batch_size"])
+                                            for kind in ("train", "val"))
+                    for k in blocks:
+                        probe = train_seg_probe(tr_blocks[k], data["train"][1], classes, p["seg_epochs"], seed=p["seed"])
+                        r.setdefault("seg_miou_blocks", {}).setdefault(str(k), {})[str(px)] = mean_iou(
+                            probe, va_blocks[k], data["val"][1], classes)
             if s in teacher_val and va_teacher_space.shape[-1] == teacher_val[s].shape[-1]:
                 cos = torch.nn.functional.cosine_similarity(va_teacher_space.float(), teacher_val[s].float(), dim=-1)
                 r["fidelity"][str(px)] = cos.mean().item()

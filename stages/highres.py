@@ -9,6 +9,7 @@ from pathlib import Path
 from cgspn.errors import ParamError
 from cgspn.params import Param
 from cgspn.stage import run_stage
+from cgspn.students import load_adaptors
 from cgspn.train import run_training, train_schema
 from stages.distill_stage2 import SHARDS, export_student_and_adaptors, teachers_config
 
@@ -22,6 +23,8 @@ SCHEMA = {
     "batch_sizes": Param(list, item=int, min=1),  # per worker, one per scale
     "spatial_weight": Param(float, min=0.0),
     "summary_weight": Param(float, min=0.0),
+    "block_targets": Param(dict),  # {teacher: [block, ...]}: heads that stage 2 trained
+    "block_weight": Param(float, min=0.0),
 }
 
 
@@ -36,6 +39,14 @@ def main(p: dict, root: Path, run) -> dict:
         if not (init / f).exists():
             raise FileNotFoundError(f"{init / f}: missing (run distill_stage2 first)")
     teachers = teachers_config(p, root, "highres")
+    heads = load_adaptors(init / "adaptors.safetensors")
+    for t, blocks in teachers["block_targets"].items():
+        if t not in heads:
+            raise ParamError(f"params.yaml: highres.block_targets.{t}: stage 2 trained no adaptor for {t}")
+        missing = sorted(set(blocks) - {int(k) for k in heads[t].blocks})
+        if missing:
+            raise ParamError(f"params.yaml: highres.block_targets.{t} has blocks {missing} for which stage 2 "
+                             f"trained no adaptor head (distill_stage2.block_targets)")
     resolutions = [s * teachers["resolution"] for s in p["scales"]]
     task = {**teachers, "init_student": str((init / "student.safetensors").resolve()),
             "init_adaptors": str((init / "adaptors.safetensors").resolve()), "shards": str((root / SHARDS).resolve()),

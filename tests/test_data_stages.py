@@ -133,7 +133,7 @@ def test_feature_shards_mirror_the_image_shards_and_hold_the_teachers_features(m
     assert m["images"] == 68 and m["workers"] == 2 and m["bytes_per_image"] > 0
 
 
-@pytest.mark.parametrize("kind", ["spatial", "summary"])
+@pytest.mark.parametrize("kind", ["spatial", "summary", "block5"])
 def test_phis_statistics_standardize_the_cached_features(micro, kind):
     features = micro["root"] / "data/features/dinov2_vits14_imgfocus"
     phis = load_teacher_phis(features)[kind]

@@ -152,6 +152,22 @@ def test_adaptors_shapes():
         Adaptors(32, {})
 
 
+def test_block_heads_predict_intermediate_blocks_and_survive_a_save(tmp_path):
+    from cgspn.students import load_adaptors, save_adaptors
+
+    adaptors = Adaptors(32, {"vits14": 48, "clip": 16}, hidden=40, blocks={"vits14": [8, 10]})
+    assert sorted(adaptors["vits14"].blocks) == ["10", "8"] and len(adaptors["clip"].blocks) == 0
+    tokens = torch.randn(2, 3, 5, 32)
+    assert adaptors["vits14"].blocks["8"](tokens).shape == (2, 3, 5, 48)
+    save_adaptors(adaptors, tmp_path / "adaptors.safetensors")
+    loaded = load_adaptors(tmp_path / "adaptors.safetensors")
+    torch.testing.assert_close(loaded["vits14"].blocks["10"](tokens), adaptors["vits14"].blocks["10"](tokens))
+    with pytest.raises(ValueError, match="not in teacher_dims"):
+        Adaptors(32, {"vits14": 48}, blocks={"other": [3]})
+    with pytest.raises(ValueError, match="block indices"):
+        Adaptors(32, {"vits14": 48}, blocks={"vits14": [-1]})
+
+
 def test_target_is_interpolated_bilinearly_to_the_student_grid():
     target = torch.randn(2, 6, 10, 16)
     assert match_grid(target, (6, 10)) is target

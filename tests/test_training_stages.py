@@ -69,25 +69,22 @@ def test_stage1_trains_only_the_mixers(trained, micro):
 def test_stage2_reports_fidelity_before_and_after(trained):
     m = trained["metrics"]["distill_stage2"]
     for key in ["dinov2_vits14_imgfocus/patch_cosine", "dinov2_vits14_imgfocus/patch_cosine_raw",
-                "dinov2_vits14_imgfocus/summary_cosine"]:
+                "dinov2_vits14_imgfocus/summary_cosine", "dinov2_vits14_imgfocus/block5_cosine"]:
         assert -1 <= m["val_start"][key] <= 1 and -1 <= m["val_end"][key] <= 1
     assert "dinov2_vits14_imgfocus/patch_cosine/56px" in trained["metrics"]["highres"]["val_end"]
 
 
-def test_backbone_lr_scale_holds_the_inherited_weights_and_trains_the_heads(trained):
-    """The micro highres stage runs with backbone_lr_scale 0: its blocks, embedding and norm are stage 2's
-    exactly, while the summary head and the adaptors (learning rate not scaled) moved."""
+def test_block_targets_train_their_own_heads(trained):
+    """The micro stage 2 and highres also match the teacher's block 5 (cached for stage 2, online for
+    highres) through a head of its own: its loss is logged, and highres (heads at the full learning rate)
+    moves that head away from stage 2's."""
+    assert trained["metrics"]["distill_stage2"]["train_last10"]["dinov2_vits14_imgfocus/block5"] > 0
+    assert trained["metrics"]["highres"]["train_last10"]["dinov2_vits14_imgfocus/block5/56px"] > 0
     root = trained["root"]
-    before = load_student(root / "models/distill_stage2/student.safetensors").state_dict()
-    after = load_student(root / "models/highres/student.safetensors").state_dict()
-    backbone = [k for k in after if k.startswith(("patch_embed.", "blocks.", "norm."))]
-    heads = [k for k in after if k.startswith("summary_head.")]
-    assert len(backbone) > 100 and len(backbone) + len(heads) == len(after)
-    assert all(torch.equal(before[k], after[k]) for k in backbone)
-    assert any(not torch.equal(before[k], after[k]) for k in heads)
-    a0 = load_adaptors(root / "models/distill_stage2/adaptors.safetensors").state_dict()
-    a1 = load_adaptors(root / "models/highres/adaptors.safetensors").state_dict()
-    assert any(not torch.equal(a0[k], a1[k]) for k in a1)
+    before = load_adaptors(root / "models/distill_stage2/adaptors.safetensors")["dinov2_vits14_imgfocus"]
+    after = load_adaptors(root / "models/highres/adaptors.safetensors")["dinov2_vits14_imgfocus"]
+    assert list(before.blocks) == list(after.blocks) == ["5"]
+    assert not torch.equal(before.blocks["5"].fc2.weight, after.blocks["5"].fc2.weight)
 
 
 def test_rank_zero_logs_every_step_to_mlflow(trained):
@@ -143,6 +140,12 @@ def test_bad_training_parameters_are_named(micro, tmp_path, capsys):
     expect_exit(capsys, "highres", write_params(tmp_path / "d.yaml", highres__batch_sizes=[2, 2]), root,
                 "highres.batch_sizes needs one entry per scale")
     expect_exit(capsys, "distill_stage2", write_params(tmp_path / "e.yaml"), root, "distill_stage1/student.safetensors")
+    expect_exit(capsys, "distill_stage2",
+                write_params(tmp_path / "f.yaml", distill_stage2__block_targets={"dinov2_vits14_imgfocus": [7]}), root,
+                "distill_stage2.block_targets.dinov2_vits14_imgfocus has blocks [7]", "cache_teacher.layers is [5]")
+    expect_exit(capsys, "distill_stage2",
+                write_params(tmp_path / "g.yaml", distill_stage2__block_targets={"nope": [5]}), root,
+                "distill_stage2.block_targets names ['nope']")
 
 
 @pytest.mark.parametrize("params_file", ["params.yaml", "params-full.yaml"])
@@ -170,3 +173,6 @@ def test_evaluate_scores_every_model_against_the_teacher(trained):
     # the teacher's features against themselves; the students' through their adaptors, de-standardized
     assert all(abs(v - 1.0) < 1e-5 for v in models["teacher"]["fidelity"].values())
     assert all(-1.0 <= v < 0.999 for m in ADAPTED for v in models[m]["fidelity"].values())
+    # the teacher's block 5, the students' block target, is probed too
+    assert sorted(models["teacher"]["seg_miou_blocks"]["5"]) == sorted(sides)
+    assert all(0.0 <= v <= 1.0 for v in models["teacher"]["seg_miou_blocks"]["5"].values())

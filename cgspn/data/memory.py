@@ -16,10 +16,14 @@ from .shards import decode_image, decode_npy, iter_samples, split_shards, zip_sa
 
 
 class ShardSubset:
-    """images: list of uint8 [H, W, 3]; features[teacher][name]: float16 [N, ...] aligned with images."""
+    """images: list of uint8 [H, W, 3]; features[teacher][name]: float16 [N, ...] aligned with images.
+
+    `feature_names`: the names to read from every teacher's feature shards, or a dict of them per teacher.
+    """
 
     def __init__(self, shard_dir: str | Path, splits: list[str], rank: int = 0, world: int = 1,
-                 feature_dirs: dict[str, Path] | None = None, feature_names: tuple[str, ...] = ("summary", "spatial"),
+                 feature_dirs: dict[str, Path] | None = None,
+                 feature_names: tuple[str, ...] | dict[str, tuple[str, ...]] = ("summary", "spatial"),
                  limit: int | None = None):
         shards = [s for split in splits for s in split_shards(shard_dir, split)]
         # Whole shards per worker when there are enough of them; otherwise every worker reads them all
@@ -29,7 +33,8 @@ class ShardSubset:
         seen = 0
         self.keys: list[str] = []
         self.images: list[np.ndarray] = []
-        feats: dict[str, dict[str, list]] = {t: {n: [] for n in feature_names} for t in (feature_dirs or {})}
+        names = feature_names if isinstance(feature_names, dict) else {t: feature_names for t in feature_dirs or {}}
+        feats: dict[str, dict[str, list]] = {t: {n: [] for n in names[t]} for t in (feature_dirs or {})}
         for shard in mine:
             if feature_dirs:
                 streams = [zip_samples(shard, Path(d) / shard.name) for d in feature_dirs.values()]
@@ -42,7 +47,7 @@ class ShardSubset:
                 self.keys.append(pairs[0][0]["__key__"])
                 self.images.append(decode_image(pairs[0][0], shard))
                 for teacher, (_, f) in zip(feats, pairs):
-                    for n in feature_names:
+                    for n in names[teacher]:
                         feats[teacher][n].append(decode_npy(f, n, shard))
                 if limit and len(self.images) >= limit:
                     break

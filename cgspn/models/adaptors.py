@@ -1,4 +1,5 @@
-"""RADIO-style adaptor heads: per teacher, one MLP for the summary vector and one for the spatial features."""
+"""RADIO-style adaptor heads: per teacher, one MLP for the summary vector, one for the spatial features, and
+one for each intermediate block of the teacher that the student also learns to predict."""
 from __future__ import annotations
 
 import torch
@@ -21,16 +22,20 @@ class AdaptorMLP(nn.Module):
 
 
 class TeacherAdaptor(nn.Module):
-    """Student features (width D_s) -> one teacher's space (width D_t): a summary head and a spatial head."""
+    """Student features (width D_s) -> one teacher's space (width D_t): a summary head, a spatial head for
+    the teacher's final patch tokens, and `blocks[str(k)]`, a spatial head for its block k's patch tokens."""
 
-    def __init__(self, student_dim: int, teacher_dim: int, hidden: int | None = None):
+    def __init__(self, student_dim: int, teacher_dim: int, hidden: int | None = None, blocks: tuple[int, ...] = ()):
         super().__init__()
         for name, value in (("student_dim", student_dim), ("teacher_dim", teacher_dim), ("hidden", hidden)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"TeacherAdaptor: {name} must be a positive int, got {value!r}")
+        if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in blocks):
+            raise ValueError(f"TeacherAdaptor: blocks must be block indices >= 0, got {list(blocks)!r}")
         hidden = hidden or max(student_dim, teacher_dim)
         self.summary = AdaptorMLP(student_dim, teacher_dim, hidden)
         self.spatial = AdaptorMLP(student_dim, teacher_dim, hidden)
+        self.blocks = nn.ModuleDict({str(k): AdaptorMLP(student_dim, teacher_dim, hidden) for k in blocks})
 
     def forward(self, summary: torch.Tensor, patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """summary [B, D_s], patch_tokens [B, h, w, D_s] -> ([B, D_t], [B, h, w, D_t])."""
@@ -38,12 +43,19 @@ class TeacherAdaptor(nn.Module):
 
 
 class Adaptors(nn.ModuleDict):
-    """One `TeacherAdaptor` per teacher name: `Adaptors(384, {"dinov2_vits14_imgfocus": 384})`."""
+    """One `TeacherAdaptor` per teacher name: `Adaptors(384, {"dinov2_vits14_imgfocus": 384})`;
+    `blocks={"dinov2_vits14_imgfocus": [8]}` adds a head for that teacher's block 8."""
 
-    def __init__(self, student_dim: int, teacher_dims: dict[str, int], hidden: int | None = None):
+    def __init__(self, student_dim: int, teacher_dims: dict[str, int], hidden: int | None = None,
+                 blocks: dict[str, list[int]] | None = None):
         if not teacher_dims:
             raise ValueError("Adaptors: teacher_dims must name at least one teacher")
-        super().__init__({name: TeacherAdaptor(student_dim, dim, hidden) for name, dim in teacher_dims.items()})
+        blocks = blocks or {}
+        unknown = sorted(set(blocks) - set(teacher_dims))
+        if unknown:
+            raise ValueError(f"Adaptors: blocks names teachers {unknown} that are not in teacher_dims")
+        super().__init__({name: TeacherAdaptor(student_dim, dim, hidden, tuple(blocks.get(name, ())))
+                          for name, dim in teacher_dims.items()})
 
 
 def match_grid(target: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
