@@ -82,10 +82,11 @@ def export_student_and_adaptors(model, folder: Path) -> list[str]:
 
 def main(p: dict, root: Path, run) -> dict:
     """Train the whole student against the teachers' features."""
+    teachers = teachers_config(p, root, "distill_stage2")  # parameter errors first, before any input
     init = root / "models" / "distill_stage1" / "student.safetensors"
     if not init.exists():
         raise FileNotFoundError(f"{init}: missing (run distill_stage1 first)")
-    task = {**teachers_config(p, root, "distill_stage2"), "init_student": str(init.resolve()),
+    task = {**teachers, "init_student": str(init.resolve()),
             "shards": str((root / SHARDS).resolve()), "splits": p["splits"], "val_split": p["val_split"],
             "val_count": p["val_count"], "batch_size": p["batch_size"], "targets": p["targets"],
             "spatial_weight": p["spatial_weight"], "summary_weight": p["summary_weight"],
