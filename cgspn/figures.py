@@ -67,7 +67,7 @@ def pca_figure(photo: dict, teacher, student, sizes: list[int], path: Path) -> P
         axes[0, j].set_title(f"{size} px")
         for i, enc in [(1, teacher), (2, student)]:
             # the student through its adaptor: the features it offers the teacher's users
-            _, _, teacher_space, _ = enc(x)
+            teacher_space = enc(x)[2]  # [1, h, w, D_t]
             axes[i, j].imshow(pca_rgb(teacher_space[0])[0], interpolation="nearest")
             axes[i, 0].set_ylabel(enc.name)
     for ax in axes.flat:

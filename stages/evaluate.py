@@ -58,21 +58,26 @@ FIGURES = Path("reports/figures")
 
 class Encoder:
     """One model under evaluation: images -> (summary [B, D], patch features [B, h, w, D], features in the
-    teacher's space [B, h, w, D_t] for fidelity, the model's own summary [B, D]). Students with adaptors
-    map into the teacher's space through them (PHI-S de-standardized); the others are compared as they are."""
+    teacher's space [B, h, w, D_t] for fidelity, the model's own summary [B, D], the patch tokens of
+    `blocks` [B, K, h, w, D] from the same forward pass (the teacher's intermediate blocks; K = 0 for the
+    others)). Students with adaptors map into the teacher's space through them (PHI-S de-standardized);
+    the others are compared as they are."""
 
-    def __init__(self, name: str, model, adaptor=None, phis: dict[str, PhiS] | None = None):
-        self.name, self.model, self.adaptor, self.phis = name, model.eval(), adaptor, phis
+    def __init__(self, name: str, model, adaptor=None, phis: dict[str, PhiS] | None = None,
+                 blocks: list[int] = ()):
+        self.name, self.model, self.adaptor, self.phis, self.blocks = name, model.eval(), adaptor, phis, list(blocks)
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor):
-        out = self.model(x)
+        out = self.model(x, layers=self.blocks) if self.blocks else self.model(x)
         summary, teacher_space = out.summary, out.patch_tokens
         if self.adaptor is not None:
             summary_z, spatial_z = self.adaptor(out.summary, out.patch_tokens)
             summary = self.phis["summary"].from_direction(summary_z)
             teacher_space = self.phis["spatial"].destandardize(spatial_z)
-        return summary, out.patch_tokens, teacher_space, out.summary
+        blocks = (torch.stack([out.layer_tokens[k] for k in self.blocks], 1) if self.blocks
+                  else out.patch_tokens.new_zeros(x.shape[0], 0))
+        return summary, out.patch_tokens, teacher_space, out.summary, blocks
 
 
 def load_encoders(p: dict, root: Path) -> dict[str, Encoder]:
@@ -83,7 +88,7 @@ def load_encoders(p: dict, root: Path) -> dict[str, Encoder]:
     # The teacher first: the students' fidelity is measured against its features.
     for name in ["teacher"] + [m for m in p["models"] if m != "teacher"]:
         if name == "teacher":
-            encoders[name] = Encoder(name, teacher)
+            encoders[name] = Encoder(name, teacher, blocks=p["teacher_blocks"])
         elif name == "random":
             torch.manual_seed(p["seed"])
             encoders[name] = Encoder(name, cgspn_from_teacher_config(teacher.cfg))
@@ -101,18 +106,9 @@ def load_encoders(p: dict, root: Path) -> dict[str, Encoder]:
 
 def encode(encoder: Encoder, images: list[np.ndarray], resolution: int, batch_size: int):
     """All images at `resolution` -> (summary [N, D], patches [N, h, w, D], teacher space [N, h, w, D_t],
-    own summary [N, D])."""
+    own summary [N, D], block tokens [N, K, h, w, D])."""
     parts = [encoder(to_batch(images[i : i + batch_size], resolution, "cpu")) for i in range(0, len(images), batch_size)]
     return [torch.cat(t) for t in zip(*parts)]
-
-
-@torch.no_grad()
-def teacher_block_features(teacher, images: list[np.ndarray], resolution: int, blocks: list[int],
-                           batch_size: int) -> dict[int, torch.Tensor]:
-    """{block k: its patch tokens through the final norm [N, h, w, D]} for all images at `resolution`."""
-    parts = [teacher(to_batch(images[i : i + batch_size], resolution, "cpu"), layers=blocks).layer_tokens
-             for i in range(0, len(images), batch_size)]
-    return {k: torch.cat([t[k] for t in parts]) for k in blocks}
 
 
 def labels_of(root: Path, split: str) -> torch.Tensor:
@@ -149,8 +145,8 @@ def main(p: dict, root: Path, run) -> dict:
     for name, enc in encoders.items():
         start = time.perf_counter()
         r = {"parameters": parameter_count(enc.model)}
-        b_sum, b_patch, _, b_own = encode(enc, bank.images, base, p["batch_size"])
-        q_sum, q_patch, _, q_own = encode(enc, queries.images, base, p["batch_size"])
+        b_sum, b_patch, _, b_own, _ = encode(enc, bank.images, base, p["batch_size"])
+        q_sum, q_patch, _, q_own, _ = encode(enc, queries.images, base, p["batch_size"])
         knn = lambda a, b: knn_top1(a, bank_labels, b, query_labels, p["knn_k"], p["knn_temperature"])  # noqa: E731
         # The model's own summary vector, the one every model has; and, for students with an adaptor, the
         # adaptor's prediction of the teacher's summary.
@@ -160,8 +156,8 @@ def main(p: dict, root: Path, run) -> dict:
         r["seg_miou"], r["seg_miou_adapted"], r["fidelity"] = {}, {}, {}
         for s, data in seg.items():
             px = base * s
-            _, tr_patch, tr_teacher_space, _ = encode(enc, data["train"][0], px, p["batch_size"])
-            _, va_patch, va_teacher_space, _ = encode(enc, data["val"][0], px, p["batch_size"])
+            _, tr_patch, tr_teacher_space, _, tr_blocks = encode(enc, data["train"][0], px, p["batch_size"])
+            _, va_patch, va_teacher_space, _, va_blocks = encode(enc, data["val"][0], px, p["batch_size"])
             # The probe reads the model's own patch features (what every model has), and for students with
             # an adaptor also the adaptor's prediction of the teacher's features.
             probes = [("seg_miou", tr_patch, va_patch)]
@@ -170,16 +166,12 @@ def main(p: dict, root: Path, run) -> dict:
             for key, train_f, val_f in probes:
                 probe = train_seg_probe(train_f, data["train"][1], classes, p["seg_epochs"], seed=p["seed"])
                 r[key][str(px)] = mean_iou(probe, val_f, data["val"][1], classes)
+            for j, k in enumerate(enc.blocks):  # the teacher's intermediate blocks
+                probe = train_seg_probe(tr_blocks[:, j], data["train"][1], classes, p["seg_epochs"], seed=p["seed"])
+                r.setdefault("seg_miou_blocks", {}).setdefault(str(k), {})[str(px)] = mean_iou(
+                    probe, va_blocks[:, j], data["val"][1], classes)
             if name == "teacher":
                 teacher_val[s] = va_patch
-                blocks = p["teacher_blocks"]
-                if blocks:
-                    tr_blocks, va_blocks = (teacher_block_features(enc.model, data[kind][0], px, blocks, p["batch_size"])
-                                            for kind in ("train", "val"))
-                    for k in blocks:
-                        probe = train_seg_probe(tr_blocks[k], data["train"][1], classes, p["seg_epochs"], seed=p["seed"])
-                        r.setdefault("seg_miou_blocks", {}).setdefault(str(k), {})[str(px)] = mean_iou(
-                            probe, va_blocks[k], data["val"][1], classes)
             if s in teacher_val and va_teacher_space.shape[-1] == teacher_val[s].shape[-1]:
                 cos = torch.nn.functional.cosine_similarity(va_teacher_space.float(), teacher_val[s].float(), dim=-1)
                 r["fidelity"][str(px)] = cos.mean().item()
@@ -190,6 +182,9 @@ def main(p: dict, root: Path, run) -> dict:
               f"seg mIoU {', '.join(f'{k}px {v:.3f}' for k, v in r['seg_miou'].items())}; "
               f"fidelity {', '.join(f'{k}px {v:.3f}' for k, v in r['fidelity'].items())} ({r['seconds']} s)",
               flush=True)
+        for k, seg_k in r.get("seg_miou_blocks", {}).items():
+            print(f"evaluate: {name} block {k}: seg mIoU {', '.join(f'{s}px {v:.3f}' for s, v in seg_k.items())}",
+                  flush=True)
     metrics = {"resolution": base, "models": results}
     write_json(root / METRICS, metrics)
     resolution_figure(results, root / FIGURES / "evaluate_resolution.png")
