@@ -113,12 +113,6 @@ class Stage1Task:
         return {"loss": float(np.mean(per_block)), **{f"block{i}": v for i, v in enumerate(per_block)}}
 
 
-def feature_names(cfg: dict) -> dict[str, tuple[str, ...]]:
-    """Per teacher, the features the objective reads: "summary", "spatial" and "block<k>" per block target."""
-    blocks = cfg.get("block_targets", {})
-    return {t: ("summary", "spatial", *(f"block{k}" for k in blocks.get(t, []))) for t in cfg["teacher_weights"]}
-
-
 class AdaptedObjective:
     """Student features through each teacher's adaptors, compared with that teacher's targets, both in the
     teacher's PHI-S standardized space: spatial (and each block target) by MSE, summary by cosine. The
@@ -129,22 +123,22 @@ class AdaptedObjective:
     def __init__(self, cfg: dict, device):
         self.cfg, self.device = cfg, device
         self.teachers = list(cfg["teacher_weights"])
-        self.names = feature_names(cfg)
+        self.blocks = {t: cfg["block_targets"].get(t, []) for t in self.teachers}  # block targets per teacher
+        # Per teacher, the features the objective reads (the names in the feature cache).
+        self.names = {t: ("summary", "spatial", *(f"block{k}" for k in self.blocks[t])) for t in self.teachers}
         self.phis = {t: load_teacher_phis(cfg["features"][t]) for t in self.teachers}
 
-    def standardized(self, teacher: str, name: str, target: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """A cached or online target [B, D] or [B, h_t, w_t, D] -> PHI-S space, grids resized to hw."""
+    def on_grid(self, target: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+        """A cached or online target [B, D] or [B, h_t, w_t, D] -> float32 on the device, grids resized to hw."""
         target = target.float().to(self.device)
-        if target.dim() == 4:
-            target = match_grid(target, hw)
-        return self.phis[teacher][name].standardize(target)
+        return match_grid(target, hw) if target.dim() == 4 else target
 
     def predictions(self, trainable: nn.Module, teacher: str, out) -> dict[str, torch.Tensor]:
         """The adaptor heads of `teacher` on the student's output -> {feature name: prediction in PHI-S space}."""
         adaptor = trainable["adaptors"][teacher]
         tokens = out.patch_tokens.float()
         preds = dict(zip(("summary", "spatial"), adaptor(out.summary.float(), tokens)))
-        preds.update({name: adaptor.blocks[name[len("block"):]](tokens) for name in self.names[teacher][2:]})
+        preds.update({f"block{k}": adaptor.blocks[str(k)](tokens) for k in self.blocks[teacher]})
         return preds
 
     def terms(self, trainable: nn.Module, x: torch.Tensor, targets: dict) -> tuple[torch.Tensor, dict]:
@@ -157,10 +151,10 @@ class AdaptedObjective:
         total, parts = 0.0, {}
         for t in self.teachers:
             for name, pred in self.predictions(trainable, t, out).items():
-                z = self.standardized(t, name, targets[t][name], hw)
+                z = self.phis[t][name].standardize(self.on_grid(targets[t][name], hw))
                 loss = cosine_distance(pred, z) if name == "summary" else spatial_loss(pred, z)
                 parts[f"{t}/{name}"] = loss.item()
-                total = total + self.cfg["teacher_weights"][t] * weight.get(name, self.cfg.get("block_weight", 1.0)) * loss
+                total = total + self.cfg["teacher_weights"][t] * weight.get(name, self.cfg["block_weight"]) * loss
         return total, parts
 
     @torch.no_grad()
@@ -173,26 +167,25 @@ class AdaptedObjective:
         result = {}
         for t in self.teachers:
             preds, phis = self.predictions(trainable, t, out), self.phis[t]
-            summary = targets[t]["summary"].float().to(self.device)
-            spatial = match_grid(targets[t]["spatial"].float().to(self.device), hw)
+            summary, spatial = (self.on_grid(targets[t][name], hw) for name in ("summary", "spatial"))
             result[f"{t}/patch_cosine"] = mean_cosine(phis["spatial"].destandardize(preds["spatial"]), spatial)
             result[f"{t}/summary_cosine"] = mean_cosine(phis["summary"].from_direction(preds["summary"]), summary)
             result[f"{t}/summary_cosine_z"] = mean_cosine(preds["summary"], phis["summary"].standardize(summary))
             for name in self.names[t][2:]:
-                block = match_grid(targets[t][name].float().to(self.device), hw)
-                result[f"{t}/{name}_cosine"] = mean_cosine(phis[name].destandardize(preds[name]), block)
+                result[f"{t}/{name}_cosine"] = mean_cosine(phis[name].destandardize(preds[name]),
+                                                           self.on_grid(targets[t][name], hw))
             if spatial.shape[-1] == out.patch_tokens.shape[-1]:
                 result[f"{t}/patch_cosine_raw"] = mean_cosine(out.patch_tokens, spatial)
         return result
 
 
-def online_targets(teachers: dict, x: torch.Tensor, device, names: dict[str, tuple[str, ...]]) -> dict:
-    """The teachers run on x -> targets[teacher][name] as `AdaptedObjective.terms` takes them."""
+def online_targets(teachers: dict, x: torch.Tensor, device, blocks: dict[str, list[int]]) -> dict:
+    """The teachers run on x -> targets[teacher][name] as `AdaptedObjective.terms` takes them, with
+    "block<k>" for each k in blocks[teacher]."""
     targets = {}
     for t, model in teachers.items():
-        blocks = [int(n[len("block"):]) for n in names[t] if n.startswith("block")]
         with torch.no_grad(), autocast(device):
-            out = model(x, layers=blocks)
+            out = model(x, layers=blocks[t])
         targets[t] = {"summary": out.summary.float(), "spatial": out.patch_tokens.float(),
                       **{f"block{k}": v.float() for k, v in out.layer_tokens.items()}}
     return targets
@@ -228,14 +221,14 @@ class Stage2Task:
         """{"student": from `cfg["init_student"]`, "adaptors": fresh heads, one set per teacher}."""
         student = load_student(cfg["init_student"]).requires_grad_(True)
         adaptors = Adaptors(student.cfg.dim, cfg["teacher_dims"], cfg["adaptor_hidden"] or None,
-                            cfg.get("block_targets"))
+                            cfg["block_targets"])
         return nn.ModuleDict({"student": student, "adaptors": adaptors})
 
     def loss(self, step: int):
         idx = self.data.batch_indices(step, self.cfg["batch_size"], self.seed, self.rank)
         x = to_batch([self.data.images[i] for i in idx], self.cfg["resolution"], self.device)
         if self.teachers:
-            targets = online_targets(self.teachers, x, self.device, self.objective.names)
+            targets = online_targets(self.teachers, x, self.device, self.objective.blocks)
         else:
             targets = cached_targets(self.data.features, torch.as_tensor(idx))
         return self.objective.terms(self.trainable, x, targets)
@@ -282,7 +275,7 @@ class HighresTask(Stage2Task):
         data, B, r = self.data[j], self.cfg["batch_sizes"][j], self.cfg["resolutions"][j]
         idx = data.batch_indices(step // len(self.cfg["resolutions"]), B, self.seed, self.rank)
         x = to_batch([data.images[i] for i in idx], r, self.device)
-        targets = online_targets(self.teachers, x, self.device, self.objective.names)
+        targets = online_targets(self.teachers, x, self.device, self.objective.blocks)
         loss, parts = self.objective.terms(self.trainable, x, targets)
         return loss, {f"{k}/{r}px": v for k, v in parts.items()}
 
@@ -294,7 +287,7 @@ class HighresTask(Stage2Task):
             sums, n = {}, 0
             for start in range(0, len(val), B):
                 x = to_batch(val.images[start : start + B], r, self.device)
-                targets = online_targets(self.teachers, x, self.device, self.objective.names)
+                targets = online_targets(self.teachers, x, self.device, self.objective.blocks)
                 for k, v in self.objective.fidelity(self.trainable, x, targets).items():
                     sums[k] = sums.get(k, 0.0) + v * len(x)
                 n += len(x)

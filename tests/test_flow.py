@@ -48,6 +48,10 @@ def test_a_failing_stage_is_retried_and_fails_the_flow_with_its_error(flow_run, 
     repo = tmp_path / "repo"
     shutil.copytree(flow_run["root"], repo, symlinks=True)
     monkeypatch.setattr(flow_module, "run_stage", flow_module.run_stage.with_options(retry_delay_seconds=0))
+    # The flow's own MLflow database and experiment: another session fixture (micro) may have pointed the
+    # environment elsewhere since flow_run ran.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", flow_run["tracking_uri"])
+    monkeypatch.setenv("CGSPN_EXPERIMENT", "flow")
     override = "teacher.names=[no_such_teacher]"
     with pytest.raises(flow_module.StageFailed, match=r"(?s)stage teacher failed.*no_such_teacher"):
         pipeline(root=str(repo), overrides=[override], stages=["teacher"])

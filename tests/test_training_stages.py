@@ -30,7 +30,8 @@ def trained(flow_run):
     mlflow.set_tracking_uri(flow_run["tracking_uri"])
     root = flow_run["root"]
     metrics = {s: json.loads((root / "reports/metrics" / f"{s}.json").read_text()) for s in TRAIN_STAGES}
-    return {"root": root, "metrics": metrics, "experiment": flow_run["experiment"]}
+    return {"root": root, "metrics": metrics, "experiment": flow_run["experiment"],
+            "tracking_uri": flow_run["tracking_uri"]}
 
 
 def test_each_stage_writes_a_student_that_runs_and_its_reports(trained):
@@ -90,7 +91,7 @@ def test_block_targets_train_their_own_heads(trained):
 def test_rank_zero_logs_every_step_to_mlflow(trained):
     import mlflow
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(trained["tracking_uri"])  # not the global URI, which the micro fixture sets too
     runs = client.search_runs([trained["experiment"]],
                               "tags.`cgspn.stage` = 'distill_stage2'", order_by=["attributes.start_time DESC"])
     history = client.get_metric_history(runs[0].info.run_id, "loss")
