@@ -5,6 +5,7 @@ students. For each: kNN top-1 on the Fashion-MNIST `val` garments against the `t
 vector, the adaptor's summary where there is one, and mean-pooled patch features), a linear segmentation probe (BatchNorm + 1x1 conv, trained on
 `mosaic_train[_x<s>]`, mIoU on `mosaic_val[_x<s>]`) at 1x, 2x and 4x the training resolution, fidelity
 to the teacher (mean cosine of the adapted patch features) at those sizes, and parameter counts. The
+teacher's features at the cache's resolution are read from the feature cache (float16), not recomputed. The
 teacher's intermediate blocks in `teacher_blocks` (the students' block targets) get the segmentation probe
 too, so that a student's figure can be read against every target it learned from. Writes
 reports/metrics/evaluate.json, reports/figures/evaluate_resolution.png and reports/figures/pca_maps.png.
@@ -111,6 +112,17 @@ def encode(encoder: Encoder, images: list[np.ndarray], resolution: int, batch_si
     return [torch.cat(t) for t in zip(*parts)]
 
 
+def cached_outputs(root: Path, feature_dir: Path, split: str, blocks: list[int]):
+    """The teacher's outputs on `split` read from its feature cache (float16, at the cache's resolution)
+    instead of computed again: the same five items as `encode`."""
+    names = ("summary", "spatial", *(f"block{k}" for k in blocks))
+    f = ShardSubset(root / SHARDS, [split], feature_dirs={"teacher": feature_dir}, feature_names=names)
+    f = {n: v.float() for n, v in f.features["teacher"].items()}
+    stacked = (torch.stack([f[f"block{k}"] for k in blocks], 1) if blocks
+               else f["spatial"].new_zeros(len(f["summary"]), 0))
+    return f["summary"], f["spatial"], f["spatial"], f["summary"], stacked
+
+
 def labels_of(root: Path, split: str) -> torch.Tensor:
     return torch.tensor([int(s["cls"]) for sh in split_shards(root / SHARDS, split) for s in iter_samples(sh)])
 
@@ -128,7 +140,8 @@ def main(p: dict, root: Path, run) -> dict:
     """Evaluate every model."""
     torch.set_num_threads(p["threads"])
     entry = teacher_entry(root, p["teacher"], "evaluate.teacher")
-    meta = json.loads((root / "data/features" / Path(entry["file"]).stem / "meta.json").read_text())
+    feature_dir = root / "data/features" / Path(entry["file"]).stem
+    meta = json.loads((feature_dir / "meta.json").read_text())
     base = meta["resolution"]
     encoders = load_encoders(p, root)
     depth = len(encoders["teacher"].model.blocks)
@@ -142,11 +155,19 @@ def main(p: dict, root: Path, run) -> dict:
     seg = {s: {kind: (ShardSubset(root / SHARDS, [seg_split(kind, s)]).images, masks_of(root, seg_split(kind, s)))
                for kind in ("train", "val")} for s in p["seg_scales"]}
     results, teacher_val = {}, {}
+
+    def outputs(enc: Encoder, split: str, images: list[np.ndarray], px: int):
+        """`encode`, except that the teacher's outputs at the cache's resolution come from the cache."""
+        if (enc.name == "teacher" and px == base and split in meta["splits"]
+                and set(enc.blocks) <= set(meta.get("layers", []))):
+            return cached_outputs(root, feature_dir, split, enc.blocks)
+        return encode(enc, images, px, p["batch_size"])
+
     for name, enc in encoders.items():
         start = time.perf_counter()
         r = {"parameters": parameter_count(enc.model)}
-        b_sum, b_patch, _, b_own, _ = encode(enc, bank.images, base, p["batch_size"])
-        q_sum, q_patch, _, q_own, _ = encode(enc, queries.images, base, p["batch_size"])
+        b_sum, b_patch, _, b_own, _ = outputs(enc, p["knn_bank_split"], bank.images, base)
+        q_sum, q_patch, _, q_own, _ = outputs(enc, p["knn_query_split"], queries.images, base)
         knn = lambda a, b: knn_top1(a, bank_labels, b, query_labels, p["knn_k"], p["knn_temperature"])  # noqa: E731
         # The model's own summary vector, the one every model has; and, for students with an adaptor, the
         # adaptor's prediction of the teacher's summary.
@@ -156,8 +177,8 @@ def main(p: dict, root: Path, run) -> dict:
         r["seg_miou"], r["seg_miou_adapted"], r["fidelity"] = {}, {}, {}
         for s, data in seg.items():
             px = base * s
-            _, tr_patch, tr_teacher_space, _, tr_blocks = encode(enc, data["train"][0], px, p["batch_size"])
-            _, va_patch, va_teacher_space, _, va_blocks = encode(enc, data["val"][0], px, p["batch_size"])
+            _, tr_patch, tr_teacher_space, _, tr_blocks = outputs(enc, seg_split("train", s), data["train"][0], px)
+            _, va_patch, va_teacher_space, _, va_blocks = outputs(enc, seg_split("val", s), data["val"][0], px)
             # The probe reads the model's own patch features (what every model has), and for students with
             # an adaptor also the adaptor's prediction of the teacher's features.
             probes = [("seg_miou", tr_patch, va_patch)]

@@ -161,6 +161,22 @@ def test_both_parameter_sets_pass_every_stage_schema(params_file):
 ADAPTED = ["distill_stage2", "highres"]  # the students that have adaptors
 
 
+def test_evaluate_reads_the_teachers_cached_features_as_it_would_compute_them(trained):
+    from cgspn.data.memory import ShardSubset
+    from stages.evaluate import Encoder, cached_outputs, encode
+
+    root = trained["root"]
+    feature_dir = root / "data/features/dinov2_vits14_imgfocus"
+    resolution = json.loads((feature_dir / "meta.json").read_text())["resolution"]
+    teacher = Encoder("teacher", load_vit(root / "models/teachers/dinov2_vits14_imgfocus.safetensors"), blocks=[5])
+    images = ShardSubset(root / "data/shards", ["val"]).images
+    computed = encode(teacher, images, resolution, 8)
+    cached = cached_outputs(root, feature_dir, "val", [5])
+    for c, f in zip(computed, cached):
+        assert c.shape == f.shape
+        torch.testing.assert_close(f, c, rtol=1e-2, atol=2e-2)  # the cache holds float16
+
+
 def test_evaluate_scores_every_model_against_the_teacher(trained):
     ev = json.loads((trained["root"] / "reports/metrics/evaluate.json").read_text())
     models = ev["models"]
