@@ -50,7 +50,8 @@ def trainable_groups(model: nn.Module, backbone_lr_scale: float = 1.0) -> list[d
         if p.requires_grad:
             inherited = name.startswith(("student.patch_embed.", "student.blocks.", "student.norm."))
             (backbone if inherited else heads).append(p)
-    return [g for g in ({"params": backbone, "lr_scale": backbone_lr_scale}, {"params": heads, "lr_scale": 1.0})
+    return [g for g in ({"params": backbone, "lr_scale": backbone_lr_scale, "backbone": True},
+                        {"params": heads, "lr_scale": 1.0})
             if g["params"]]
 
 

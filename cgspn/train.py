@@ -35,6 +35,16 @@ def learning_rate(step: int, opt: dict) -> float:
     return floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def backbone_learning_rate(step: int, opt: dict) -> float:
+    """The inherited backbone's rate: 0 for the first `head_only_steps` (the fresh heads learn first, so
+    that their early, random gradients do not distort the backbone), then its own warmup and cosine over
+    the remaining steps."""
+    frozen = opt.get("head_only_steps", 0)
+    if step < frozen:
+        return 0.0
+    return learning_rate(step - frozen, {**opt, "steps": opt["steps"] - frozen})
+
+
 def average_across_workers(tensors: list[torch.Tensor], world: int) -> None:
     """In place: every tensor becomes the mean over the workers (one flat all-reduce)."""
     if world == 1 or not tensors:
@@ -105,7 +115,10 @@ def train_loop_per_worker(cfg: dict) -> None:
         t0 = time.perf_counter()
         lr = learning_rate(step, opt_cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
+            group["lr"] = (backbone_learning_rate(step, opt_cfg) if group.get("backbone") else lr) * group["lr_scale"]
+            if group.get("backbone"):  # frozen (no backward through it) while only the heads train
+                for p in group["params"]:
+                    p.requires_grad_(step >= opt_cfg.get("head_only_steps", 0))
         model.train()
         loss, parts = task.loss(step)
         optimizer.zero_grad(set_to_none=True)
@@ -221,7 +234,7 @@ def run_training(stage: str, p: dict, root: Path, run, task_cfg: dict, inputs: l
     cfg = {
         "stage": stage, "task": task_cfg, "seed": p["seed"], "threads": p["cpus_per_worker"],
         "opt": {k: p[k] for k in ("steps", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip",
-                                  "backbone_lr_scale") if k in p},
+                                  "backbone_lr_scale", "head_only_steps") if k in p},
         "checkpoint_every": p["checkpoint_every"], "val_every": p["val_every"], "log_every": p["log_every"],
         "mlflow": {"uri": tracking_uri(), "run_id": run.id}, "inputs": [str(i) for i in inputs],
     }

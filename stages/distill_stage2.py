@@ -19,6 +19,7 @@ from stages.distill_stage1 import TEACHERS, teacher_entry
 SCHEMA = {
     **train_schema(),
     "backbone_lr_scale": Param(float, min=0.0, max=1.0),  # x lr for the inherited backbone; heads get lr
+    "head_only_steps": Param(int, min=0),  # the backbone is frozen for these first steps
     "teacher_weights": Param(dict),  # {teacher name: weight}
     "splits": Param(list, item=str),
     "val_split": Param(str),

@@ -16,6 +16,7 @@ from stages.distill_stage2 import SHARDS, export_student_and_adaptors, teachers_
 SCHEMA = {
     **{k: v for k, v in train_schema().items() if k != "batch_size"},
     "backbone_lr_scale": Param(float, min=0.0, max=1.0),  # x lr for the inherited backbone; heads get lr
+    "head_only_steps": Param(int, min=0),  # the backbone is frozen for these first steps
     "teacher_weights": Param(dict),
     "scales": Param(list, item=int, min=1),  # resolutions: scale x the resolution of the feature cache
     "splits": Param(list, item=str),  # one training split per scale

@@ -34,12 +34,12 @@ MICRO = {
                        "splits": ["train", "mosaic_train"], "val_split": "val", "targets": "cache",
                        "spatial_weight": 1.0, "summary_weight": 1.0, "adaptor_hidden": 0,
                        "block_targets": {"dinov2_vits14_imgfocus": [5]}, "block_weight": 1.0,
-                       "backbone_lr_scale": 0.5},
+                       "backbone_lr_scale": 0.5, "head_only_steps": 2},
     "highres": {**{k: v for k, v in TRAIN_COMMON.items() if k != "batch_size"}, "steps": 2, "checkpoint_every": 2,
                 "teacher_weights": {"dinov2_vits14_imgfocus": 1.0}, "scales": [2], "splits": ["mosaic_train_x2"],
                 "val_splits": ["mosaic_val_x2"], "batch_sizes": [2], "val_count": 2, "spatial_weight": 1.0,
                 "summary_weight": 1.0, "block_targets": {"dinov2_vits14_imgfocus": [5]}, "block_weight": 1.0,
-                "backbone_lr_scale": 0.0},  # tests: the backbone stays put
+                "backbone_lr_scale": 0.5, "head_only_steps": 2},  # every step head-only: the backbone stays put
 }
 MICRO.update({
     "evaluate": {"teacher": "dinov2_vits14_imgfocus",

@@ -88,6 +88,31 @@ def test_block_targets_train_their_own_heads(trained):
     assert not torch.equal(before.blocks["5"].fc2.weight, after.blocks["5"].fc2.weight)
 
 
+def test_head_only_steps_freeze_the_backbone_then_release_it(trained):
+    """Micro stage 2 trains its heads alone for 2 of its 6 steps, then everything: its backbone moves away
+    from stage 1's. Micro highres is head-only for all its steps: its backbone is stage 2's, bit for bit,
+    although its backbone_lr_scale is 0.5."""
+    root = trained["root"]
+    stage1, stage2, highres = (load_student(root / "models" / s / "student.safetensors").state_dict()
+                               for s in TRAIN_STAGES)
+    backbone = [k for k in stage2 if k.startswith(("patch_embed.", "blocks.", "norm."))]
+    assert len(backbone) > 100
+    assert all(torch.equal(highres[k], stage2[k]) for k in backbone)
+    assert sum(not torch.equal(stage2[k], stage1[k]) for k in backbone) > len(backbone) // 2
+    assert not torch.equal(highres["summary_head.mlp.fc1.weight"], stage2["summary_head.mlp.fc1.weight"])
+
+
+def test_the_backbone_schedule_starts_after_the_head_only_steps():
+    from cgspn.train import backbone_learning_rate, learning_rate
+
+    opt = {"lr": 1e-3, "warmup_steps": 4, "steps": 100, "min_lr_ratio": 0.1, "head_only_steps": 30}
+    assert [backbone_learning_rate(s, opt) for s in range(30)] == [0.0] * 30
+    shifted = {**opt, "steps": 70}
+    assert [backbone_learning_rate(30 + s, opt) for s in range(70)] == [learning_rate(s, shifted) for s in range(70)]
+    assert backbone_learning_rate(30, opt) == 1e-3 / 4 and backbone_learning_rate(33, opt) == 1e-3
+    assert backbone_learning_rate(99, {**opt, "head_only_steps": 0}) == learning_rate(99, opt)
+
+
 def test_rank_zero_logs_every_step_to_mlflow(trained):
     import mlflow
 
