@@ -44,6 +44,7 @@ def trainable_groups(model: nn.Module, backbone_lr_scale: float = 1.0) -> list[d
     The backbone is what the student inherited (patch embedding, blocks, final norm: the teacher's weights
     and stage 1's mixers); everything else (the summary head, the adaptors) starts fresh. Fine-tuning the
     backbone at a fraction of the heads' rate keeps it near the teacher's features while the heads learn.
+    The backbone's group is marked `"backbone": True`: the loop gives it its own schedule (`head_only_steps`).
     """
     backbone, heads = [], []
     for name, p in model.named_parameters():

@@ -113,12 +113,14 @@ def train_loop_per_worker(cfg: dict) -> None:
     total = opt_cfg["steps"]
     while step < total:
         t0 = time.perf_counter()
-        lr = learning_rate(step, opt_cfg)
+        lr, backbone_lr = learning_rate(step, opt_cfg), backbone_learning_rate(step, opt_cfg)
         for group in optimizer.param_groups:
-            group["lr"] = (backbone_learning_rate(step, opt_cfg) if group.get("backbone") else lr) * group["lr_scale"]
-            if group.get("backbone"):  # frozen (no backward through it) while only the heads train
-                for p in group["params"]:
+            if group.get("backbone"):
+                group["lr"] = backbone_lr * group["lr_scale"]
+                for p in group["params"]:  # frozen (no backward through it) while only the heads train
                     p.requires_grad_(step >= opt_cfg.get("head_only_steps", 0))
+            else:
+                group["lr"] = lr * group["lr_scale"]
         model.train()
         loss, parts = task.loss(step)
         optimizer.zero_grad(set_to_none=True)
