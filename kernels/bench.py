@@ -88,14 +88,15 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def median_ms(fn, device: str, reps: int, warmup: int = 1) -> float:
-    """Median wall time of fn() in ms; on a GPU timed with events, with the L2 cache flushed before each rep."""
+def median_ms(fn, device: str, reps: int, warmup: int = 1, budget_s: float | None = None) -> float:
+    """Median wall time of fn() in ms; on a GPU timed with events, with the L2 cache flushed before each rep.
+    With `budget_s`, slow functions get fewer reps (never under 5) so that one timing takes about that long."""
     for _ in range(warmup):
         fn()
     _sync(device)
     flush = torch.empty(64 * 2**20, dtype=torch.int32, device=device) if device == "cuda" else None
     times = []
-    for _ in range(reps):
+    while len(times) < reps:
         if device == "cuda":
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -108,6 +109,8 @@ def median_ms(fn, device: str, reps: int, warmup: int = 1) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+        if budget_s is not None and len(times) == 1:
+            reps = min(reps, max(5, int(budget_s * 1e3 / max(times[0], 1e-3))))
     return statistics.median(times)
 
 
@@ -120,14 +123,14 @@ def copy_bandwidth_gbps(device: str, reps: int) -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-def _run(shape: Shape, backend: str, tensors, backward: bool, dy=None):
+def _run(shape: Shape, backend: str, tensors, backward: bool, dy=None) -> list[torch.Tensor]:
+    """y, and with `backward` the gradients of (y * dy).sum() for (x, gates, lam, u)."""
     x, gates, lam, u = tensors
     if shape.op == "tb":
         y = gspn_scan(x, gates, lam, u, direction="tb", backend=backend)
     else:
         y = gspn_scan_4dir(x, gates, lam, u, backend=backend)
-    if backward:
-        torch.autograd.grad(y, tensors, dy)
+    return [y, *torch.autograd.grad(y, tensors, dy)] if backward else [y]
 
 
 def bench_shape(shape: Shape, backends, dtype, device: str, reps: int, copy_gbps: float) -> list[dict]:
@@ -146,7 +149,7 @@ def bench_shape(shape: Shape, backends, dtype, device: str, reps: int, copy_gbps
                 with ctx:
                     _run(shape, backend, tensors, backward, dy)
 
-            ms = median_ms(fn, device, reps)
+            ms = median_ms(fn, device, reps, budget_s=3.0)
             gbps = nbytes / ms / 1e6
             rows.append(
                 dict(

@@ -2,7 +2,9 @@
 import os
 
 # Must be set before anything imports triton (the kernels pick the interpreter at definition time).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# CGSPN_TEST_DEVICE=cuda runs the kernel tests on a GPU instead (see tests/test_gspn_kernels.py).
+if os.environ.get("CGSPN_TEST_DEVICE", "cpu") != "cuda":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 for key, value in {
     "DO_NOT_TRACK": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",

@@ -4,7 +4,12 @@ Every test draws fresh random inputs. Fast backends are checked by the flash-att
 against the float64 reference is at most twice the error of the reference itself run in the same low
 precision (plus a few units in the last place of the largest value), forward and every gradient. Kernel
 outputs are poisoned with NaN before each launch, so an element a kernel never writes fails the test.
+
+On a GPU machine, `CGSPN_TEST_DEVICE=cuda python -m pytest tests/test_gspn_kernels.py -k "matches or launch"`
+runs the comparisons on the GPU (compiled kernels, not the interpreter), with larger GPU-only cases.
 """
+import os
+
 import pytest
 import torch
 
@@ -45,6 +50,17 @@ TRITON_CASES = [
     (2, 4, 7, 7, 1, 4, 1, 3, "4dir", BF16),
     (2, 3, 7, 33, 3, 3, None, 2, "4dir", F64),
 ]
+# Real sizes (long scans, BLOCK_L 256, a block's proxy width): too slow for the interpreter, GPU only.
+GPU_CASES = [
+    (2, 96, 64, 64, 4, 96, 96, None, "4dir", BF16),
+    (1, 288, 128, 128, 4, 288, 288, None, "4dir", BF16),
+    (3, 8, 97, 130, 8, 8, 8, 16, "4dir", F32),
+    (2, 16, 256, 256, 1, 16, 16, None, "tb", F32),
+    (4, 12, 33, 200, 3, 12, None, None, "rl", BF16),
+    (2, 24, 130, 65, 2, 24, 24, None, "lr", BF16),
+]
+DEVICE = os.environ.get("CGSPN_TEST_DEVICE", "cpu")
+on_gpu_only = pytest.mark.skipif(DEVICE != "cuda", reason="GPU-sized case: set CGSPN_TEST_DEVICE=cuda on a GPU machine")
 STEPWISE_CASES = [
     (2, 4, 7, 33, 2, 4, 4, None, "tb", F32),
     (2, 6, 33, 7, 3, 6, None, 4, "lr", F32),
@@ -66,9 +82,9 @@ def _op(direction, backend, upcast=True):
 def check_against_reference(case, backend):
     B, C, H, W, G, Gl, Gu, chunk, direction, dtype = case
     ndir = 4 if direction == "4dir" else 1
-    leaves = make_inputs(B, C, H, W, G, Gl, Gu, ndir, dtype)
+    leaves = make_inputs(B, C, H, W, G, Gl, Gu, ndir, dtype, device=DEVICE)
     out_shape = (B, ndir, C, H, W) if ndir == 4 else (B, C, H, W)
-    dy = torch.randn(out_shape, dtype=torch.float64).to(dtype).to(torch.float64)
+    dy = torch.randn(out_shape, dtype=torch.float64).to(dtype).to(torch.float64).to(DEVICE)
 
     def run(backend, dtype, upcast=True):
         op = _op(direction, backend, upcast)
@@ -91,6 +107,28 @@ def check_against_reference(case, backend):
 
 @pytest.mark.parametrize("case", TRITON_CASES, ids=_case_id)
 def test_triton_matches_reference(case):
+    check_against_reference(case, "triton")
+
+
+@pytest.mark.parametrize("case", GPU_CASES, ids=_case_id)
+@on_gpu_only
+def test_triton_matches_reference_gpu_sizes(case):
+    check_against_reference(case, "triton")
+
+
+LAUNCH_CASES = [
+    (1, 4, 5, 9, 2, 4, 2, 3, "4dir", F32),
+    (2, 6, 9, 5, 3, 6, None, None, "lr", BF16),
+]
+
+
+@pytest.mark.parametrize("case", LAUNCH_CASES, ids=_case_id)
+@pytest.mark.parametrize("prefetch", [False, True], ids=["no-prefetch", "prefetch"])
+def test_triton_launch_variants_match_reference(case, prefetch, monkeypatch):
+    """The launch choices that tuning switches: prefetching on or off, with the smallest channel blocks
+    (what a GPU picks to fill its multiprocessors when the batch is small)."""
+    monkeypatch.setattr(triton_scan, "PREFETCH", prefetch)
+    monkeypatch.setattr(triton_scan, "_min_programs", lambda device: 10**9)
     check_against_reference(case, "triton")
 
 

@@ -58,6 +58,7 @@ def compile_variants(capability: int = 90) -> list[dict]:
         fn = getattr(triton_scan, kernel)
         const = dict(
             BLOCK_C=bc, BLOCK_L=bl, SHARED_A=sa, SHARED_L=sl, SHARED_U=su, HAS_U=has_u, ACC=acc[dtype],
+            PREFETCH=triton_scan.PREFETCH,
         )
         if kernel == "gspn_fwd_kernel":
             const["STORE_H"] = has_u

@@ -19,6 +19,7 @@ tensor (only when a gradient is needed).
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -30,8 +31,13 @@ from kernels import TRITON_IMPORTED_EARLY  # sets TRITON_INTERPRET=1 on CPU-only
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Launch tuning; kernels/NOTES.md has the measurements behind these values, kernels/tune.py sweeps them.
 # At most this many elements in one program's [BLOCK_C, BLOCK_L] tile.
 MAX_TILE_ELEMENTS = 4096
+# On a GPU, channel blocks are made small enough for this many programs per multiprocessor (0: largest blocks).
+PROGRAMS_PER_SM = 4
+# Load the next step's inputs before this step's neighbour exchange, so that their latency overlaps it.
+PREFETCH = True
 # `chunk=None` is passed as a chunk longer than any scan, so that only step 0 starts from h = 0.
 NO_CHUNK = 1 << 30
 # Tests set this to NaN so that any element a kernel fails to write shows up.
@@ -82,6 +88,27 @@ def _strides(is_col, s_h, s_w):
 
 
 @triton.jit
+def _step_row(s, rev, N):
+    """Row (or column) of the grid that step s visits: s, or N-1-s for the reversed directions."""
+    return (s + rev * (N - 1 - 2 * s)).to(tl.int64)
+
+
+@triton.jit
+def _fwd_inputs(p_a, p_x, p_l, p_u, t, as_t, xs_t, ls_t, us_t, sak, m_a, mask, m_l, m_u,
+                HAS_U: tl.constexpr, ACC: tl.constexpr):
+    """The forward's loads for grid row t: three gate logits, x, lam and u (x again when there is no u)."""
+    a0 = tl.load(p_a + t * as_t, mask=m_a, other=0.0).to(ACC)
+    a1 = tl.load(p_a + t * as_t + sak, mask=m_a, other=0.0).to(ACC)
+    a2 = tl.load(p_a + t * as_t + 2 * sak, mask=m_a, other=0.0).to(ACC)
+    b_x = tl.load(p_x + t * xs_t, mask=mask, other=0.0).to(ACC)
+    b_l = tl.load(p_l + t * ls_t, mask=m_l, other=0.0).to(ACC)
+    b_u = b_x
+    if HAS_U:
+        b_u = tl.load(p_u + t * us_t, mask=m_u, other=0.0).to(ACC)
+    return a0, a1, a2, b_x, b_l, b_u
+
+
+@triton.jit
 def gspn_fwd_kernel(
     x, a, lam, u, y, h_out, scratch,
     H, W, CB, CHUNK, DIR_BASE, CPG_A, CPG_L, CPG_U,
@@ -92,7 +119,7 @@ def gspn_fwd_kernel(
     syb, syd, syc, syh, syw,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
     SHARED_A: tl.constexpr, SHARED_L: tl.constexpr, SHARED_U: tl.constexpr,
-    HAS_U: tl.constexpr, STORE_H: tl.constexpr, ACC: tl.constexpr,
+    HAS_U: tl.constexpr, STORE_H: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     i_cb, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     is_col, rev, N, L = _scan_geometry(DIR_BASE + i_d, H, W)
@@ -118,6 +145,8 @@ def gspn_fwd_kernel(
         us_t, us_p = _strides(is_col, suh, suw)
         o_u, m_u = _line_offsets(c0, c, mask_c, CPG_U, sug, p, us_p, mask_p, SHARED_U)
         p_u = u + i_b.to(tl.int64) * sub + i_d.to(tl.int64) * sud + o_u
+    else:  # placeholders, never loaded
+        p_u, us_t, m_u = p_x, xs_t, mask
     ys_t, ys_p = _strides(is_col, syh, syw)
     o_y = i_b.to(tl.int64) * syb + i_d.to(tl.int64) * syd + c.to(tl.int64)[:, None] * syc
     o_y += p[None, :].to(tl.int64) * ys_p
@@ -129,30 +158,60 @@ def gspn_fwd_kernel(
     m_right = mask & (p[None, :] + 1 < L)
 
     h = tl.zeros([BLOCK_C, BLOCK_L], ACC)
+    if PREFETCH:  # inputs of step 0, loaded before the loop; each step then loads the next step's
+        n_a0, n_a1, n_a2, n_x, n_l, n_u = _fwd_inputs(
+            p_a, p_x, p_l, p_u, _step_row(0, rev, N), as_t, xs_t, ls_t, us_t, sak, m_a, mask, m_l, m_u, HAS_U, ACC)
     for s in range(0, N):
-        t = (s + rev * (N - 1 - 2 * s)).to(tl.int64)  # row (or column) of the grid that step s writes
+        t = _step_row(s, rev, N)  # row (or column) of the grid that step s writes
+        if PREFETCH:
+            a0, a1, a2, b_x, b_l, b_u = n_a0, n_a1, n_a2, n_x, n_l, n_u
+            # Issued before this step's neighbour exchange, so their latency overlaps it (the last step
+            # reloads its own row rather than read past the end).
+            n_a0, n_a1, n_a2, n_x, n_l, n_u = _fwd_inputs(
+                p_a, p_x, p_l, p_u, _step_row(tl.minimum(s + 1, N - 1), rev, N), as_t, xs_t, ls_t, us_t, sak,
+                m_a, mask, m_l, m_u, HAS_U, ACC)
+        else:
+            a0, a1, a2, b_x, b_l, b_u = _fwd_inputs(
+                p_a, p_x, p_l, p_u, t, as_t, xs_t, ls_t, us_t, sak, m_a, mask, m_l, m_u, HAS_U, ACC)
         prev = p_s + ((s + 1) % 2) * (BLOCK_C * BLOCK_L)
         left = tl.load(prev - 1, mask=m_left, other=0.0, volatile=True)
         right = tl.load(prev + 1, mask=m_right, other=0.0, volatile=True)
-
-        a0 = tl.load(p_a + t * as_t, mask=m_a, other=0.0).to(ACC)
-        a1 = tl.load(p_a + t * as_t + sak, mask=m_a, other=0.0).to(ACC)
-        a2 = tl.load(p_a + t * as_t + 2 * sak, mask=m_a, other=0.0).to(ACC)
         s0, s1, s2, inv = _gate_weights(a0, a1, a2, p[None, :], L)
-        b_x = tl.load(p_x + t * xs_t, mask=mask, other=0.0).to(ACC)
-        b_l = tl.load(p_l + t * ls_t, mask=m_l, other=0.0).to(ACC)
 
         keep = (s % CHUNK) != 0  # the first line of a chunk starts from h = 0
         h = tl.where(keep, (s0 * left + s1 * h + s2 * right) * inv, 0.0) + b_l * b_x
         h = tl.where(mask, h, 0.0)
         b_y = h
         if HAS_U:
-            b_y = h * tl.load(p_u + t * us_t, mask=m_u, other=0.0).to(ACC)
+            b_y = h * b_u
         tl.store(y + o_y + t * ys_t, b_y.to(y.dtype.element_ty), mask=mask)
         if STORE_H:
             tl.store(h_out + o_y + t * ys_t, h.to(h_out.dtype.element_ty), mask=mask)
         tl.store(p_s + (s % 2) * (BLOCK_C * BLOCK_L), h)
         tl.debug_barrier()
+
+
+@triton.jit
+def _bwd_inputs(s, rev, N, p_dy, p_u, p_x, p_l, p_a, h_in, o_y, dys_t, us_t, xs_t, ls_t, as_t, ys_t, ys_p, sak,
+                mask, m_u, m_l, m_a, m_left, m_right, pp, HAS_U: tl.constexpr, ACC: tl.constexpr):
+    """The backward's loads for step s: dy, u (dy again when there is no u), x, lam, the state of step s-1
+    at p, p-1 and p+1 (zero for step 0), and the three gate logits."""
+    t = _step_row(s, rev, N)
+    b_dy = tl.load(p_dy + t * dys_t, mask=mask, other=0.0).to(ACC)
+    b_u = b_dy
+    if HAS_U:
+        b_u = tl.load(p_u + t * us_t, mask=m_u, other=0.0).to(ACC)
+    b_x = tl.load(p_x + t * xs_t, mask=mask, other=0.0).to(ACC)
+    b_l = tl.load(p_l + t * ls_t, mask=m_l, other=0.0).to(ACC)
+    has_prev = (pp * 0 + s) >= 1  # [1, BLOCK_L]: a tensor mask, which the interpreter needs
+    p_hp = h_in + o_y + _step_row(s - 1, rev, N) * ys_t
+    h_prev = tl.load(p_hp, mask=mask & has_prev, other=0.0).to(ACC)
+    h_left = tl.load(p_hp - ys_p, mask=m_left & has_prev, other=0.0).to(ACC)
+    h_right = tl.load(p_hp + ys_p, mask=m_right & has_prev, other=0.0).to(ACC)
+    a0 = tl.load(p_a + t * as_t, mask=m_a, other=0.0).to(ACC)
+    a1 = tl.load(p_a + t * as_t + sak, mask=m_a, other=0.0).to(ACC)
+    a2 = tl.load(p_a + t * as_t + 2 * sak, mask=m_a, other=0.0).to(ACC)
+    return b_dy, b_u, b_x, b_l, h_prev, h_left, h_right, a0, a1, a2
 
 
 @triton.jit
@@ -170,7 +229,7 @@ def gspn_bwd_kernel(
     sdus, sdub, sdud, sdug, sduh, sduw,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
     SHARED_A: tl.constexpr, SHARED_L: tl.constexpr, SHARED_U: tl.constexpr,
-    HAS_U: tl.constexpr, ACC: tl.constexpr,
+    HAS_U: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """Reverse scan of the adjoint: dh_s = u*dy_s + P_{s+1}^T dh_{s+1}, from the last step to the first.
 
@@ -217,6 +276,8 @@ def gspn_bwd_kernel(
         dus_t, dus_p = _strides(is_col, sduh, sduw)
         o_du, _ = _line_offsets(c0, c, mask_c, CPG_U, sdug, p, dus_p, mask_p, SHARED_U)
         p_du = du + ((c0 % CPG_U) // CB).to(tl.int64) * sdus + i_b.to(tl.int64) * sdub + i_d.to(tl.int64) * sdud + o_du
+    else:  # placeholders, never loaded
+        p_u, us_t, m_u = p_x, xs_t, mask
 
     # Scratch: two slots, each holding q0 = g0*dh and q2 = g2*dh of the step scanned just before.
     pid = (i_b * tl.num_programs(1) + i_d) * tl.num_programs(0) + i_cb
@@ -226,21 +287,32 @@ def gspn_bwd_kernel(
     m_right = mask & (pp + 1 < L)
 
     q1 = tl.zeros([BLOCK_C, BLOCK_L], ACC)
-    t_last = (N - 1 + rev * (1 - N)).to(tl.int64)
+    t_last = _step_row(N - 1, rev, N)
     h_cur = tl.load(h_in + o_y + t_last * ys_t, mask=mask, other=0.0).to(ACC)  # h of the current step
+    if PREFETCH:  # inputs of the last step, loaded before the loop; each step then loads the one before it
+        n_dy, n_u, n_x, n_l, n_hp, n_hl, n_hr, n_a0, n_a1, n_a2 = _bwd_inputs(
+            N - 1, rev, N, p_dy, p_u, p_x, p_l, p_a, h_in, o_y, dys_t, us_t, xs_t, ls_t, as_t, ys_t, ys_p, sak,
+            mask, m_u, m_l, m_a, m_left, m_right, pp, HAS_U, ACC)
     for k in range(0, N):
         s = N - 1 - k
-        t = (s + rev * (N - 1 - 2 * s)).to(tl.int64)
-        t_prev = (s - 1 + rev * (N + 1 - 2 * s)).to(tl.int64)  # row of step s-1
+        t = _step_row(s, rev, N)
         keep_next = (k > 0) & (((s + 1) % CHUNK) != 0)  # does P_{s+1} link step s to step s+1?
         keep = (s % CHUNK) != 0  # does P_s link step s to step s-1?
+        if PREFETCH:
+            b_dy, b_u, b_x, b_l, h_prev, h_left, h_right, a0, a1, a2 = (
+                n_dy, n_u, n_x, n_l, n_hp, n_hl, n_hr, n_a0, n_a1, n_a2)
+            n_dy, n_u, n_x, n_l, n_hp, n_hl, n_hr, n_a0, n_a1, n_a2 = _bwd_inputs(
+                tl.maximum(s - 1, 0), rev, N, p_dy, p_u, p_x, p_l, p_a, h_in, o_y, dys_t, us_t, xs_t, ls_t, as_t,
+                ys_t, ys_p, sak, mask, m_u, m_l, m_a, m_left, m_right, pp, HAS_U, ACC)
+        else:
+            b_dy, b_u, b_x, b_l, h_prev, h_left, h_right, a0, a1, a2 = _bwd_inputs(
+                s, rev, N, p_dy, p_u, p_x, p_l, p_a, h_in, o_y, dys_t, us_t, xs_t, ls_t, as_t, ys_t, ys_p, sak,
+                mask, m_u, m_l, m_a, m_left, m_right, pp, HAS_U, ACC)
 
         slot = p_s + ((k + 1) % 2) * (2 * TILE)
         q0_right = tl.load(slot + 1, mask=m_right, other=0.0, volatile=True)  # g0[s+1, p+1] dh[s+1, p+1]
         q2_left = tl.load(slot + TILE - 1, mask=m_left, other=0.0, volatile=True)  # g2[s+1, p-1] dh[s+1, p-1]
-        b_dy = tl.load(p_dy + t * dys_t, mask=mask, other=0.0).to(ACC)
         if HAS_U:
-            b_u = tl.load(p_u + t * us_t, mask=m_u, other=0.0).to(ACC)
             dh = b_u * b_dy
             b_du = h_cur * b_dy
             if SHARED_U:
@@ -251,20 +323,12 @@ def gspn_bwd_kernel(
         dh += tl.where(keep_next, q0_right + q1 + q2_left, 0.0)
         dh = tl.where(mask, dh, 0.0)
 
-        b_x = tl.load(p_x + t * xs_t, mask=mask, other=0.0).to(ACC)
-        b_l = tl.load(p_l + t * ls_t, mask=m_l, other=0.0).to(ACC)
         tl.store(dx + o_y + t * ys_t, (b_l * dh).to(dx.dtype.element_ty), mask=mask)
         b_dl = b_x * dh
         if SHARED_L:
             b_dl = tl.sum(b_dl, axis=0, keep_dims=True)
         tl.store(p_dl + t * dls_t, b_dl.to(dlam.dtype.element_ty), mask=m_l)
 
-        # Previous line's state, at p-1, p, p+1 (h_prev becomes h_cur of the next iteration).
-        has_prev = (pp * 0 + s) >= 1  # [1, BLOCK_L]: a tensor mask, which the interpreter needs
-        p_hp = h_in + o_y + t_prev * ys_t
-        h_prev = tl.load(p_hp, mask=mask & has_prev, other=0.0).to(ACC)
-        h_left = tl.load(p_hp - ys_p, mask=m_left & has_prev, other=0.0).to(ACC)
-        h_right = tl.load(p_hp + ys_p, mask=m_right & has_prev, other=0.0).to(ACC)
         dg0 = tl.where(keep, dh * h_left, 0.0)
         dg1 = tl.where(keep, dh * h_prev, 0.0)
         dg2 = tl.where(keep, dh * h_right, 0.0)
@@ -273,9 +337,6 @@ def gspn_bwd_kernel(
             dg1 = tl.sum(dg1, axis=0, keep_dims=True)
             dg2 = tl.sum(dg2, axis=0, keep_dims=True)
 
-        a0 = tl.load(p_a + t * as_t, mask=m_a, other=0.0).to(ACC)
-        a1 = tl.load(p_a + t * as_t + sak, mask=m_a, other=0.0).to(ACC)
-        a2 = tl.load(p_a + t * as_t + 2 * sak, mask=m_a, other=0.0).to(ACC)
         s0, s1, s2, inv = _gate_weights(a0, a1, a2, pp, L)
         # d loss / d s_k = (dg_k - sum_k' g_k' dg_k') / S, then through the sigmoid (s_k = 0 where absent).
         centre = (s0 * dg0 + s1 * dg1 + s2 * dg2) * inv
@@ -300,12 +361,28 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _channel_block(C: int, cpgs: list[int], block_l: int) -> int:
-    """Channels per program: a divisor of every group size > 1 (so a block never straddles a group)."""
+def _channel_block(C: int, cpgs: list[int], block_l: int, lines: int, min_programs: int) -> int:
+    """Channels per program: a divisor of every group size > 1 (so a block never straddles a group), and
+    the largest such divisor that still gives `min_programs` programs over the `lines` (batch x directions)
+    when one does, else the smallest. Large blocks share grouped loads; small ones fill the GPU when the
+    batch is small (each program walks its steps one after the other, so idle multiprocessors are lost)."""
     shared = [g for g in cpgs if g > 1]
     limit = math.gcd(*shared) if shared else C
     cap = max(1, MAX_TILE_ELEMENTS // block_l)
-    return max(d for d in range(1, min(limit, cap) + 1) if limit % d == 0)
+    divisors = [d for d in range(1, min(limit, cap) + 1) if limit % d == 0]
+    enough = [d for d in divisors if (C // d) * lines >= min_programs]
+    return max(enough) if enough else min(divisors)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _min_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    return PROGRAMS_PER_SM * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def num_warps_for(tile_elements: int) -> int:
@@ -327,7 +404,7 @@ class _Plan:
         L = max(H, W) if ndir > 1 else (W if dir_base < 2 else H)
         self.block_l = _next_pow2(L)
         self.cpg = [C // a.shape[2], C // lam.shape[2], C // (u.shape[2] if u is not None else C)]
-        self.cb = _channel_block(C, self.cpg, self.block_l)
+        self.cb = _channel_block(C, self.cpg, self.block_l, ndir * B, _min_programs(x.device))
         self.block_c = _next_pow2(self.cb)
         self.shared = [g > 1 for g in self.cpg]
         self.grid = (C // self.cb, ndir, B)
@@ -349,7 +426,8 @@ class _Plan:
     def meta(self, has_u: bool) -> dict:
         return dict(
             BLOCK_C=self.block_c, BLOCK_L=self.block_l, SHARED_A=self.shared[0], SHARED_L=self.shared[1],
-            SHARED_U=self.shared[2], HAS_U=has_u, ACC=self.acc, num_warps=num_warps_for(self.block_c * self.block_l),
+            SHARED_U=self.shared[2], HAS_U=has_u, ACC=self.acc, PREFETCH=PREFETCH,
+            num_warps=num_warps_for(self.block_c * self.block_l),
         )
 
 
