@@ -2,7 +2,8 @@
 
 The choices are module settings of `kernels.gspn.triton_scan`: PROGRAMS_PER_SM (how small channel blocks get
 so that a small batch still fills the GPU; 0 keeps the largest), MAX_TILE_ELEMENTS (the largest tile of one
-program) and PREFETCH (load the next step's inputs before this step's neighbour exchange). Each variant is
+program), PREFETCH (load the next step's inputs before this step's neighbour exchange) and TRANSPOSE_COLUMNS
+(scan lr and rl on transposed copies, with coalesced loads). Each variant is
 checked against the default variant's output first (same inputs), then timed forward and forward+backward.
 
     python -m kernels.tune --out DIR       # writes DIR/tune-<device>.json
@@ -23,12 +24,18 @@ import torch
 from kernels.bench import Shape, _run, device_info, median_ms
 from kernels.gspn import triton_scan
 
-# (PROGRAMS_PER_SM, MAX_TILE_ELEMENTS, PREFETCH)
+# (PROGRAMS_PER_SM, MAX_TILE_ELEMENTS, PREFETCH, TRANSPOSE_COLUMNS); the first is the first kernel's launch.
 VARIANTS = [
-    *itertools.product([0, 1, 2, 4, 8], [4096], [False, True]),
-    (4, 1024, True),
-    (4, 512, True),
-    (16, 4096, True),
+    (0, 4096, False, False),
+    (4, 1024, True, False),
+    (4, 1024, False, True),
+    (4, 1024, True, True),
+    (1, 1024, True, True),
+    (2, 1024, True, True),
+    (8, 1024, True, True),
+    (16, 1024, True, True),
+    (4, 4096, True, True),
+    (4, 512, True, True),
 ]
 SHAPES = [
     # The C-GSPN block's scan (proxy width 288 = 1152 / 4, 4 gate groups, lam and u per channel).
@@ -38,7 +45,7 @@ SHAPES = [
     Shape("block384-2048px-B1", "4dir", 1, 96, 128, 128, 4, 96, 96),
     Shape("gspn2-tb", "tb", 16, 8, 1024, 1024, 8, 8, 8),
 ]
-SETTINGS = ("PROGRAMS_PER_SM", "MAX_TILE_ELEMENTS", "PREFETCH")
+SETTINGS = ("PROGRAMS_PER_SM", "MAX_TILE_ELEMENTS", "PREFETCH", "TRANSPOSE_COLUMNS")
 
 
 def use(variant) -> None:
@@ -53,11 +60,13 @@ def outputs(shape: Shape, tensors, dy) -> list[torch.Tensor]:
 
 
 def plan_of(shape: Shape, tensors) -> triton_scan._Plan:
-    """The launch geometry the current settings give (a direction axis added for one-direction calls)."""
+    """The launch geometry the current settings give (of the first launch, when there are two)."""
     x, gates, lam, u = tensors
     if shape.op == "tb":
-        gates, lam, u = (t.unsqueeze(1) for t in (gates, lam, u))
-    return triton_scan._Plan(x, gates, lam, u, 0, 4 if shape.op == "4dir" else 1)
+        return triton_scan._Plan(x, *(t.unsqueeze(1) for t in (gates, lam, u)), 0, 1)
+    if triton_scan.TRANSPOSE_COLUMNS:  # two launches of two directions each; this is the rows' one
+        return triton_scan._Plan(x, *(t[:, :2] for t in (gates, lam, u)), 0, 2)
+    return triton_scan._Plan(x, gates, lam, u, 0, 4)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -115,7 +124,8 @@ def main(argv=None) -> dict:
 
                 row[f"{mode}_ms"] = median_ms(fn, "cuda", args.reps)
             rows.append(row)
-            print(f"  {shape.name:>22} pps {variant[0]:>2} tile {variant[1]:>4} prefetch {variant[2]:d}: "
+            print(f"  {shape.name:>22} pps {variant[0]:>2} tile {variant[1]:>4} prefetch {variant[2]:d} "
+                  f"transpose {variant[3]:d}: "
                   f"cb {plan.cb:>3} programs {plan.programs:>6}  fwd {row['fwd_ms']:8.3f} ms  "
                   f"fwd+bwd {row['fwd+bwd_ms']:8.3f} ms  diff {err:.1e}", flush=True)
     use(default)
@@ -128,7 +138,7 @@ def main(argv=None) -> dict:
         mine = [r for r in rows if r["shape"] == shape.name]
         for mode in ("fwd", "fwd+bwd"):
             best = min(mine, key=lambda r: r[f"{mode}_ms"])
-            base = next(r for r in mine if tuple(r[n] for n in SETTINGS) == (0, 4096, False))
+            base = next(r for r in mine if tuple(r[n] for n in SETTINGS) == VARIANTS[0])
             print(f"  {shape.name:>22} {mode:>7}: {best[f'{mode}_ms']:.3f} ms with "
                   f"{ {n: best[n] for n in SETTINGS} } ({base[f'{mode}_ms'] / best[f'{mode}_ms']:.2f}x the first kernel)")
     return report

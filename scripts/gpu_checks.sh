@@ -40,7 +40,7 @@ $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 for step in "${steps[@]}"; do
     case $step in
         tests) run_step tests env CGSPN_TEST_DEVICE=cuda $py -m pytest -q -p no:cacheprovider \
-                   tests/test_gspn_kernels.py -k "matches or launch" ;;
+                   tests/test_gspn_kernels.py -k reference ;;
         sanitize) run_step sanitize compute-sanitizer --tool memcheck --error-exitcode 1 $py -m kernels.tune --smoke ;;
         tune) run_step tune $py -m kernels.tune ;;
         kernel) run_step kernel $py -m kernels.bench ;;

@@ -5,7 +5,7 @@ against the float64 reference is at most twice the error of the reference itself
 precision (plus a few units in the last place of the largest value), forward and every gradient. Kernel
 outputs are poisoned with NaN before each launch, so an element a kernel never writes fails the test.
 
-On a GPU machine, `CGSPN_TEST_DEVICE=cuda python -m pytest tests/test_gspn_kernels.py -k "matches or launch"`
+On a GPU machine, `CGSPN_TEST_DEVICE=cuda python -m pytest tests/test_gspn_kernels.py -k reference`
 runs the comparisons on the GPU (compiled kernels, not the interpreter), with larger GPU-only cases.
 """
 import os
@@ -123,11 +123,16 @@ LAUNCH_CASES = [
 
 
 @pytest.mark.parametrize("case", LAUNCH_CASES, ids=_case_id)
-@pytest.mark.parametrize("prefetch", [False, True], ids=["no-prefetch", "prefetch"])
-def test_triton_launch_variants_match_reference(case, prefetch, monkeypatch):
-    """The launch choices that tuning switches: prefetching on or off, with the smallest channel blocks
+@pytest.mark.parametrize(
+    "settings",
+    [{"PREFETCH": False}, {"PREFETCH": True}, {"TRANSPOSE_COLUMNS": False}],
+    ids=["no-prefetch", "prefetch", "columns-in-place"],
+)
+def test_triton_launch_variants_match_reference(case, settings, monkeypatch):
+    """The launch choices that tuning switches (kernels/tune.py), each with the smallest channel blocks
     (what a GPU picks to fill its multiprocessors when the batch is small)."""
-    monkeypatch.setattr(triton_scan, "PREFETCH", prefetch)
+    for name, value in settings.items():
+        monkeypatch.setattr(triton_scan, name, value)
     monkeypatch.setattr(triton_scan, "_min_programs", lambda device: 10**9)
     check_against_reference(case, "triton")
 

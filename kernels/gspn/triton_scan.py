@@ -33,11 +33,15 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Launch tuning; kernels/NOTES.md has the measurements behind these values, kernels/tune.py sweeps them.
 # At most this many elements in one program's [BLOCK_C, BLOCK_L] tile.
-MAX_TILE_ELEMENTS = 4096
+MAX_TILE_ELEMENTS = 1024
 # On a GPU, channel blocks are made small enough for this many programs per multiprocessor (0: largest blocks).
 PROGRAMS_PER_SM = 4
 # Load the next step's inputs before this step's neighbour exchange, so that their latency overlaps it.
 PREFETCH = True
+# Scan the column directions (lr, rl) as the row directions (tb, bt) of transposed copies: a column line read
+# in place has stride W, so every element costs a memory sector of its own; the copies cost one coalesced
+# pass over their inputs and outputs instead.
+TRANSPOSE_COLUMNS = True
 # `chunk=None` is passed as a chunk longer than any scan, so that only step 0 starts from h = 0.
 NO_CHUNK = 1 << 30
 # Tests set this to NaN so that any element a kernel fails to write shows up.
@@ -401,7 +405,8 @@ class _Plan:
     def __init__(self, x, a, lam, u, dir_base: int, ndir: int):
         B, C, H, W = x.shape
         self.B, self.C, self.H, self.W, self.ndir, self.dir_base = B, C, H, W, ndir, dir_base
-        L = max(H, W) if ndir > 1 else (W if dir_base < 2 else H)
+        rows, cols = dir_base + ndir <= 2, dir_base >= 2  # only row (tb, bt) or only column (lr, rl) directions
+        L = W if rows else H if cols else max(H, W)
         self.block_l = _next_pow2(L)
         self.cpg = [C // a.shape[2], C // lam.shape[2], C // (u.shape[2] if u is not None else C)]
         self.cb = _channel_block(C, self.cpg, self.block_l, ndir * B, _min_programs(x.device))
@@ -504,6 +509,8 @@ class GSPNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, a, lam, u, h = ctx.saved_tensors
+        if dy.stride(-1) != 1:  # e.g. the gradient of a transposed output: read it coalesced
+            dy = dy.contiguous()
         dx, da, dlam, du = gspn_bwd(x, a, lam, u, h, dy, *ctx.geometry)
         return dx, da, dlam, du, None, None, None, None
 
@@ -513,15 +520,32 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _transposed(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.transpose(-1, -2).contiguous()
+
+
+def _scan(x, a, lam, u, dir_base: int, ndir: int, chunk) -> torch.Tensor:
+    """Directions dir_base .. dir_base+ndir-1 (inputs with a direction axis of size ndir) -> [B, ndir, C, H, W].
+    Column directions go through transposed copies when TRANSPOSE_COLUMNS is set (lr on x is tb on x^T)."""
+    needs_grad = _needs_grad(x, a, lam, u)
+    if dir_base < 2 or not TRANSPOSE_COLUMNS:
+        return GSPNFunction.apply(x, a, lam, u, dir_base, ndir, chunk, needs_grad)
+    y = GSPNFunction.apply(*map(_transposed, (x, a, lam, u)), dir_base - 2, ndir, chunk, needs_grad)
+    return y.transpose(-1, -2)
+
+
 def gspn_scan_triton(x, gates, lam, u=None, direction_id: int = 0, chunk=None):
     """One direction: gates [B, G, 3, H, W], lam/u [B, G', H, W] -> y [B, C, H, W]."""
-    y = GSPNFunction.apply(
-        x, gates.unsqueeze(1), lam.unsqueeze(1), None if u is None else u.unsqueeze(1), direction_id, 1, chunk,
-        _needs_grad(x, gates, lam, u),
-    )
-    return y[:, 0]
+    add_dir = lambda t: None if t is None else t.unsqueeze(1)  # noqa: E731
+    return _scan(x, add_dir(gates), add_dir(lam), add_dir(u), direction_id, 1, chunk)[:, 0]
 
 
 def gspn_scan_4dir_triton(x, gates, lam, u=None, chunk=None):
-    """All four directions in one launch: gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W]."""
-    return GSPNFunction.apply(x, gates, lam, u, 0, 4, chunk, _needs_grad(x, gates, lam, u))
+    """All four directions: gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W]. One launch
+    when the columns are scanned in place; else one for the rows and one for the transposed columns."""
+    if not TRANSPOSE_COLUMNS:
+        return _scan(x, gates, lam, u, 0, 4, chunk)
+    half = lambda t, i: None if t is None else t[:, 2 * i : 2 * i + 2]  # noqa: E731
+    rows = _scan(x, half(gates, 0), half(lam, 0), half(u, 0), 0, 2, chunk)
+    cols = _scan(x, half(gates, 1), half(lam, 1), half(u, 1), 2, 2, chunk)
+    return torch.cat([rows, cols], dim=1)
