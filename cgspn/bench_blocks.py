@@ -46,6 +46,29 @@ def make_block(kind: str, width: int) -> Block:
     return Block(width, mixer, 4 * width, 1e-5, 1e-6)
 
 
+def graphed(fn, device: str):
+    """fn captured once in a CUDA graph, returned as its replay: the GPU's work without Python's per-op launch
+    overhead (which on the benchmark machine costs a block about 1.5 ms whatever its size). fn itself on a CPU."""
+    if device != "cuda":
+        return fn
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture: compiles kernels, allocates workspaces
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def time_both(fn, device: str, reps: int) -> tuple[float, float]:
+    """(graph-replay ms, eager ms) of fn; on a CPU both are the eager time."""
+    eager = median_ms(fn, device, reps, budget_s=BUDGET_S)
+    return (median_ms(graphed(fn, device), device, reps, budget_s=BUDGET_S) if device == "cuda" else eager), eager
+
+
 def time_block(kind: str, width: int, side: int, batch: int, dtype, device: str, reps: int) -> dict:
     grid = side // PATCH
     row = {"block": kind, "width": width, "side": side, "tokens": grid * grid, "batch": batch}
@@ -53,18 +76,19 @@ def time_block(kind: str, width: int, side: int, batch: int, dtype, device: str,
         block = make_block(kind, width).to(device, dtype)
         x = torch.randn(batch, grid * grid, width, device=device, dtype=dtype, requires_grad=True)
         kwargs = {"hw": (grid, grid)} if kind == "cgspn" else {}
+        leaves = [x, *block.parameters()]
 
         def forward():
             with torch.no_grad():
                 block(x, **kwargs)
 
         def forward_backward():
-            block(x, **kwargs).float().square().mean().backward()
+            torch.autograd.grad(block(x, **kwargs).float().square().mean(), leaves)
 
         for mode, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            row[f"{mode}_ms"] = median_ms(fn, device, reps, budget_s=BUDGET_S)
+            row[f"{mode}_ms"], row[f"{mode}_eager_ms"] = time_both(fn, device, reps)
             row[f"{mode}_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
@@ -84,17 +108,26 @@ def time_models(sides: list[int], dtype, device: str, reps: int) -> list[dict]:
         x = torch.randn(1, 3, side14, side14, device=device, dtype=dtype)
         for name, model in models.items():
             model = model.to(device, dtype).eval()
-            try:
+
+            def forward():
                 with torch.no_grad():
-                    ms = median_ms(lambda: model(x), device, reps)
-                rows.append({"model": name, "side": side14, "batch": 1, "ms": ms, "images_per_s": 1e3 / ms})
+                    model(x)
+
+            try:
+                ms, eager_ms = time_both(forward, device, reps)
+                rows.append({"model": name, "side": side14, "batch": 1, "ms": ms, "images_per_s": 1e3 / ms,
+                             "eager_ms": eager_ms, "eager_images_per_s": 1e3 / eager_ms})
             except torch.OutOfMemoryError:
                 rows.append({"model": name, "side": side14, "batch": 1, "error": "out of memory"})
+            finally:
+                if device == "cuda":
+                    torch.cuda.empty_cache()
     return rows
 
 
-def speedups(rows: list[dict]) -> list[dict]:
-    """Attention time over C-GSPN time for every (width, side, batch, mode) both finished."""
+def speedups(rows: list[dict], timing: str = "") -> list[dict]:
+    """Attention time over C-GSPN time for every (width, side, batch, mode) both finished; `timing` "" for
+    the graph-replay times, "_eager" for the eager ones."""
     out = []
     for r in rows:
         if r["block"] != "cgspn" or "error" in r:
@@ -104,7 +137,7 @@ def speedups(rows: list[dict]) -> list[dict]:
             continue
         for mode in ("fwd", "fwd+bwd"):
             out.append({"width": r["width"], "side": r["side"], "batch": r["batch"], "mode": mode,
-                        "speedup": a[f"{mode}_ms"] / r[f"{mode}_ms"]})
+                        "speedup": a[f"{mode}{timing}_ms"] / r[f"{mode}{timing}_ms"]})
     return out
 
 
@@ -198,10 +231,15 @@ def main(argv=None) -> dict:
                     rows.append(time_block(kind, width, side, batch, dtype, device, reps))
                     r = rows[-1]
                     print(f"  {kind:>9} width {width} batch {batch:>2} side {side:>4}: "
-                          + (r.get("error") or f"fwd {r['fwd_ms']:.2f} ms, fwd+bwd {r['fwd+bwd_ms']:.2f} ms"), flush=True)
+                          + (r.get("error") or f"fwd {r['fwd_ms']:.2f} ms, fwd+bwd {r['fwd+bwd_ms']:.2f} ms "
+                             f"(eager {r['fwd_eager_ms']:.2f}, {r['fwd+bwd_eager_ms']:.2f})"), flush=True)
     report = {"info": info, "scope": "full set" if device == "cuda" else "CPU: reduced sizes",
-              "method": f"median of {reps}, {str(dtype).replace('torch.', '')}, patch {PATCH}",
+              "method": f"median of {reps} (at least 5, about {BUDGET_S:.0f} s per timing), "
+                        f"{str(dtype).replace('torch.', '')}, patch {PATCH}"
+                        + (", CUDA graph replays with the L2 cache flushed before each (device time); eager "
+                           "times (with Python's launch overhead) beside them" if device == "cuda" else ""),
               "published": PUBLISHED, "goal": GOAL, "blocks": rows, "speedups": speedups(rows),
+              "speedups_eager": speedups(rows, "_eager"),
               "models": time_models(sizes["model_sides"], dtype, device, reps)}
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")

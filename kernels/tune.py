@@ -60,12 +60,10 @@ def outputs(shape: Shape, tensors, dy) -> list[torch.Tensor]:
 
 
 def plan_of(shape: Shape, tensors) -> triton_scan._Plan:
-    """The launch geometry the current settings give (of the first launch, when there are two)."""
+    """The launch geometry the current settings give."""
     x, gates, lam, u = tensors
     if shape.op == "tb":
         return triton_scan._Plan(x, *(t.unsqueeze(1) for t in (gates, lam, u)), 0, 1)
-    if triton_scan.TRANSPOSE_COLUMNS:  # two launches of two directions each; this is the rows' one
-        return triton_scan._Plan(x, *(t[:, :2] for t in (gates, lam, u)), 0, 2)
     return triton_scan._Plan(x, gates, lam, u, 0, 4)
 
 

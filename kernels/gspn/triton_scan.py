@@ -86,8 +86,11 @@ def _scan_geometry(d, H, W):
 
 
 @triton.jit
-def _strides(is_col, s_h, s_w):
-    """(step stride, position stride) of a tensor for this direction."""
+def _strides(is_col, s_h, s_w, L, LINES: tl.constexpr):
+    """(step stride, position stride) of a tensor for this direction. In the LINES layout every plane holds
+    its direction's lines contiguously (the column directions' planes transposed): (L, 1) for all."""
+    if LINES:
+        return L, 1
     return s_h + is_col * (s_w - s_h), s_w + is_col * (s_h - s_w)
 
 
@@ -116,14 +119,14 @@ def _fwd_inputs(p_a, p_x, p_l, p_u, t, as_t, xs_t, ls_t, us_t, sak, m_a, mask, m
 def gspn_fwd_kernel(
     x, a, lam, u, y, h_out, scratch,
     H, W, CB, CHUNK, DIR_BASE, CPG_A, CPG_L, CPG_U,
-    sxb, sxc, sxh, sxw,
+    sxd, sxb, sxc, sxh, sxw,
     sab, sad, sag, sak, sah, saw,
     slb, sld, slg, slh, slw,
     sub, sud, sug, suh, suw,
     syb, syd, syc, syh, syw,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
     SHARED_A: tl.constexpr, SHARED_L: tl.constexpr, SHARED_U: tl.constexpr,
-    HAS_U: tl.constexpr, STORE_H: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_U: tl.constexpr, STORE_H: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr,
 ):
     i_cb, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     is_col, rev, N, L = _scan_geometry(DIR_BASE + i_d, H, W)
@@ -137,21 +140,22 @@ def gspn_fwd_kernel(
     mask = mask_c[:, None] & mask_p[None, :]
 
     # Per-tensor line offsets (without the step) and step strides.
-    xs_t, xs_p = _strides(is_col, sxh, sxw)
-    p_x = x + i_b.to(tl.int64) * sxb + c.to(tl.int64)[:, None] * sxc + p[None, :].to(tl.int64) * xs_p
-    as_t, as_p = _strides(is_col, sah, saw)
+    xs_t, xs_p = _strides(is_col, sxh, sxw, L, LINES)
+    p_x = x + ((DIR_BASE + i_d) // 2).to(tl.int64) * sxd + i_b.to(tl.int64) * sxb + c.to(tl.int64)[:, None] * sxc
+    p_x += p[None, :].to(tl.int64) * xs_p
+    as_t, as_p = _strides(is_col, sah, saw, L, LINES)
     o_a, m_a = _line_offsets(c0, c, mask_c, CPG_A, sag, p, as_p, mask_p, SHARED_A)
     p_a = a + i_b.to(tl.int64) * sab + i_d.to(tl.int64) * sad + o_a
-    ls_t, ls_p = _strides(is_col, slh, slw)
+    ls_t, ls_p = _strides(is_col, slh, slw, L, LINES)
     o_l, m_l = _line_offsets(c0, c, mask_c, CPG_L, slg, p, ls_p, mask_p, SHARED_L)
     p_l = lam + i_b.to(tl.int64) * slb + i_d.to(tl.int64) * sld + o_l
     if HAS_U:
-        us_t, us_p = _strides(is_col, suh, suw)
+        us_t, us_p = _strides(is_col, suh, suw, L, LINES)
         o_u, m_u = _line_offsets(c0, c, mask_c, CPG_U, sug, p, us_p, mask_p, SHARED_U)
         p_u = u + i_b.to(tl.int64) * sub + i_d.to(tl.int64) * sud + o_u
     else:  # placeholders, never loaded
         p_u, us_t, m_u = p_x, xs_t, mask
-    ys_t, ys_p = _strides(is_col, syh, syw)
+    ys_t, ys_p = _strides(is_col, syh, syw, L, LINES)
     o_y = i_b.to(tl.int64) * syb + i_d.to(tl.int64) * syd + c.to(tl.int64)[:, None] * syc
     o_y += p[None, :].to(tl.int64) * ys_p
 
@@ -222,7 +226,7 @@ def _bwd_inputs(s, rev, N, p_dy, p_u, p_x, p_l, p_a, h_in, o_y, dys_t, us_t, xs_
 def gspn_bwd_kernel(
     x, a, lam, u, h_in, dy, scratch, dx, da, dlam, du,
     H, W, CB, CHUNK, DIR_BASE, CPG_A, CPG_L, CPG_U,
-    sxb, sxc, sxh, sxw,
+    sxd, sxb, sxc, sxh, sxw,
     sab, sad, sag, sak, sah, saw,
     slb, sld, slg, slh, slw,
     sub, sud, sug, suh, suw,
@@ -233,7 +237,7 @@ def gspn_bwd_kernel(
     sdus, sdub, sdud, sdug, sduh, sduw,
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
     SHARED_A: tl.constexpr, SHARED_L: tl.constexpr, SHARED_U: tl.constexpr,
-    HAS_U: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr,
+    HAS_U: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr,
 ):
     """Reverse scan of the adjoint: dh_s = u*dy_s + P_{s+1}^T dh_{s+1}, from the last step to the first.
 
@@ -252,32 +256,33 @@ def gspn_bwd_kernel(
     mask = mask_c[:, None] & mask_p[None, :]
     pp = p[None, :]
 
-    xs_t, xs_p = _strides(is_col, sxh, sxw)
-    p_x = x + i_b.to(tl.int64) * sxb + c.to(tl.int64)[:, None] * sxc + pp.to(tl.int64) * xs_p
-    as_t, as_p = _strides(is_col, sah, saw)
+    xs_t, xs_p = _strides(is_col, sxh, sxw, L, LINES)
+    p_x = x + ((DIR_BASE + i_d) // 2).to(tl.int64) * sxd + i_b.to(tl.int64) * sxb + c.to(tl.int64)[:, None] * sxc
+    p_x += pp.to(tl.int64) * xs_p
+    as_t, as_p = _strides(is_col, sah, saw, L, LINES)
     o_a, m_a = _line_offsets(c0, c, mask_c, CPG_A, sag, p, as_p, mask_p, SHARED_A)
     p_a = a + i_b.to(tl.int64) * sab + i_d.to(tl.int64) * sad + o_a
-    ls_t, ls_p = _strides(is_col, slh, slw)
+    ls_t, ls_p = _strides(is_col, slh, slw, L, LINES)
     o_l, m_l = _line_offsets(c0, c, mask_c, CPG_L, slg, p, ls_p, mask_p, SHARED_L)
     p_l = lam + i_b.to(tl.int64) * slb + i_d.to(tl.int64) * sld + o_l
-    ys_t, ys_p = _strides(is_col, syh, syw)
+    ys_t, ys_p = _strides(is_col, syh, syw, L, LINES)
     o_y = i_b.to(tl.int64) * syb + i_d.to(tl.int64) * syd + c.to(tl.int64)[:, None] * syc + pp.to(tl.int64) * ys_p
-    dys_t, dys_p = _strides(is_col, sdyh, sdyw)
+    dys_t, dys_p = _strides(is_col, sdyh, sdyw, L, LINES)
     p_dy = dy + i_b.to(tl.int64) * sdyb + i_d.to(tl.int64) * sdyd + c.to(tl.int64)[:, None] * sdyc
     p_dy += pp.to(tl.int64) * dys_p
 
     # Gradient slices of the grouped tensors.
-    das_t, das_p = _strides(is_col, sdah, sdaw)
+    das_t, das_p = _strides(is_col, sdah, sdaw, L, LINES)
     o_da, _ = _line_offsets(c0, c, mask_c, CPG_A, sdag, p, das_p, mask_p, SHARED_A)
     p_da = da + ((c0 % CPG_A) // CB).to(tl.int64) * sdas + i_b.to(tl.int64) * sdab + i_d.to(tl.int64) * sdad + o_da
-    dls_t, dls_p = _strides(is_col, sdlh, sdlw)
+    dls_t, dls_p = _strides(is_col, sdlh, sdlw, L, LINES)
     o_dl, _ = _line_offsets(c0, c, mask_c, CPG_L, sdlg, p, dls_p, mask_p, SHARED_L)
     p_dl = dlam + ((c0 % CPG_L) // CB).to(tl.int64) * sdls + i_b.to(tl.int64) * sdlb + i_d.to(tl.int64) * sdld + o_dl
     if HAS_U:
-        us_t, us_p = _strides(is_col, suh, suw)
+        us_t, us_p = _strides(is_col, suh, suw, L, LINES)
         o_u, m_u = _line_offsets(c0, c, mask_c, CPG_U, sug, p, us_p, mask_p, SHARED_U)
         p_u = u + i_b.to(tl.int64) * sub + i_d.to(tl.int64) * sud + o_u
-        dus_t, dus_p = _strides(is_col, sduh, sduw)
+        dus_t, dus_p = _strides(is_col, sduh, sduw, L, LINES)
         o_du, _ = _line_offsets(c0, c, mask_c, CPG_U, sdug, p, dus_p, mask_p, SHARED_U)
         p_du = du + ((c0 % CPG_U) // CB).to(tl.int64) * sdus + i_b.to(tl.int64) * sdub + i_d.to(tl.int64) * sdud + o_du
     else:  # placeholders, never loaded
@@ -421,17 +426,17 @@ class _Plan:
         """How many blocks share one group of grouped tensor i (0 gates, 1 lam, 2 u)."""
         return self.cpg[i] // self.cb if self.shared[i] else 1
 
-    def common_args(self, x, a, lam, u, chunk: int | None):
+    def common_args(self, x, a, lam, u, chunk: int | None, sxd: int):
         uu = u if u is not None else lam  # placeholder pointer, never read when HAS_U is False
         return (
             self.H, self.W, self.cb, chunk or NO_CHUNK, self.dir_base, self.cpg[0], self.cpg[1], self.cpg[2],
-            *x.stride(), *a.stride(), *lam.stride(), *uu.stride(),
+            sxd, *x.stride(), *a.stride(), *lam.stride(), *uu.stride(),
         )
 
-    def meta(self, has_u: bool) -> dict:
+    def meta(self, has_u: bool, lines: bool) -> dict:
         return dict(
             BLOCK_C=self.block_c, BLOCK_L=self.block_l, SHARED_A=self.shared[0], SHARED_L=self.shared[1],
-            SHARED_U=self.shared[2], HAS_U=has_u, ACC=self.acc, PREFETCH=PREFETCH,
+            SHARED_U=self.shared[2], HAS_U=has_u, ACC=self.acc, PREFETCH=PREFETCH, LINES=lines,
             num_warps=num_warps_for(self.block_c * self.block_l),
         )
 
@@ -445,11 +450,13 @@ def _check_interpretable(x: torch.Tensor) -> None:
         )
 
 
-def gspn_fwd(x, a, lam, u, dir_base: int, ndir: int, chunk: int | None, store_h: bool):
+def gspn_fwd(x, a, lam, u, dir_base: int, ndir: int, chunk: int | None, store_h: bool, sxd: int = 0,
+             lines: bool = False):
     """x: [B, C, H, W]; a: [B, ndir, G, 3, H, W]; lam, u: [B, ndir, G', H, W] (u may be None).
 
     Returns (y, h): y [B, ndir, C, H, W]; h the saved state for the backward (y itself when u is None,
-    a separate tensor when `store_h`, else None).
+    a separate tensor when `store_h`, else None). With `lines`, every tensor is in the LINES layout
+    (`_to_lines`) and x is the first of a pair whose second (`sxd` elements on) is x transposed.
     """
     _check_interpretable(x)
     plan = _Plan(x, a, lam, u, dir_base, ndir)
@@ -457,17 +464,18 @@ def gspn_fwd(x, a, lam, u, dir_base: int, ndir: int, chunk: int | None, store_h:
     y = _alloc((B, ndir, C, H, W), x.dtype, x.device)
     h = _alloc((B, ndir, C, H, W), x.dtype, x.device) if (store_h and u is not None) else None
     scratch = _alloc((plan.programs * 2 * plan.block_c * plan.block_l,), plan.scratch_dtype, x.device)
-    args = plan.common_args(x, a, lam, u, chunk)
+    args = plan.common_args(x, a, lam, u, chunk, sxd)
     gspn_fwd_kernel[plan.grid](
         x, a, lam, u if u is not None else lam, y, h if h is not None else y, scratch,
         *args, *y.stride(),
-        STORE_H=h is not None, **plan.meta(u is not None),
+        STORE_H=h is not None, **plan.meta(u is not None, lines),
     )
     return y, (y if u is None else h)
 
 
-def gspn_bwd(x, a, lam, u, h, dy, dir_base: int, ndir: int, chunk: int | None):
-    """Gradients of `gspn_fwd` for dy: [B, ndir, C, H, W]; returns (dx, da, dlam, du) shaped like the inputs."""
+def gspn_bwd(x, a, lam, u, h, dy, dir_base: int, ndir: int, chunk: int | None, sxd: int = 0, lines: bool = False):
+    """Gradients of `gspn_fwd` for dy: [B, ndir, C, H, W]; returns (dx, da, dlam, du) shaped like the inputs
+    (in the ordinary layout also when `lines`)."""
     plan = _Plan(x, a, lam, u, dir_base, ndir)
     B, C, H, W = x.shape
     dev = x.device
@@ -482,37 +490,84 @@ def gspn_bwd(x, a, lam, u, h, dy, dir_base: int, ndir: int, chunk: int | None):
     dlam = grad_buffer(1, lam)
     du = grad_buffer(2, u) if u is not None else dlam  # placeholder when HAS_U is False
     scratch = _alloc((plan.programs * 4 * plan.block_c * plan.block_l,), f32, dev)
-    args = plan.common_args(x, a, lam, u, chunk)
+    args = plan.common_args(x, a, lam, u, chunk, sxd)
     gspn_bwd_kernel[plan.grid](
         x, a, lam, u if u is not None else lam, h, dy, scratch, dx_buf, da, dlam, du,
         *args, *h.stride(), *dy.stride(), *da.stride(), *dlam.stride(), *du.stride(),
-        **plan.meta(u is not None),
+        **plan.meta(u is not None, lines),
     )
+    layout = _from_lines if lines else (lambda t: t)
 
     def reduce(buf, like):
-        return (buf[0] if buf.shape[0] == 1 else buf.sum(0)).to(like.dtype)
+        return layout(buf[0] if buf.shape[0] == 1 else buf.sum(0)).to(like.dtype)
 
-    dx = (dx_buf[:, 0] if ndir == 1 else dx_buf.sum(1)).to(x.dtype)
+    dx = (dx_buf[:, 0] if ndir == 1 else layout(dx_buf).sum(1)).to(x.dtype)
     return dx, reduce(da, a), reduce(dlam, lam), (reduce(du, u) if u is not None else None)
 
 
+# ---------------------------------------------------------------- the LINES layout of the 4-direction call
+# Each [.., H, W] plane of a direction holds that direction's lines contiguously: rows as they are for tb and
+# bt, the transposed plane ([.., W, H] in memory) for lr and rl. Every line read is then coalesced, and all
+# four directions still run in one launch.
+
+
+def _planes_transposed(t: torch.Tensor) -> torch.Tensor:
+    """The memory of [.., H, W] planes (each contiguous) seen as [.., W, H]; a view, never a copy."""
+    return t.view(*t.shape[:-2], t.shape[-1], t.shape[-2])
+
+
+def _to_lines(t: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, 4, .., H, W] -> a contiguous copy in the LINES layout."""
+    if t is None:
+        return None
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    out[:, :2].copy_(t[:, :2])
+    _planes_transposed(out[:, 2:]).copy_(t[:, 2:].transpose(-1, -2))
+    return out
+
+
+def _from_lines(t: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_to_lines`: [B, 4, .., H, W] in the LINES layout -> the ordinary layout."""
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    out[:, :2].copy_(t[:, :2])
+    out[:, 2:].copy_(_planes_transposed(t[:, 2:]).transpose(-1, -2))
+    return out
+
+
+def _x_pair(x: torch.Tensor) -> torch.Tensor:
+    """x [B, C, H, W] -> [2, B, C, H, W]: x, then its transposed planes (what lr and rl read)."""
+    out = torch.empty((2, *x.shape), dtype=x.dtype, device=x.device)
+    out[0].copy_(x)
+    _planes_transposed(out[1]).copy_(x.transpose(-1, -2))
+    return out
+
+
 class GSPNFunction(torch.autograd.Function):
-    """Autograd around the fused kernels. Inputs carry a direction axis (size ndir) after the batch."""
+    """Autograd around the fused kernels. Inputs carry a direction axis (size ndir) after the batch.
+    With `lines` (four directions), the kernels work on LINES-layout copies."""
 
     @staticmethod
-    def forward(ctx, x, a, lam, u, dir_base: int, ndir: int, chunk, needs_grad: bool):
-        y, h = gspn_fwd(x, a, lam, u, dir_base, ndir, chunk, store_h=needs_grad)
-        ctx.save_for_backward(x, a, lam, u, h)
-        ctx.geometry = (dir_base, ndir, chunk)
-        return y
+    def forward(ctx, x, a, lam, u, dir_base: int, ndir: int, chunk, needs_grad: bool, lines: bool = False):
+        sxd = 0
+        if lines:
+            pair = _x_pair(x)
+            x, sxd = pair[0], pair.stride(0)
+            a, lam, u = _to_lines(a), _to_lines(lam), _to_lines(u)
+        y, h = gspn_fwd(x, a, lam, u, dir_base, ndir, chunk, store_h=needs_grad, sxd=sxd, lines=lines)
+        ctx.save_for_backward(pair if lines else x, a, lam, u, h)
+        ctx.geometry = (dir_base, ndir, chunk, sxd, lines)
+        return _from_lines(y) if lines else y
 
     @staticmethod
     def backward(ctx, dy):
         x, a, lam, u, h = ctx.saved_tensors
-        if dy.stride(-1) != 1:  # e.g. the gradient of a transposed output: read it coalesced
+        lines = ctx.geometry[-1]
+        if lines:
+            x, dy = x[0], _to_lines(dy)
+        elif dy.stride(-1) != 1:  # e.g. the gradient of a transposed output: read it coalesced
             dy = dy.contiguous()
         dx, da, dlam, du = gspn_bwd(x, a, lam, u, h, dy, *ctx.geometry)
-        return dx, da, dlam, du, None, None, None, None
+        return dx, da, dlam, du, None, None, None, None, None
 
 
 def _needs_grad(*tensors) -> bool:
@@ -541,11 +596,6 @@ def gspn_scan_triton(x, gates, lam, u=None, direction_id: int = 0, chunk=None):
 
 
 def gspn_scan_4dir_triton(x, gates, lam, u=None, chunk=None):
-    """All four directions: gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W]. One launch
-    when the columns are scanned in place; else one for the rows and one for the transposed columns."""
-    if not TRANSPOSE_COLUMNS:
-        return _scan(x, gates, lam, u, 0, 4, chunk)
-    half = lambda t, i: None if t is None else t[:, 2 * i : 2 * i + 2]  # noqa: E731
-    rows = _scan(x, half(gates, 0), half(lam, 0), half(u, 0), 0, 2, chunk)
-    cols = _scan(x, half(gates, 1), half(lam, 1), half(u, 1), 2, 2, chunk)
-    return torch.cat([rows, cols], dim=1)
+    """All four directions in one launch: gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W].
+    With TRANSPOSE_COLUMNS the kernels read LINES-layout copies (coalesced columns), else the inputs in place."""
+    return GSPNFunction.apply(x, gates, lam, u, 0, 4, chunk, _needs_grad(x, gates, lam, u), TRANSPOSE_COLUMNS)
