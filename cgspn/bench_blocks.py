@@ -205,6 +205,33 @@ def plot_roofline(kernel_report: dict, path: Path, peak_flops: float) -> None:
     plt.close(fig)
 
 
+def profile_block(width: int, side: int, batch: int, device: str, top: int = 15) -> None:
+    """Print where one C-GSPN block's GPU time goes (torch.profiler, CUDA time per op), forward and fwd+bwd."""
+    from torch.profiler import ProfilerActivity, profile
+
+    grid = side // PATCH
+    block = make_block("cgspn", width).to(device, torch.bfloat16)
+    x = torch.randn(batch, grid * grid, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+    leaves = [x, *block.parameters()]
+    for mode in ("fwd", "fwd+bwd"):
+        def step():
+            if mode == "fwd":
+                with torch.no_grad():
+                    block(x, hw=(grid, grid))
+            else:
+                torch.autograd.grad(block(x, hw=(grid, grid)).float().square().mean(), leaves)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(f"C-GSPN block, width {width}, side {side}, batch {batch}, {mode}: CUDA time over 5 calls")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -212,8 +239,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
     parser.add_argument("--sides", type=int, nargs="+", default=None, help="image sides of the block benchmark")
     parser.add_argument("--model-sides", type=int, nargs="+", default=None, help="image sides of the model benchmark")
+    parser.add_argument("--profile", type=int, nargs=3, metavar=("WIDTH", "SIDE", "BATCH"),
+                        help="only print where one C-GSPN block's GPU time goes, for this width, side and batch")
     args = parser.parse_args(argv)
     device = args.device
+    if args.profile:
+        return profile_block(*args.profile, device)
     sizes = dict(GPU_SET if device == "cuda" else CPU_SET)
     sizes["sides"] = args.sides or sizes["sides"]
     sizes["model_sides"] = args.model_sides or sizes["model_sides"]

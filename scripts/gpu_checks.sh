@@ -7,6 +7,7 @@
 #   tune      the launch sweep (kernels/tune.py): which settings are fastest per shape
 #   kernel    the kernel benchmark (kernels/bench.py): fused Triton against the stepwise baseline, roofline
 #   blocks    the block and model benchmark (cgspn/bench_blocks.py): C-GSPN against attention (SDPA)
+#   profile   (not in the default set) where one C-GSPN block's GPU time goes, width 1152 at 2048 px
 #
 #   scripts/gpu_checks.sh                  # all five steps
 #   scripts/gpu_checks.sh tests kernel     # some of them
@@ -45,7 +46,8 @@ for step in "${steps[@]}"; do
         tune) run_step tune $py -m kernels.tune ;;
         kernel) run_step kernel $py -m kernels.bench ;;
         blocks) run_step blocks $py -m cgspn.bench_blocks ;;
-        *) echo "unknown step '$step' (known: tests sanitize tune kernel blocks)"; failed=$((failed + 1)) ;;
+        profile) run_step profile $py -m cgspn.bench_blocks --profile 1152 2048 1 ;;
+        *) echo "unknown step '$step' (known: tests sanitize tune kernel blocks profile)"; failed=$((failed + 1)) ;;
     esac
 done
 exit $failed
