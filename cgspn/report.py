@@ -118,31 +118,52 @@ def data_section(root: Path) -> list[str]:
     return out + [""]
 
 
+def device_benchmarks(root: Path) -> list[tuple[str, dict]]:
+    """(slug, block report) of every device with a record in reports/benchmarks/, GPUs first."""
+    found = []
+    for path in sorted((root / "reports/benchmarks").glob("blocks-*.json")):
+        record = _load(path)
+        if record:
+            found.append((path.stem.removeprefix("blocks-"), record))
+    return sorted(found, key=lambda item: item[1]["info"].get("kind") == "cpu")
+
+
 def benchmark_section(root: Path) -> list[str]:
-    blocks = _load(root / "reports/benchmarks/blocks.json")
     out = ["## Speed", ""]
-    if not blocks:
+    records = device_benchmarks(root)
+    if not records:
         return out + ["No block benchmark yet (`python -m cgspn.bench_blocks`).", ""]
-    out += [f"Device: **{blocks['info']['device']}** ({blocks['scope']}); {blocks['method']}. "
-            "GPU records, where one was taken, are in `benchmarks/*-<gpu>.json`.", ""]
-    rows = [[b["block"], b["width"], b["batch"], b["side"], b["tokens"],
-             f"{b['fwd_ms']:.2f}" if "fwd_ms" in b else b.get("error"),
-             f"{b['fwd+bwd_ms']:.2f}" if "fwd+bwd_ms" in b else "-"] for b in blocks["blocks"]]
-    out += [_table(["block", "width", "batch", "side (px)", "tokens", "fwd ms", "fwd+bwd ms"], rows), ""]
-    out += [_table(["width", "batch", "side (px)", "mode", "attention / C-GSPN"],
-                   [[s["width"], s["batch"], s["side"], s["mode"], f"{s['speedup']:.2f}x"] for s in blocks["speedups"]]),
-            "", f"For comparison, the {blocks['published']}. {blocks['goal'][0].upper() + blocks['goal'][1:]}.", ""]
-    out += [_table(["model", "side (px)", "images/s"],
-                   [[m["model"], m["side"], f"{m['images_per_s']:.1f}" if "images_per_s" in m else m.get("error")]
-                    for m in blocks["models"]]), ""]
-    slug = "cpu" if blocks["info"].get("kind") == "cpu" else None
-    for name in ([f"speedup-{slug}.png", f"roofline-{slug}.png", f"kernel-{slug}.png"] if slug else []):
-        if (root / "reports/benchmarks" / name).exists():
-            out.append(f"![{name}](benchmarks/{name})")
-    kernel_md = root / "reports/benchmarks/kernel.md"
-    if kernel_md.exists():
-        out += ["", "### The GSPN scan kernel", "", kernel_md.read_text()]
-    return out + [""]
+    out += ["One subsection per device that has a record in `reports/benchmarks/` (files named by device). "
+            "A CPU run of the `benchmark` stage never replaces a GPU record.", ""]
+    bench = root / "reports/benchmarks"
+    for slug, blocks in records:
+        eager = {(s["width"], s["batch"], s["side"], s["mode"]): s["speedup"] for s in blocks.get("speedups_eager", [])}
+        out += [f"### {blocks['info']['device']}", "", f"{blocks['scope']}; {blocks['method']}.", ""]
+        rows = [[b["block"], b["width"], b["batch"], b["side"], b["tokens"],
+                 f"{b['fwd_ms']:.2f}" if "fwd_ms" in b else b.get("error"),
+                 f"{b['fwd+bwd_ms']:.2f}" if "fwd+bwd_ms" in b else "-"] for b in blocks["blocks"]]
+        out += [_table(["block", "width", "batch", "side (px)", "tokens", "fwd ms", "fwd+bwd ms"], rows), ""]
+        speed_rows = [[s["width"], s["batch"], s["side"], s["mode"], f"{s['speedup']:.2f}x"]
+                      + ([f"{eager[k]:.2f}x"] if (k := (s["width"], s["batch"], s["side"], s["mode"])) in eager else [])
+                      for s in blocks["speedups"]]
+        out += [_table(["width", "batch", "side (px)", "mode", "attention / C-GSPN"] + (["eager"] if eager else []),
+                       speed_rows),
+                "", f"For comparison, the {blocks['published']}. {blocks['goal'][0].upper() + blocks['goal'][1:]}.", ""]
+        out += [_table(["model", "side (px)", "images/s"],
+                       [[m["model"], m["side"], f"{m['images_per_s']:.1f}" if "images_per_s" in m else m.get("error")]
+                        for m in blocks["models"]]), ""]
+        out += [f"![{name}](benchmarks/{name})" for name in (f"speedup-{slug}.png", f"roofline-{slug}.png",
+                                                            f"kernel-{slug}.png") if (bench / name).exists()]
+        kernel_md = bench / f"kernel-{slug}.md"
+        if kernel_md.exists():
+            out += ["", f"#### The GSPN scan kernel ({blocks['info']['device']})", "",
+                    kernel_md.read_text().split("\n", 2)[-1].strip()]
+        checks = bench / f"gpu-checks-{slug}.md"
+        if checks.exists():
+            out += ["", f"Correctness on this GPU, compute-sanitizer and a profile of one block: "
+                        f"[`benchmarks/{checks.name}`](benchmarks/{checks.name}).", ""]
+        out.append("")
+    return out
 
 
 def build_report(root: Path, commit: str | None, params_text: str, when: str) -> str:
