@@ -69,23 +69,30 @@ def time_both(fn, device: str, reps: int) -> tuple[float, float]:
     return (median_ms(graphed(fn, device), device, reps, budget_s=BUDGET_S) if device == "cuda" else eager), eager
 
 
+def block_steps(kind: str, width: int, side: int, batch: int, dtype, device: str) -> dict:
+    """{"fwd": one forward without grad, "fwd+bwd": forward and backward to the input and every parameter}
+    of one block on random tokens of a square image of `side` px."""
+    grid = side // PATCH
+    block = make_block(kind, width).to(device, dtype)
+    x = torch.randn(batch, grid * grid, width, device=device, dtype=dtype, requires_grad=True)
+    kwargs = {"hw": (grid, grid)} if kind == "cgspn" else {}
+    leaves = [x, *block.parameters()]
+
+    def forward():
+        with torch.no_grad():
+            block(x, **kwargs)
+
+    def forward_backward():
+        torch.autograd.grad(block(x, **kwargs).float().square().mean(), leaves)
+
+    return {"fwd": forward, "fwd+bwd": forward_backward}
+
+
 def time_block(kind: str, width: int, side: int, batch: int, dtype, device: str, reps: int) -> dict:
     grid = side // PATCH
     row = {"block": kind, "width": width, "side": side, "tokens": grid * grid, "batch": batch}
     try:
-        block = make_block(kind, width).to(device, dtype)
-        x = torch.randn(batch, grid * grid, width, device=device, dtype=dtype, requires_grad=True)
-        kwargs = {"hw": (grid, grid)} if kind == "cgspn" else {}
-        leaves = [x, *block.parameters()]
-
-        def forward():
-            with torch.no_grad():
-                block(x, **kwargs)
-
-        def forward_backward():
-            torch.autograd.grad(block(x, **kwargs).float().square().mean(), leaves)
-
-        for mode, fn in (("fwd", forward), ("fwd+bwd", forward_backward)):
+        for mode, fn in block_steps(kind, width, side, batch, dtype, device).items():
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             row[f"{mode}_ms"], row[f"{mode}_eager_ms"] = time_both(fn, device, reps)
@@ -209,18 +216,7 @@ def profile_block(width: int, side: int, batch: int, device: str, top: int = 15)
     """Print where one C-GSPN block's GPU time goes (torch.profiler, CUDA time per op), forward and fwd+bwd."""
     from torch.profiler import ProfilerActivity, profile
 
-    grid = side // PATCH
-    block = make_block("cgspn", width).to(device, torch.bfloat16)
-    x = torch.randn(batch, grid * grid, width, device=device, dtype=torch.bfloat16, requires_grad=True)
-    leaves = [x, *block.parameters()]
-    for mode in ("fwd", "fwd+bwd"):
-        def step():
-            if mode == "fwd":
-                with torch.no_grad():
-                    block(x, hw=(grid, grid))
-            else:
-                torch.autograd.grad(block(x, hw=(grid, grid)).float().square().mean(), leaves)
-
+    for mode, step in block_steps("cgspn", width, side, batch, torch.bfloat16, device).items():
         for _ in range(3):
             step()
         torch.cuda.synchronize()

@@ -4,8 +4,9 @@ Layout of the work. A program owns one line of the scan (all L positions) for a 
 one batch element and one direction, and walks the N steps in order, keeping the state `h` of the
 previous line in fp32 registers. The two neighbours `h[p-1]`, `h[p+1]` cross threads, so each step also
 writes the line to a small per-program scratch buffer (two slots, ping-pong, one barrier per step) that
-stays in L1/L2. Directions are index arithmetic on the original `[.., H, W]` tensors (a runtime direction
-id picks which axis is the line and whether steps run backwards): no transposed or flipped copies.
+stays in L1/L2. Directions are index arithmetic (a runtime direction id picks which axis is the line and
+whether steps run backwards). In place, a column line (lr, rl) has stride W; so by default the kernels read
+copies in the LINES layout, where every direction's lines are contiguous (column planes transposed).
 
 Channel blocks are chosen so that every block lies inside one group of each grouped tensor (gates, lam,
 u). A grouped tensor is then loaded once per step as one `[1, L]` line and broadcast over the block's
@@ -38,9 +39,9 @@ MAX_TILE_ELEMENTS = 1024
 PROGRAMS_PER_SM = 4
 # Load the next step's inputs before this step's neighbour exchange, so that their latency overlaps it.
 PREFETCH = True
-# Scan the column directions (lr, rl) as the row directions (tb, bt) of transposed copies: a column line read
-# in place has stride W, so every element costs a memory sector of its own; the copies cost one coalesced
-# pass over their inputs and outputs instead.
+# Read the column directions (lr, rl) from LINES-layout copies with their planes transposed: a column line
+# read in place has stride W, so every element costs a memory sector of its own; the copies cost one
+# coalesced pass over the inputs and outputs instead.
 TRANSPOSE_COLUMNS = True
 # `chunk=None` is passed as a chunk longer than any scan, so that only step 0 starts from h = 0.
 NO_CHUNK = 1 << 30
@@ -456,7 +457,8 @@ def gspn_fwd(x, a, lam, u, dir_base: int, ndir: int, chunk: int | None, store_h:
 
     Returns (y, h): y [B, ndir, C, H, W]; h the saved state for the backward (y itself when u is None,
     a separate tensor when `store_h`, else None). With `lines`, every tensor is in the LINES layout
-    (`_to_lines`) and x is the first of a pair whose second (`sxd` elements on) is x transposed.
+    (`_to_lines`) and x is the first of a pair whose second (`sxd` elements on) is x transposed, which the
+    column directions read.
     """
     _check_interpretable(x)
     plan = _Plan(x, a, lam, u, dir_base, ndir)
@@ -496,16 +498,17 @@ def gspn_bwd(x, a, lam, u, h, dy, dir_base: int, ndir: int, chunk: int | None, s
         *args, *h.stride(), *dy.stride(), *da.stride(), *dlam.stride(), *du.stride(),
         **plan.meta(u is not None, lines),
     )
-    layout = _from_lines if lines else (lambda t: t)
+    layout = (lambda t: _from_lines(t, dir_base)) if lines else (lambda t: t)
 
     def reduce(buf, like):
         return layout(buf[0] if buf.shape[0] == 1 else buf.sum(0)).to(like.dtype)
 
-    dx = (dx_buf[:, 0] if ndir == 1 else layout(dx_buf).sum(1)).to(x.dtype)
+    dx_buf = layout(dx_buf)
+    dx = (dx_buf[:, 0] if ndir == 1 else dx_buf.sum(1)).to(x.dtype)
     return dx, reduce(da, a), reduce(dlam, lam), (reduce(du, u) if u is not None else None)
 
 
-# ---------------------------------------------------------------- the LINES layout of the 4-direction call
+# ---------------------------------------------------------------- the LINES layout
 # Each [.., H, W] plane of a direction holds that direction's lines contiguously: rows as they are for tb and
 # bt, the transposed plane ([.., W, H] in memory) for lr and rl. Every line read is then coalesced, and all
 # four directions still run in one launch.
@@ -516,21 +519,28 @@ def _planes_transposed(t: torch.Tensor) -> torch.Tensor:
     return t.view(*t.shape[:-2], t.shape[-1], t.shape[-2])
 
 
-def _to_lines(t: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, 4, .., H, W] -> a contiguous copy in the LINES layout."""
+def _first_column(dir_base: int) -> int:
+    """Index along the direction axis where the column directions (ids 2, 3) start."""
+    return max(0, 2 - dir_base)
+
+
+def _to_lines(t: torch.Tensor | None, dir_base: int) -> torch.Tensor | None:
+    """[B, ndir, .., H, W] for directions dir_base.. -> a contiguous copy in the LINES layout."""
     if t is None:
         return None
+    k = _first_column(dir_base)
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    out[:, :2].copy_(t[:, :2])
-    _planes_transposed(out[:, 2:]).copy_(t[:, 2:].transpose(-1, -2))
+    out[:, :k].copy_(t[:, :k])
+    _planes_transposed(out[:, k:]).copy_(t[:, k:].transpose(-1, -2))
     return out
 
 
-def _from_lines(t: torch.Tensor) -> torch.Tensor:
-    """Inverse of `_to_lines`: [B, 4, .., H, W] in the LINES layout -> the ordinary layout."""
+def _from_lines(t: torch.Tensor, dir_base: int) -> torch.Tensor:
+    """Inverse of `_to_lines`: [B, ndir, .., H, W] in the LINES layout -> the ordinary layout."""
+    k = _first_column(dir_base)
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
-    out[:, :2].copy_(t[:, :2])
-    out[:, 2:].copy_(_planes_transposed(t[:, 2:]).transpose(-1, -2))
+    out[:, :k].copy_(t[:, :k])
+    out[:, k:].copy_(_planes_transposed(t[:, k:]).transpose(-1, -2))
     return out
 
 
@@ -544,7 +554,7 @@ def _x_pair(x: torch.Tensor) -> torch.Tensor:
 
 class GSPNFunction(torch.autograd.Function):
     """Autograd around the fused kernels. Inputs carry a direction axis (size ndir) after the batch.
-    With `lines` (four directions), the kernels work on LINES-layout copies."""
+    With `lines`, the kernels work on LINES-layout copies."""
 
     @staticmethod
     def forward(ctx, x, a, lam, u, dir_base: int, ndir: int, chunk, needs_grad: bool, lines: bool = False):
@@ -552,20 +562,18 @@ class GSPNFunction(torch.autograd.Function):
         if lines:
             pair = _x_pair(x)
             x, sxd = pair[0], pair.stride(0)
-            a, lam, u = _to_lines(a), _to_lines(lam), _to_lines(u)
+            a, lam, u = (_to_lines(t, dir_base) for t in (a, lam, u))
         y, h = gspn_fwd(x, a, lam, u, dir_base, ndir, chunk, store_h=needs_grad, sxd=sxd, lines=lines)
         ctx.save_for_backward(pair if lines else x, a, lam, u, h)
         ctx.geometry = (dir_base, ndir, chunk, sxd, lines)
-        return _from_lines(y) if lines else y
+        return _from_lines(y, dir_base) if lines else y
 
     @staticmethod
     def backward(ctx, dy):
         x, a, lam, u, h = ctx.saved_tensors
-        lines = ctx.geometry[-1]
+        dir_base, lines = ctx.geometry[0], ctx.geometry[-1]
         if lines:
-            x, dy = x[0], _to_lines(dy)
-        elif dy.stride(-1) != 1:  # e.g. the gradient of a transposed output: read it coalesced
-            dy = dy.contiguous()
+            x, dy = x[0], _to_lines(dy, dir_base)
         dx, da, dlam, du = gspn_bwd(x, a, lam, u, h, dy, *ctx.geometry)
         return dx, da, dlam, du, None, None, None, None, None
 
@@ -575,18 +583,11 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _transposed(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.transpose(-1, -2).contiguous()
-
-
 def _scan(x, a, lam, u, dir_base: int, ndir: int, chunk) -> torch.Tensor:
-    """Directions dir_base .. dir_base+ndir-1 (inputs with a direction axis of size ndir) -> [B, ndir, C, H, W].
-    Column directions go through transposed copies when TRANSPOSE_COLUMNS is set (lr on x is tb on x^T)."""
-    needs_grad = _needs_grad(x, a, lam, u)
-    if dir_base < 2 or not TRANSPOSE_COLUMNS:
-        return GSPNFunction.apply(x, a, lam, u, dir_base, ndir, chunk, needs_grad)
-    y = GSPNFunction.apply(*map(_transposed, (x, a, lam, u)), dir_base - 2, ndir, chunk, needs_grad)
-    return y.transpose(-1, -2)
+    """Directions dir_base .. dir_base+ndir-1 (inputs with a direction axis of size ndir) -> [B, ndir, C, H, W],
+    in one launch; on LINES-layout copies when some are column directions and TRANSPOSE_COLUMNS is set."""
+    lines = TRANSPOSE_COLUMNS and dir_base + ndir > 2
+    return GSPNFunction.apply(x, a, lam, u, dir_base, ndir, chunk, _needs_grad(x, a, lam, u), lines)
 
 
 def gspn_scan_triton(x, gates, lam, u=None, direction_id: int = 0, chunk=None):
@@ -596,6 +597,5 @@ def gspn_scan_triton(x, gates, lam, u=None, direction_id: int = 0, chunk=None):
 
 
 def gspn_scan_4dir_triton(x, gates, lam, u=None, chunk=None):
-    """All four directions in one launch: gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W].
-    With TRANSPOSE_COLUMNS the kernels read LINES-layout copies (coalesced columns), else the inputs in place."""
-    return GSPNFunction.apply(x, gates, lam, u, 0, 4, chunk, _needs_grad(x, gates, lam, u), TRANSPOSE_COLUMNS)
+    """All four directions in one launch: gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W]."""
+    return _scan(x, gates, lam, u, 0, 4, chunk)
