@@ -26,6 +26,7 @@ SCHEMA = {
     "targets": Param(str, choices=("cache", "online")),
     "spatial_weight": Param(float, min=0.0),
     "summary_weight": Param(float, min=0.0),
+    "raw_weight": Param(float, min=0.0),  # the student's own patch tokens against the teacher's (same width)
     "block_targets": Param(dict),  # {teacher: [block, ...]}: intermediate blocks to match too (cached ones)
     "block_weight": Param(float, min=0.0),
     "adaptor_hidden": Param(int, min=0),  # 0: max(student width, teacher width)
@@ -75,6 +76,15 @@ def teachers_config(p: dict, root: Path, section: str) -> dict:
     return cfg
 
 
+def check_raw_weight(p: dict, teachers: dict, student: Path, section: str) -> None:
+    """`raw_weight` > 0 compares the student's own tokens with a teacher's, with no head between: one
+    teacher must have the student's width (read from the student's .json beside its weights)."""
+    dim = json.loads(student.with_suffix(".json").read_text())["dim"]
+    if p["raw_weight"] > 0 and dim not in teachers["teacher_dims"].values():
+        raise ParamError(f"params.yaml: {section}.raw_weight={p['raw_weight']} needs a teacher of the student's "
+                         f"width {dim}, but the teachers have {teachers['teacher_dims']}; set it to 0")
+
+
 def export_student_and_adaptors(model, folder: Path) -> list[str]:
     save_student(model["student"], folder / "student.safetensors")
     save_adaptors(model["adaptors"], folder / "adaptors.safetensors")
@@ -87,10 +97,11 @@ def main(p: dict, root: Path, run) -> dict:
     init = root / "models" / "distill_stage1" / "student.safetensors"
     if not init.exists():
         raise FileNotFoundError(f"{init}: missing (run distill_stage1 first)")
+    check_raw_weight(p, teachers, init, "distill_stage2")
     task = {**teachers, "init_student": str(init.resolve()),
             "shards": str((root / SHARDS).resolve()), "splits": p["splits"], "val_split": p["val_split"],
             "val_count": p["val_count"], "batch_size": p["batch_size"], "targets": p["targets"],
-            "spatial_weight": p["spatial_weight"], "summary_weight": p["summary_weight"],
+            "spatial_weight": p["spatial_weight"], "summary_weight": p["summary_weight"], "raw_weight": p["raw_weight"],
             "adaptor_hidden": p["adaptor_hidden"]}
     inputs = [init] + [Path(f) / "meta.json" for f in task["features"].values()]
     metrics = run_training("distill_stage2", p, root, run, task, inputs, export_student_and_adaptors)

@@ -43,7 +43,7 @@ SCHEMA = {
     "knn_k": Param(int, min=1),
     "knn_temperature": Param(float, min=1e-6),
     "seg_scales": Param(list, item=int, min=1),
-    "seg_epochs": Param(int, min=1),
+    "seg_steps": Param(int, min=1),  # optimizer steps of each segmentation probe
     "teacher_blocks": Param(list, item=int, min=0),  # teacher blocks to probe too (the block targets)
     "pca_photo": Param(str),
     "pca_sizes": Param(list, item=int, min=14),
@@ -185,10 +185,10 @@ def main(p: dict, root: Path, run) -> dict:
             if enc.adaptor is not None:
                 probes.append(("seg_miou_adapted", tr_teacher_space, va_teacher_space))
             for key, train_f, val_f in probes:
-                probe = train_seg_probe(train_f, data["train"][1], classes, p["seg_epochs"], seed=p["seed"])
+                probe = train_seg_probe(train_f, data["train"][1], classes, p["seg_steps"], seed=p["seed"])
                 r[key][str(px)] = mean_iou(probe, val_f, data["val"][1], classes)
             for j, k in enumerate(enc.blocks):  # the teacher's intermediate blocks
-                probe = train_seg_probe(tr_blocks[:, j], data["train"][1], classes, p["seg_epochs"], seed=p["seed"])
+                probe = train_seg_probe(tr_blocks[:, j], data["train"][1], classes, p["seg_steps"], seed=p["seed"])
                 r.setdefault("seg_miou_blocks", {}).setdefault(str(k), {})[str(px)] = mean_iou(
                     probe, va_blocks[:, j], data["val"][1], classes)
             if name == "teacher":

@@ -11,7 +11,7 @@ from cgspn.params import Param
 from cgspn.stage import run_stage
 from cgspn.students import load_adaptors
 from cgspn.train import run_training, train_schema
-from stages.distill_stage2 import SHARDS, export_student_and_adaptors, teachers_config
+from stages.distill_stage2 import SHARDS, check_raw_weight, export_student_and_adaptors, teachers_config
 
 SCHEMA = {
     **{k: v for k, v in train_schema().items() if k != "batch_size"},
@@ -24,6 +24,7 @@ SCHEMA = {
     "batch_sizes": Param(list, item=int, min=1),  # per worker, one per scale
     "spatial_weight": Param(float, min=0.0),
     "summary_weight": Param(float, min=0.0),
+    "raw_weight": Param(float, min=0.0),  # the student's own patch tokens against the teacher's (same width)
     "block_targets": Param(dict),  # {teacher: [block, ...]}: heads that stage 2 trained
     "block_weight": Param(float, min=0.0),
 }
@@ -40,6 +41,7 @@ def main(p: dict, root: Path, run) -> dict:
         if not (init / f).exists():
             raise FileNotFoundError(f"{init / f}: missing (run distill_stage2 first)")
     teachers = teachers_config(p, root, "highres")
+    check_raw_weight(p, teachers, init / "student.safetensors", "highres")
     heads = load_adaptors(init / "adaptors.safetensors")
     for t, blocks in teachers["block_targets"].items():
         if t not in heads:
@@ -53,7 +55,7 @@ def main(p: dict, root: Path, run) -> dict:
             "init_adaptors": str((init / "adaptors.safetensors").resolve()), "shards": str((root / SHARDS).resolve()),
             "resolutions": resolutions, "splits": p["splits"], "val_splits": p["val_splits"],
             "val_count": p["val_count"], "batch_sizes": p["batch_sizes"],
-            "spatial_weight": p["spatial_weight"], "summary_weight": p["summary_weight"]}
+            "spatial_weight": p["spatial_weight"], "summary_weight": p["summary_weight"], "raw_weight": p["raw_weight"]}
     metrics = run_training("highres", p, root, run, task, [init / "student.safetensors"], export_student_and_adaptors)
     for t in teachers["teacher_weights"]:
         for r in resolutions:

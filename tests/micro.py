@@ -32,20 +32,20 @@ MICRO = {
                        "cosine_weight": 1.0},
     "distill_stage2": {**TRAIN_COMMON, "teacher_weights": {"dinov2_vits14_imgfocus": 1.0},
                        "splits": ["train", "mosaic_train"], "val_split": "val", "targets": "cache",
-                       "spatial_weight": 1.0, "summary_weight": 1.0, "adaptor_hidden": 0,
+                       "spatial_weight": 1.0, "summary_weight": 1.0, "raw_weight": 1.0, "adaptor_hidden": 0,
                        "block_targets": {"dinov2_vits14_imgfocus": [5]}, "block_weight": 1.0,
                        "backbone_lr_scale": 0.5, "head_only_steps": 2},
     "highres": {**{k: v for k, v in TRAIN_COMMON.items() if k != "batch_size"}, "steps": 2, "checkpoint_every": 2,
                 "teacher_weights": {"dinov2_vits14_imgfocus": 1.0}, "scales": [2], "splits": ["mosaic_train_x2"],
                 "val_splits": ["mosaic_val_x2"], "batch_sizes": [2], "val_count": 2, "spatial_weight": 1.0,
-                "summary_weight": 1.0, "block_targets": {"dinov2_vits14_imgfocus": [5]}, "block_weight": 1.0,
-                "backbone_lr_scale": 0.5, "head_only_steps": 2},  # every step head-only: the backbone stays put
+                "summary_weight": 1.0, "raw_weight": 0.0, "block_targets": {"dinov2_vits14_imgfocus": [5]},
+                "block_weight": 1.0, "backbone_lr_scale": 0.5, "head_only_steps": 2},  # every step head-only: the backbone stays put
 }
 MICRO.update({
     "evaluate": {"teacher": "dinov2_vits14_imgfocus",
                  "models": ["teacher", "random", "distill_stage1", "distill_stage2", "highres"],
                  "knn_bank_split": "train", "knn_query_split": "val", "knn_k": 5, "knn_temperature": 0.07,
-                 "seg_scales": [1, 2], "seg_epochs": 2, "teacher_blocks": [5], "pca_photo": "astronaut", "pca_sizes": [56, 112],
+                 "seg_scales": [1, 2], "seg_steps": 4, "teacher_blocks": [5], "pca_photo": "astronaut", "pca_sizes": [56, 112],
                  "pca_model": "highres", "batch_size": 16, "threads": 2, "seed": 0},
     "benchmark": {"reps": 1, "kernel": False, "blocks": True, "cpu_sides": [64], "cpu_model_sides": [56]},
     "report": {"title_note": "micro test run"},

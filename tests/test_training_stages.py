@@ -17,7 +17,7 @@ import torch
 
 from cgspn.students import load_adaptors, load_student
 from cgspn.teachers import load_vit
-from micro import TRAIN_STAGES, copy_root, expect_exit, write_params
+from micro import MICRO, TRAIN_STAGES, copy_root, expect_exit, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,6 +73,53 @@ def test_stage2_reports_fidelity_before_and_after(trained):
                 "dinov2_vits14_imgfocus/summary_cosine", "dinov2_vits14_imgfocus/block5_cosine"]:
         assert -1 <= m["val_start"][key] <= 1 and -1 <= m["val_end"][key] <= 1
     assert "dinov2_vits14_imgfocus/patch_cosine/56px" in trained["metrics"]["highres"]["val_end"]
+    # raw_weight is 1 in micro stage 2 and 0 in micro highres: the raw term is logged where it is on
+    assert trained["metrics"]["distill_stage2"]["train_last10"]["dinov2_vits14_imgfocus/raw"] > 0
+    assert not any(k.startswith("dinov2_vits14_imgfocus/raw") for k in trained["metrics"]["highres"]["train_last10"])
+
+
+def test_the_raw_term_matches_the_students_own_tokens_to_the_teachers(trained):
+    """The objective with raw_weight w adds w x (MSE of the student's own patch tokens against the teacher's,
+    both PHI-S standardized) to the same objective without it, and that term's gradient reaches the
+    student's blocks but not the adaptors."""
+    from cgspn.data.memory import ShardSubset
+    from cgspn.distill import AdaptedObjective, Stage2Task, cached_targets, to_batch
+    from cgspn.losses import spatial_loss
+    from stages.distill_stage2 import teachers_config
+
+    root, t = trained["root"], "dinov2_vits14_imgfocus"
+    p = {**MICRO["distill_stage2"]}
+    cfg = {**teachers_config(p, root, "distill_stage2"), **{k: p[k] for k in ("spatial_weight", "summary_weight",
+                                                                              "adaptor_hidden")},
+           "init_student": str(root / "models/distill_stage2/student.safetensors")}
+    model = Stage2Task.build(cfg)
+    data = ShardSubset(root / "data/shards", ["val"], feature_dirs={t: Path(cfg["features"][t])},
+                       feature_names=AdaptedObjective({**cfg, "raw_weight": 0.0}, "cpu").names)
+    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(1))[:4]
+    x = to_batch([data.images[i] for i in idx], cfg["resolution"], "cpu")
+    targets = cached_targets(data.features, idx)
+    without, parts0 = AdaptedObjective({**cfg, "raw_weight": 0.0}, "cpu").terms(model, x, targets)
+    objective = AdaptedObjective({**cfg, "raw_weight": 2.5}, "cpu")
+    with_raw, parts = objective.terms(model, x, targets)
+    tokens = model["student"](x).patch_tokens
+    phis = objective.phis[t]["spatial"]
+    expected = spatial_loss(phis.standardize(tokens), phis.standardize(targets[t]["spatial"].float()))
+    assert "raw" not in "".join(parts0) and parts[f"{t}/raw"] == pytest.approx(expected.item(), rel=1e-5)
+    assert (with_raw - without).item() == pytest.approx(2.5 * expected.item(), rel=1e-4)
+    only_raw = {**cfg, "raw_weight": 1.0, "spatial_weight": 0.0, "summary_weight": 0.0, "block_weight": 0.0}
+    AdaptedObjective(only_raw, "cpu").terms(model, x, targets)[0].backward()
+    assert model["student"].blocks[-1].mlp.fc2.weight.grad.abs().sum() > 0
+    assert all(q.grad is None or q.grad.abs().sum() == 0 for q in model["adaptors"].parameters())
+
+
+def test_a_raw_weight_needs_a_teacher_of_the_students_width(micro, tmp_path, capsys):
+    root = copy_root(micro["root"], tmp_path / "root")
+    init = root / "models/distill_stage1"
+    init.mkdir(parents=True)
+    (init / "student.safetensors").write_bytes(b"")  # never read: the check comes first
+    (init / "student.json").write_text(json.dumps({"dim": 768}))
+    expect_exit(capsys, "distill_stage2", write_params(tmp_path / "p.yaml"), root,
+                "distill_stage2.raw_weight=1.0 needs a teacher of the student's width 768")
 
 
 def test_block_targets_train_their_own_heads(trained):
@@ -90,8 +137,8 @@ def test_block_targets_train_their_own_heads(trained):
 
 def test_head_only_steps_freeze_the_backbone_then_release_it(trained):
     """Micro stage 2 trains its heads alone for 2 of its 6 steps, then everything: its backbone moves away
-    from stage 1's. Micro highres is head-only for all its steps: its backbone is stage 2's, bit for bit,
-    although its backbone_lr_scale is 0.5."""
+    from stage 1's. Micro highres is head-only for all its steps: its backbone (the whole student, summary
+    head included) is stage 2's, bit for bit, although its backbone_lr_scale is 0.5; the adaptors move."""
     root = trained["root"]
     stage1, stage2, highres = (load_student(root / "models" / s / "student.safetensors").state_dict()
                                for s in TRAIN_STAGES)
@@ -99,7 +146,10 @@ def test_head_only_steps_freeze_the_backbone_then_release_it(trained):
     assert len(backbone) > 100
     assert all(torch.equal(highres[k], stage2[k]) for k in backbone)
     assert sum(not torch.equal(stage2[k], stage1[k]) for k in backbone) > len(backbone) // 2
-    assert not torch.equal(highres["summary_head.mlp.fc1.weight"], stage2["summary_head.mlp.fc1.weight"])
+    assert all(torch.equal(highres[k], stage2[k]) for k in stage2 if k.startswith("summary_head."))
+    before, after = (load_adaptors(root / "models" / s / "adaptors.safetensors")["dinov2_vits14_imgfocus"]
+                     for s in ("distill_stage2", "highres"))
+    assert not torch.equal(before.summary.fc1.weight, after.summary.fc1.weight)
 
 
 def test_the_backbone_schedule_starts_after_the_head_only_steps():

@@ -1,0 +1,57 @@
+"""The evaluation measures (cgspn.evaluation) against plain reference computations on random inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cgspn.evaluation import LinearSegProbe, knn_top1, mean_iou, train_seg_probe
+
+
+def test_knn_top1_matches_a_loop_over_the_queries():
+    g = torch.Generator().manual_seed(0)
+    bank, queries = torch.randn(200, 16, generator=g), torch.randn(60, 16, generator=g)
+    bank_labels, query_labels = torch.randint(0, 5, (200,), generator=g), torch.randint(0, 5, (60,), generator=g)
+    correct = 0
+    for q, label in zip(queries.double(), query_labels):
+        sims = F.cosine_similarity(bank.double(), q[None], dim=1)
+        top = sims.argsort(descending=True)[:7]
+        votes = np.zeros(5)
+        for i in top:
+            votes[bank_labels[i]] += np.exp(sims[i].item() / 0.1)
+        correct += int(votes.argmax() == label)
+    assert knn_top1(bank, bank_labels, queries, query_labels, k=7, temperature=0.1, chunk=16) == correct / 60
+
+
+def test_mean_iou_matches_per_class_counts():
+    g = torch.Generator().manual_seed(1)
+    probe = LinearSegProbe(8, 4).eval()
+    features, masks = torch.randn(5, 3, 3, 8, generator=g), torch.randint(0, 3, (5, 12, 12), generator=g)
+    with torch.no_grad():
+        pred = probe(features, (12, 12)).argmax(1)
+    ious = []
+    for c in range(4):
+        inter = ((pred == c) & (masks == c)).sum().item()
+        union = ((pred == c) | (masks == c)).sum().item()
+        if union:
+            ious.append(inter / union)
+    assert mean_iou(probe, features, masks, 4, batch_size=2) == pytest.approx(np.mean(ious))
+
+
+def test_the_probe_takes_exactly_its_steps_and_learns_a_separable_map(monkeypatch):
+    """Features that carry each patch's class (plus noise) -> near-perfect mIoU after the step budget; the
+    budget counts optimizer steps, however many images there are (here 3 passes and a part)."""
+    g = torch.Generator().manual_seed(2)
+    classes, n, h = 3, 10, 4
+    labels = torch.randint(0, classes, (n, h, h), generator=g)
+    centers = torch.randn(classes, 16, generator=g) * 3
+    features = centers[labels] + 0.3 * torch.randn(n, h, h, 16, generator=g)
+    masks = labels.repeat_interleave(4, 1).repeat_interleave(4, 2)  # [n, 16, 16]: 4x4 pixels per patch
+    calls = []
+    forward = LinearSegProbe.forward
+    monkeypatch.setattr(LinearSegProbe, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    probe = train_seg_probe(features, masks, classes, steps=130, batch_size=3, lr=0.05)
+    assert len(calls) == 130  # 4 batches a pass (3+3+3+1 images)
+    monkeypatch.setattr(LinearSegProbe, "forward", forward)
+    assert mean_iou(probe, features, masks, classes) > 0.9
