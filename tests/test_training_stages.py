@@ -112,7 +112,10 @@ def test_the_raw_term_matches_the_students_own_tokens_to_the_teachers(trained):
     assert all(q.grad is None or q.grad.abs().sum() == 0 for q in model["adaptors"].parameters())
 
 
-def test_a_raw_weight_needs_a_teacher_of_the_students_width(micro, tmp_path, capsys):
+def test_a_raw_weight_needs_a_teacher_of_the_students_width(micro, tmp_path, capsys, monkeypatch):
+    # its own MLflow database: the stage opens a run before the check fails, and the logging test
+    # reads the newest distill_stage2 run of the flow's database
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     root = copy_root(micro["root"], tmp_path / "root")
     init = root / "models/distill_stage1"
     init.mkdir(parents=True)
