@@ -155,15 +155,15 @@ class AdaptedObjective:
             out = trainable["student"](x)
         hw = tuple(out.patch_tokens.shape[1:3])
         weight = {"summary": self.cfg["summary_weight"], "spatial": self.cfg["spatial_weight"],
-                  "raw": self.cfg.get("raw_weight", 0.0)}
+                  "raw": self.cfg["raw_weight"]}
         total, parts = 0.0, {}
         for t in self.teachers:
             preds = self.predictions(trainable, t, out)
             if weight["raw"] > 0 and out.patch_tokens.shape[-1] == self.cfg["teacher_dims"][t]:
                 preds["raw"] = self.phis[t]["spatial"].standardize(out.patch_tokens.float())
             for name, pred in preds.items():
-                target = targets[t]["spatial" if name == "raw" else name]
-                z = self.phis[t]["spatial" if name == "raw" else name].standardize(self.on_grid(target, hw))
+                source = "spatial" if name == "raw" else name  # the raw tokens share the spatial target
+                z = self.phis[t][source].standardize(self.on_grid(targets[t][source], hw))
                 loss = cosine_distance(pred, z) if name == "summary" else spatial_loss(pred, z)
                 parts[f"{t}/{name}"] = loss.item()
                 total = total + self.cfg["teacher_weights"][t] * weight.get(name, self.cfg["block_weight"]) * loss

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from cgspn.checkpoint import read_config
 from cgspn.errors import ParamError
 from cgspn.params import Param
 from cgspn.stage import run_stage
@@ -78,8 +79,8 @@ def teachers_config(p: dict, root: Path, section: str) -> dict:
 
 def check_raw_weight(p: dict, teachers: dict, student: Path, section: str) -> None:
     """`raw_weight` > 0 compares the student's own tokens with a teacher's, with no head between: one
-    teacher must have the student's width (read from the student's .json beside its weights)."""
-    dim = json.loads(student.with_suffix(".json").read_text())["dim"]
+    teacher must have the student's width (read from the student's config beside its weights)."""
+    dim = read_config(student)["dim"]
     if p["raw_weight"] > 0 and dim not in teachers["teacher_dims"].values():
         raise ParamError(f"params.yaml: {section}.raw_weight={p['raw_weight']} needs a teacher of the student's "
                          f"width {dim}, but the teachers have {teachers['teacher_dims']}; set it to 0")
