@@ -13,8 +13,9 @@ import os
 import pytest
 import torch
 
-from kernels.gspn import BACKENDS, DIRECTIONS, GSPN, gspn_scan, gspn_scan_4dir
+from kernels.gspn import BACKENDS, DIRECTIONS, GSPN, gspn_scan, gspn_scan_4dir, gspn_scan_4dir_packed
 from kernels.gspn import triton_scan
+from kernels.gspn.lines_order import from_lines_order, row_and_column_major, to_lines_order
 from kernels.gspn.reference import gspn_scan_4dir_reference, gspn_scan_reference
 
 from gspn_inputs import inputs_of, make_inputs, max_err, output_and_grads
@@ -49,11 +50,15 @@ TRITON_CASES = [
     (2, 6, 7, 33, 3, 6, None, None, "rl", BF16),
     (2, 4, 7, 7, 1, 4, 1, 3, "4dir", BF16),
     (2, 3, 7, 33, 3, 3, None, 2, "4dir", F64),
+    # "packed": gspn_scan_4dir_packed, lam given as logits (the C-GSPN mixer's call).
+    (2, 4, 6, 11, 2, 4, 4, None, "packed", F32),
+    (1, 6, 9, 5, 3, 6, 2, 3, "packed", BF16),
 ]
 # Real sizes (long scans, BLOCK_L 256, a block's proxy width): too slow for the interpreter, GPU only.
 GPU_CASES = [
     (2, 96, 64, 64, 4, 96, 96, None, "4dir", BF16),
     (1, 288, 128, 128, 4, 288, 288, None, "4dir", BF16),
+    (1, 288, 128, 128, 4, 288, 288, None, "packed", BF16),
     (3, 8, 97, 130, 8, 8, 8, 16, "4dir", F32),
     (2, 16, 256, 256, 1, 16, 16, None, "tb", F32),
     (4, 12, 33, 200, 3, 12, None, None, "rl", BF16),
@@ -69,7 +74,20 @@ STEPWISE_CASES = [
 ]
 
 
+def _pack(gates, lam_logits, u):
+    """Ordinary-layout parts [B, 4, ..., H, W] -> the packed heads [B, 4, 3G + G' + G'', H*W] (LINES order)."""
+    return to_lines_order(torch.cat((gates.flatten(2, 3), lam_logits, u), dim=2))
+
+
 def _op(direction, backend, upcast=True):
+    """The operator under test as fn(x, gates, lam, u, chunk) -> output in the ordinary layout. For "packed",
+    lam is given as logits."""
+    if direction == "packed":
+        if backend == "reference":
+            return lambda x, g, l, u, chunk: gspn_scan_4dir_reference(x, g, torch.sigmoid(l), u, chunk, upcast=upcast)
+        return lambda x, g, l, u, chunk: from_lines_order(
+            gspn_scan_4dir_packed(x, _pack(g, l, u), (g.shape[2], l.shape[2], u.shape[2]), chunk=chunk, backend=backend),
+            x.shape[-2:])
     if backend == "reference":
         if direction == "4dir":
             return lambda x, g, l, u, chunk: gspn_scan_4dir_reference(x, g, l, u, chunk, upcast=upcast)
@@ -81,7 +99,7 @@ def _op(direction, backend, upcast=True):
 
 def check_against_reference(case, backend):
     B, C, H, W, G, Gl, Gu, chunk, direction, dtype = case
-    ndir = 4 if direction == "4dir" else 1
+    ndir = 4 if direction in ("4dir", "packed") else 1
     leaves = make_inputs(B, C, H, W, G, Gl, Gu, ndir, dtype, device=DEVICE)
     out_shape = (B, ndir, C, H, W) if ndir == 4 else (B, C, H, W)
     dy = torch.randn(out_shape, dtype=torch.float64).to(dtype).to(torch.float64).to(DEVICE)
@@ -118,6 +136,7 @@ def test_triton_matches_reference_gpu_sizes(case):
 
 LAUNCH_CASES = [
     (1, 4, 5, 9, 2, 4, 2, 3, "4dir", F32),
+    (1, 4, 5, 9, 2, 4, 2, None, "packed", F32),
     (2, 6, 9, 5, 3, 6, None, None, "lr", BF16),
 ]
 
@@ -183,6 +202,31 @@ def test_non_contiguous_inputs(backend):
         gspn_scan(x, gates[:, 2], lam[:, 2], u[:, 2], direction="lr", backend=backend),
         gspn_scan_reference(x, gates[:, 2], lam[:, 2], u[:, 2], "lr"),
     )
+
+
+def test_lines_order_puts_each_directions_lines_first():
+    """Plane positions: tb, bt row-major (n = i*W + j); lr, rl column-major (n = j*H + i); and the inverse."""
+    H, W = 3, 5
+    grid = torch.arange(H * W).view(H, W)
+    t = torch.stack([grid + 100 * d for d in range(4)])[None, :, None]  # [1, 4, 1, H, W]
+    lines = to_lines_order(t)
+    for i in range(H):
+        for j in range(W):
+            assert lines[0, 0, 0, i * W + j] == grid[i, j] and lines[0, 1, 0, i * W + j] == grid[i, j] + 100
+            assert lines[0, 2, 0, j * H + i] == grid[i, j] + 200 and lines[0, 3, 0, j * H + i] == grid[i, j] + 300
+    assert torch.equal(from_lines_order(lines, (H, W)), t)
+    pair = row_and_column_major(grid[None, None])
+    assert pair[0, 0, 0].tolist() == grid.flatten().tolist() and pair[0, 1, 0].tolist() == grid.T.flatten().tolist()
+
+
+def test_packed_rejects_bad_heads():
+    x = torch.randn(1, 4, 3, 5)
+    with pytest.raises(ValueError, match=r"heads must be \[B, 4, 3G \+ G_lam \+ G_u, H\*W\] = \[1, 4, 14, 15\]"):
+        gspn_scan_4dir_packed(x, torch.randn(1, 4, 14, 3, 5), (2, 4, 4))
+    with pytest.raises(ValueError, match="groups must be three positive ints"):
+        gspn_scan_4dir_packed(x, torch.randn(1, 4, 14, 15), (2, 4))
+    with pytest.raises(ValueError, match="lam: the group count G=3"):
+        gspn_scan_4dir_packed(x, torch.randn(1, 4, 13, 15), (2, 3, 4))
 
 
 def test_module_matches_function():

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.gspn import BACKENDS, gspn_scan_4dir
+from kernels.gspn import BACKENDS, choose_backend, gspn_scan_4dir, gspn_scan_4dir_packed
+from kernels.gspn.lines_order import row_and_column_major
 
 
 @dataclass
@@ -61,9 +62,18 @@ class GSPNMixer(nn.Module):
         h, w = hw
         if h * w != N:
             raise ValueError(f"GSPNMixer: grid {h}x{w} does not hold {N} tokens")
-        G, Cp = self.cfg.groups, self.cfg.proxy_dim
-        z = self.in_proj(tokens).transpose(1, 2).reshape(B, Cp, h, w)  # (B, Cp, h, w)
+        z = self.in_proj(tokens).transpose(1, 2).reshape(B, self.cfg.proxy_dim, h, w)  # (B, Cp, h, w)
         z = self.act(self.local(z))
+        if choose_backend(self.cfg.backend, z) == "triton":
+            y = self._propagate_packed(z)
+        else:
+            y = self._propagate(z)
+        return self.out_proj(self.norm(y))
+
+    def _propagate(self, z: torch.Tensor) -> torch.Tensor:
+        """z [B, Cp, h, w] -> heads -> four-direction scan -> merge: [B, h*w, Cp]."""
+        B, Cp, h, w = z.shape
+        G = self.cfg.groups
         heads = self.heads(z).view(B, 4, 3 * G + 2 * Cp, h, w)
         gates = heads[:, :, : 3 * G].reshape(B, 4, G, 3, h, w)
         # lam in (0, 1) is an input gate (a token can be skipped). Rows of propagation sum to 1, so h grows at
@@ -72,5 +82,24 @@ class GSPNMixer(nn.Module):
         u = heads[:, :, 3 * G + Cp :]
         ys = gspn_scan_4dir(z, gates, lam, u, chunk=self.cfg.chunk, backend=self.cfg.backend)  # (B, 4, Cp, h, w)
         merge = torch.softmax(self.merge_logits, dim=0).to(ys.dtype)  # (4, Cp), per-channel weights over directions
-        y = torch.einsum("bdchw,dc->bhwc", ys, merge).reshape(B, N, Cp)
-        return self.out_proj(self.norm(y))
+        return torch.einsum("bdchw,dc->bhwc", ys, merge).reshape(B, h * w, Cp)
+
+    def _propagate_packed(self, z: torch.Tensor) -> torch.Tensor:
+        """`_propagate` laid out for the fused kernels (same parameters, same result up to rounding).
+
+        The heads are one matmul over z in row-major order (tb, bt) and column-major order (lr, rl), which
+        writes every direction's inputs in the LINES order that the kernels read in place (no layout copies),
+        and the sigmoid of lam is applied inside the scan; the two halves of the output are merged in their
+        own orders. On a GPU this removes the conv's layout conversions and the copies into the LINES layout.
+        """
+        B, Cp, h, w = z.shape
+        G = self.cfg.groups
+        K = 3 * G + 2 * Cp
+        orders = row_and_column_major(z)  # (B, 2, Cp, h*w)
+        heads = torch.matmul(self.heads.weight.view(2, 2 * K, Cp), orders) + self.heads.bias.view(2, 2 * K, 1)
+        ys = gspn_scan_4dir_packed(z, heads.view(B, 4, K, h * w), (G, Cp, Cp), chunk=self.cfg.chunk,
+                                   backend=self.cfg.backend)  # (B, 4, Cp, h*w), LINES order
+        merge = torch.softmax(self.merge_logits, dim=0).to(ys.dtype)
+        rows = torch.einsum("bdcn,dc->bnc", ys[:, :2], merge[:2])  # tokens in row-major order
+        cols = torch.einsum("bdcn,dc->bnc", ys[:, 2:], merge[2:])  # tokens in column-major order
+        return rows + cols.unflatten(1, (w, h)).transpose(1, 2).flatten(1, 2)

@@ -1,6 +1,7 @@
 """GSPN: 2D spatial propagation by line scans, the token mixer that replaces attention.
 
-Public names: `gspn_scan` (one direction), `gspn_scan_4dir` (tb, bt, lr, rl in one call), the `GSPN`
+Public names: `gspn_scan` (one direction), `gspn_scan_4dir` (tb, bt, lr, rl in one call),
+`gspn_scan_4dir_packed` (the same on inputs packed in the LINES order, see `lines_order`), the `GSPN`
 module, and `BACKENDS`. The backend is chosen in one place (`choose_backend`): an explicit `backend=`
 argument, else the environment variable `CGSPN_GSPN_BACKEND` (read once, at import), else `triton` for
 CUDA tensors and `reference` for CPU tensors.
@@ -12,9 +13,10 @@ import os
 import torch
 from torch import nn
 
+from .lines_order import from_lines_order, to_lines_order, unpack_heads
 from .reference import DIRECTIONS, gspn_scan_4dir_reference, gspn_scan_reference
 
-__all__ = ["gspn_scan", "gspn_scan_4dir", "GSPN", "BACKENDS", "DIRECTIONS"]
+__all__ = ["gspn_scan", "gspn_scan_4dir", "gspn_scan_4dir_packed", "GSPN", "BACKENDS", "DIRECTIONS"]
 
 BACKENDS = ("reference", "triton", "stepwise")
 _ENV_BACKEND = os.environ.get("CGSPN_GSPN_BACKEND") or None
@@ -139,6 +141,55 @@ def gspn_scan_4dir(x, gates, lam, u=None, *, chunk: int | None = None, backend: 
 
         return gspn_scan_4dir_stepwise(x, gates, lam, u, chunk)
     return gspn_scan_4dir_reference(x, gates, lam, u, chunk)
+
+
+def check_packed(x, heads, groups, chunk) -> None:
+    """Raise ValueError naming the argument for anything `gspn_scan_4dir_packed` does not accept."""
+    if not isinstance(groups, (tuple, list)) or len(groups) != 3 or not all(isinstance(g, int) and g > 0 for g in groups):
+        raise ValueError(f"groups must be three positive ints (G, G_lam, G_u), got {groups!r}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be [B, C, H, W], got {got}")
+    B, C, H, W = x.shape
+    G, Gl, Gu = groups
+    expected = (B, 4, 3 * G + Gl + Gu, H * W)
+    if not isinstance(heads, torch.Tensor) or tuple(heads.shape) != expected:
+        got = tuple(heads.shape) if isinstance(heads, torch.Tensor) else type(heads).__name__
+        raise ValueError(f"heads must be [B, 4, 3G + G_lam + G_u, H*W] = {list(expected)} for x {tuple(x.shape)} "
+                         f"and groups {tuple(groups)}, got {got}")
+    # The per-part checks (group divisibility, dtype, device, chunk) are those of the unpacked scan.
+    gates, lam, u = unpack_heads(heads.unflatten(-1, (H, W)), tuple(groups))
+    check_inputs(x, gates, lam, u, 4, "tb", chunk)
+
+
+def gspn_scan_4dir_packed(x, heads, groups, *, chunk: int | None = None, backend: str | None = None):
+    """`gspn_scan_4dir` on inputs packed as one matmul over tokens writes them, in the LINES order.
+
+    Args:
+        x: [B, C, H, W] input.
+        heads: [B, 4, 3G + G' + G'', H*W], per direction (tb, bt, lr, rl): the gate logits (index 3g + k for
+            group g, neighbour k), the logits of lam (lam = sigmoid, applied inside the op), and u; each
+            direction's plane flattened in the LINES order (`lines_order.to_lines_order`).
+        groups: (G, G', G''), the group counts of gates, lam and u.
+        chunk, backend: as for `gspn_scan`.
+
+    Returns:
+        ys: [B, 4, C, H*W] in the LINES order (`lines_order.from_lines_order` gives [B, 4, C, H, W]).
+        Equal to `to_lines_order(gspn_scan_4dir(x, gates, sigmoid(lam_logits), u))` of the unpacked inputs.
+
+    Example:
+        >>> x, heads = torch.randn(1, 4, 5, 6), torch.randn(1, 4, 3 * 2 + 4 + 4, 30)
+        >>> gspn_scan_4dir_packed(x, heads, (2, 4, 4)).shape
+        torch.Size([1, 4, 4, 30])
+    """
+    check_packed(x, heads, groups, chunk)
+    name = choose_backend(backend, x)
+    if name == "triton":
+        from .triton_scan import gspn_scan_4dir_packed_triton
+
+        return gspn_scan_4dir_packed_triton(x, heads.contiguous(), groups, chunk)
+    gates, lam_logits, u = unpack_heads(from_lines_order(heads, x.shape[-2:]), tuple(groups))
+    return to_lines_order(gspn_scan_4dir(x, gates, torch.sigmoid(lam_logits), u, chunk=chunk, backend=name))
 
 
 class GSPN(nn.Module):

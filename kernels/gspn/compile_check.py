@@ -17,13 +17,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-VARIANTS = [  # (name, kernel, dtype, BLOCK_C, BLOCK_L, SHARED_A, SHARED_L, SHARED_U, HAS_U)
-    ("fwd-compact-bf16", "gspn_fwd_kernel", "bf16", 8, 128, True, False, False, True),
-    ("fwd-perchannel-f32", "gspn_fwd_kernel", "fp32", 1, 1024, False, False, False, False),
-    ("fwd-shared-all-f64", "gspn_fwd_kernel", "fp64", 4, 64, True, True, True, True),
-    ("bwd-compact-bf16", "gspn_bwd_kernel", "bf16", 8, 128, True, False, False, True),
-    ("bwd-perchannel-f32", "gspn_bwd_kernel", "fp32", 1, 1024, False, False, False, False),
-    ("bwd-shared-all-f32", "gspn_bwd_kernel", "fp32", 4, 64, True, True, True, True),
+# (name, kernel, dtype, BLOCK_C, BLOCK_L, SHARED_A, SHARED_L, SHARED_U, HAS_U, PACKED); PACKED: the LINES
+# layout with lam as logits (what `gspn_scan_4dir_packed` launches for the C-GSPN mixer).
+VARIANTS = [
+    ("fwd-compact-bf16", "gspn_fwd_kernel", "bf16", 8, 128, True, False, False, True, False),
+    ("fwd-perchannel-f32", "gspn_fwd_kernel", "fp32", 1, 1024, False, False, False, False, False),
+    ("fwd-shared-all-f64", "gspn_fwd_kernel", "fp64", 4, 64, True, True, True, True, False),
+    ("fwd-packed-bf16", "gspn_fwd_kernel", "bf16", 2, 128, True, False, False, True, True),
+    ("bwd-compact-bf16", "gspn_bwd_kernel", "bf16", 8, 128, True, False, False, True, False),
+    ("bwd-perchannel-f32", "gspn_bwd_kernel", "fp32", 1, 1024, False, False, False, False, False),
+    ("bwd-shared-all-f32", "gspn_bwd_kernel", "fp32", 4, 64, True, True, True, True, False),
+    ("bwd-packed-bf16", "gspn_bwd_kernel", "bf16", 2, 128, True, False, False, True, True),
 ]
 SCRATCH = {"scratch"}
 GRADS = {"dx", "da", "dlam", "du"}
@@ -54,11 +58,11 @@ def compile_variants(capability: int = 90) -> list[dict]:
 
     acc = {"bf16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
     rows = []
-    for name, kernel, dtype, bc, bl, sa, sl, su, has_u in VARIANTS:
+    for name, kernel, dtype, bc, bl, sa, sl, su, has_u, packed in VARIANTS:
         fn = getattr(triton_scan, kernel)
         const = dict(
             BLOCK_C=bc, BLOCK_L=bl, SHARED_A=sa, SHARED_L=sl, SHARED_U=su, HAS_U=has_u, ACC=acc[dtype],
-            PREFETCH=triton_scan.PREFETCH,
+            PREFETCH=triton_scan.PREFETCH, LINES=packed, LAM_LOGITS=packed,
         )
         if kernel == "gspn_fwd_kernel":
             const["STORE_H"] = has_u

@@ -30,6 +30,8 @@ import triton.language as tl
 
 from kernels import TRITON_IMPORTED_EARLY  # sets TRITON_INTERPRET=1 on CPU-only machines
 
+from .lines_order import unpack_heads
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Launch tuning; kernels/NOTES.md has the measurements behind these values, kernels/tune.py sweeps them.
@@ -103,13 +105,16 @@ def _step_row(s, rev, N):
 
 @triton.jit
 def _fwd_inputs(p_a, p_x, p_l, p_u, t, as_t, xs_t, ls_t, us_t, sak, m_a, mask, m_l, m_u,
-                HAS_U: tl.constexpr, ACC: tl.constexpr):
-    """The forward's loads for grid row t: three gate logits, x, lam and u (x again when there is no u)."""
+                HAS_U: tl.constexpr, ACC: tl.constexpr, LAM_LOGITS: tl.constexpr):
+    """The forward's loads for grid row t: three gate logits, x, lam (the sigmoid of the loaded logits with
+    LAM_LOGITS) and u (x again when there is no u)."""
     a0 = tl.load(p_a + t * as_t, mask=m_a, other=0.0).to(ACC)
     a1 = tl.load(p_a + t * as_t + sak, mask=m_a, other=0.0).to(ACC)
     a2 = tl.load(p_a + t * as_t + 2 * sak, mask=m_a, other=0.0).to(ACC)
     b_x = tl.load(p_x + t * xs_t, mask=mask, other=0.0).to(ACC)
     b_l = tl.load(p_l + t * ls_t, mask=m_l, other=0.0).to(ACC)
+    if LAM_LOGITS:
+        b_l = tl.sigmoid(b_l)
     b_u = b_x
     if HAS_U:
         b_u = tl.load(p_u + t * us_t, mask=m_u, other=0.0).to(ACC)
@@ -128,6 +133,7 @@ def gspn_fwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
     SHARED_A: tl.constexpr, SHARED_L: tl.constexpr, SHARED_U: tl.constexpr,
     HAS_U: tl.constexpr, STORE_H: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr,
+    LAM_LOGITS: tl.constexpr,
 ):
     i_cb, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     is_col, rev, N, L = _scan_geometry(DIR_BASE + i_d, H, W)
@@ -169,7 +175,8 @@ def gspn_fwd_kernel(
     h = tl.zeros([BLOCK_C, BLOCK_L], ACC)
     if PREFETCH:  # inputs of step 0, loaded before the loop; each step then loads the next step's
         n_a0, n_a1, n_a2, n_x, n_l, n_u = _fwd_inputs(
-            p_a, p_x, p_l, p_u, _step_row(0, rev, N), as_t, xs_t, ls_t, us_t, sak, m_a, mask, m_l, m_u, HAS_U, ACC)
+            p_a, p_x, p_l, p_u, _step_row(0, rev, N), as_t, xs_t, ls_t, us_t, sak, m_a, mask, m_l, m_u, HAS_U, ACC,
+            LAM_LOGITS)
     for s in range(0, N):
         t = _step_row(s, rev, N)  # row (or column) of the grid that step s writes
         if PREFETCH:
@@ -178,10 +185,10 @@ def gspn_fwd_kernel(
             # reloads its own row rather than read past the end).
             n_a0, n_a1, n_a2, n_x, n_l, n_u = _fwd_inputs(
                 p_a, p_x, p_l, p_u, _step_row(tl.minimum(s + 1, N - 1), rev, N), as_t, xs_t, ls_t, us_t, sak,
-                m_a, mask, m_l, m_u, HAS_U, ACC)
+                m_a, mask, m_l, m_u, HAS_U, ACC, LAM_LOGITS)
         else:
             a0, a1, a2, b_x, b_l, b_u = _fwd_inputs(
-                p_a, p_x, p_l, p_u, t, as_t, xs_t, ls_t, us_t, sak, m_a, mask, m_l, m_u, HAS_U, ACC)
+                p_a, p_x, p_l, p_u, t, as_t, xs_t, ls_t, us_t, sak, m_a, mask, m_l, m_u, HAS_U, ACC, LAM_LOGITS)
         prev = p_s + ((s + 1) % 2) * (BLOCK_C * BLOCK_L)
         left = tl.load(prev - 1, mask=m_left, other=0.0, volatile=True)
         right = tl.load(prev + 1, mask=m_right, other=0.0, volatile=True)
@@ -239,6 +246,7 @@ def gspn_bwd_kernel(
     BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr,
     SHARED_A: tl.constexpr, SHARED_L: tl.constexpr, SHARED_U: tl.constexpr,
     HAS_U: tl.constexpr, ACC: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr,
+    LAM_LOGITS: tl.constexpr,
 ):
     """Reverse scan of the adjoint: dh_s = u*dy_s + P_{s+1}^T dh_{s+1}, from the last step to the first.
 
@@ -333,8 +341,11 @@ def gspn_bwd_kernel(
         dh += tl.where(keep_next, q0_right + q1 + q2_left, 0.0)
         dh = tl.where(mask, dh, 0.0)
 
-        tl.store(dx + o_y + t * ys_t, (b_l * dh).to(dx.dtype.element_ty), mask=mask)
         b_dl = b_x * dh
+        if LAM_LOGITS:  # b_l holds logits: lam = sigmoid(b_l), d lam / d b_l = lam (1 - lam)
+            b_l = tl.sigmoid(b_l)
+            b_dl = b_dl * b_l * (1.0 - b_l)
+        tl.store(dx + o_y + t * ys_t, (b_l * dh).to(dx.dtype.element_ty), mask=mask)
         if SHARED_L:
             b_dl = tl.sum(b_dl, axis=0, keep_dims=True)
         tl.store(p_dl + t * dls_t, b_dl.to(dlam.dtype.element_ty), mask=m_l)
@@ -434,11 +445,11 @@ class _Plan:
             sxd, *x.stride(), *a.stride(), *lam.stride(), *uu.stride(),
         )
 
-    def meta(self, has_u: bool, lines: bool) -> dict:
+    def meta(self, has_u: bool, lines: bool, lam_logits: bool) -> dict:
         return dict(
             BLOCK_C=self.block_c, BLOCK_L=self.block_l, SHARED_A=self.shared[0], SHARED_L=self.shared[1],
             SHARED_U=self.shared[2], HAS_U=has_u, ACC=self.acc, PREFETCH=PREFETCH, LINES=lines,
-            num_warps=num_warps_for(self.block_c * self.block_l),
+            LAM_LOGITS=lam_logits, num_warps=num_warps_for(self.block_c * self.block_l),
         )
 
 
@@ -452,13 +463,13 @@ def _check_interpretable(x: torch.Tensor) -> None:
 
 
 def gspn_fwd(x, a, lam, u, dir_base: int, ndir: int, chunk: int | None, store_h: bool, sxd: int = 0,
-             lines: bool = False):
+             lines: bool = False, lam_logits: bool = False):
     """x: [B, C, H, W]; a: [B, ndir, G, 3, H, W]; lam, u: [B, ndir, G', H, W] (u may be None).
 
     Returns (y, h): y [B, ndir, C, H, W]; h the saved state for the backward (y itself when u is None,
     a separate tensor when `store_h`, else None). With `lines`, every tensor is in the LINES layout
     (`_to_lines`) and x is the first of a pair whose second (`sxd` elements on) is x transposed, which the
-    column directions read.
+    column directions read. With `lam_logits`, lam holds logits and the kernel applies the sigmoid.
     """
     _check_interpretable(x)
     plan = _Plan(x, a, lam, u, dir_base, ndir)
@@ -470,42 +481,44 @@ def gspn_fwd(x, a, lam, u, dir_base: int, ndir: int, chunk: int | None, store_h:
     gspn_fwd_kernel[plan.grid](
         x, a, lam, u if u is not None else lam, y, h if h is not None else y, scratch,
         *args, *y.stride(),
-        STORE_H=h is not None, **plan.meta(u is not None, lines),
+        STORE_H=h is not None, **plan.meta(u is not None, lines, lam_logits),
     )
     return y, (y if u is None else h)
 
 
-def gspn_bwd(x, a, lam, u, h, dy, dir_base: int, ndir: int, chunk: int | None, sxd: int = 0, lines: bool = False):
-    """Gradients of `gspn_fwd` for dy: [B, ndir, C, H, W]; returns (dx, da, dlam, du) shaped like the inputs
-    (in the ordinary layout also when `lines`)."""
+def gspn_bwd(x, a, lam, u, h, dy, dir_base: int, ndir: int, chunk: int | None, sxd: int = 0, lines: bool = False,
+             lam_logits: bool = False, into=None):
+    """Gradients of `gspn_fwd` for dy [B, ndir, C, H, W], in the layout the kernels read (LINES when `lines`).
+
+    Returns (dx_dirs, da, dlam, du): dx_dirs [B, ndir, C, H, W] is each direction's share of dx (float32 when
+    ndir > 1, for the caller to sum); the others are shaped like a, lam, u (du None when u is None). `into`:
+    optional tensors (da, dlam, du) shaped like a, lam, u that receive the gradients and are returned.
+    """
     plan = _Plan(x, a, lam, u, dir_base, ndir)
     B, C, H, W = x.shape
     dev = x.device
     f32 = plan.scratch_dtype
-    dx_buf = _alloc((B, ndir, C, H, W), x.dtype if ndir == 1 else f32, dev)
+    dx_dirs = _alloc((B, ndir, C, H, W), x.dtype if ndir == 1 else f32, dev)
+    outs = into if into is not None else [None if t is None else _alloc(t.shape, t.dtype, dev) for t in (a, lam, u)]
 
-    def grad_buffer(i, t):
+    def grad_buffer(i, out):
+        """Where the kernel writes gradient i: the output itself, or one float32 slice per block sharing a group."""
         n = plan.n_slices(i)
-        return _alloc((n, *t.shape), t.dtype if n == 1 else f32, dev)
+        return out.unsqueeze(0) if n == 1 else _alloc((n, *out.shape), f32, dev)
 
-    da = grad_buffer(0, a)
-    dlam = grad_buffer(1, lam)
-    du = grad_buffer(2, u) if u is not None else dlam  # placeholder when HAS_U is False
+    da, dlam = grad_buffer(0, outs[0]), grad_buffer(1, outs[1])
+    du = grad_buffer(2, outs[2]) if u is not None else dlam  # placeholder when HAS_U is False
     scratch = _alloc((plan.programs * 4 * plan.block_c * plan.block_l,), f32, dev)
     args = plan.common_args(x, a, lam, u, chunk, sxd)
     gspn_bwd_kernel[plan.grid](
-        x, a, lam, u if u is not None else lam, h, dy, scratch, dx_buf, da, dlam, du,
+        x, a, lam, u if u is not None else lam, h, dy, scratch, dx_dirs, da, dlam, du,
         *args, *h.stride(), *dy.stride(), *da.stride(), *dlam.stride(), *du.stride(),
-        **plan.meta(u is not None, lines),
+        **plan.meta(u is not None, lines, lam_logits),
     )
-    layout = (lambda t: _from_lines(t, dir_base)) if lines else (lambda t: t)
-
-    def reduce(buf, like):
-        return layout(buf[0] if buf.shape[0] == 1 else buf.sum(0)).to(like.dtype)
-
-    dx_buf = layout(dx_buf)
-    dx = (dx_buf[:, 0] if ndir == 1 else dx_buf.sum(1)).to(x.dtype)
-    return dx, reduce(da, a), reduce(dlam, lam), (reduce(du, u) if u is not None else None)
+    for buf, out in zip((da, dlam, du if u is not None else None), outs):
+        if buf is not None and buf.shape[0] > 1:
+            out.copy_(buf.sum(0))
+    return dx_dirs, *outs
 
 
 # ---------------------------------------------------------------- the LINES layout
@@ -574,8 +587,12 @@ class GSPNFunction(torch.autograd.Function):
         dir_base, lines = ctx.geometry[0], ctx.geometry[-1]
         if lines:
             x, dy = x[0], _to_lines(dy, dir_base)
-        dx, da, dlam, du = gspn_bwd(x, a, lam, u, h, dy, *ctx.geometry)
-        return dx, da, dlam, du, None, None, None, None, None
+        dx_dirs, *grads = gspn_bwd(x, a, lam, u, h, dy, *ctx.geometry)
+        if lines:
+            dx_dirs, grads = _from_lines(dx_dirs, dir_base), [_from_lines(g, dir_base) if g is not None else None
+                                                              for g in grads]
+        dx = (dx_dirs[:, 0] if dx_dirs.shape[1] == 1 else dx_dirs.sum(1)).to(x.dtype)
+        return dx, *grads, None, None, None, None, None
 
 
 def _needs_grad(*tensors) -> bool:
@@ -599,3 +616,46 @@ def gspn_scan_triton(x, gates, lam, u=None, direction_id: int = 0, chunk=None):
 def gspn_scan_4dir_triton(x, gates, lam, u=None, chunk=None):
     """All four directions in one launch: gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W]."""
     return _scan(x, gates, lam, u, 0, 4, chunk)
+
+
+# ---------------------------------------------------------------- packed heads (the C-GSPN mixer's form)
+
+
+def _unpack_heads(heads: torch.Tensor, hw: tuple[int, int], groups: tuple[int, int, int]):
+    """heads [B, 4, K, H*W] -> views (gate logits [B, 4, G, 3, H, W], lam logits, u [B, 4, G', H, W]); each
+    plane keeps its LINES order in memory, which the kernels read with LINES strides whatever the shape says."""
+    return unpack_heads(heads.unflatten(-1, hw), groups)
+
+
+class GSPNPackedFunction(torch.autograd.Function):
+    """Autograd for the four-direction scan of x [B, C, H, W] on packed heads [B, 4, K, H*W] in the LINES order
+    (lam as logits). The heads are read in place, and their gradient is written into one tensor of their shape
+    (no per-part buffers for autograd to stitch together)."""
+
+    @staticmethod
+    def forward(ctx, x, heads, groups, chunk, needs_grad: bool):
+        pair = _x_pair(x)
+        a, lam, u = _unpack_heads(heads, x.shape[-2:], groups)
+        y, h = gspn_fwd(pair[0], a, lam, u, 0, 4, chunk, store_h=needs_grad, sxd=pair.stride(0), lines=True,
+                        lam_logits=True)
+        ctx.save_for_backward(pair, heads, h)
+        ctx.geometry = (groups, chunk)
+        return y.flatten(-2)
+
+    @staticmethod
+    def backward(ctx, dy):
+        pair, heads, h = ctx.saved_tensors
+        groups, chunk = ctx.geometry
+        B, C, H, W = pair.shape[1:]
+        dheads = _alloc(heads.shape, heads.dtype, heads.device)
+        dx_dirs, *_ = gspn_bwd(
+            pair[0], *_unpack_heads(heads, (H, W), groups), h, dy.contiguous().view(B, 4, C, H, W), 0, 4, chunk,
+            sxd=pair.stride(0), lines=True, lam_logits=True, into=_unpack_heads(dheads, (H, W), groups),
+        )
+        dx = dx_dirs[:, 0] + dx_dirs[:, 1] + _planes_transposed(dx_dirs[:, 2] + dx_dirs[:, 3]).transpose(-1, -2)
+        return dx.to(pair.dtype), dheads, None, None, None
+
+
+def gspn_scan_4dir_packed_triton(x, heads, groups, chunk=None):
+    """x [B, C, H, W], heads [B, 4, 3G + G' + G'', H*W] (LINES order, contiguous) -> ys [B, 4, C, H*W] (LINES order)."""
+    return GSPNPackedFunction.apply(x, heads, tuple(groups), chunk, _needs_grad(x, heads))
