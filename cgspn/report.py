@@ -166,6 +166,21 @@ def benchmark_section(root: Path) -> list[str]:
     return out
 
 
+def traffic_section(root: Path) -> list[str]:
+    """The counted bytes of one C-GSPN block's PyTorch ops around the scan, per mixer layout."""
+    t = _load(root / "reports/benchmarks/block-traffic.json")
+    if not t:
+        return []
+    rows = [[layout, mode, f"{m['glue_MB']:.0f}", f"{m['glue_floor_ms']:.3f}", f"{m['all_MB']:.0f}"]
+            for layout, modes in t["layouts"].items() for mode, m in modes.items()]
+    return ["### Memory traffic around the scan (counted, not timed)", "",
+            f"One C-GSPN block, width {t['width']}, {t['side']} px, batch {t['batch']}, {t['dtype']}: {t['method']}. "
+            "`packed` is the mixer's layout on the triton backend (heads as one matmul in the scan's LINES order), "
+            "`unpacked` the layout before it (1x1 conv heads, copies into the LINES layout). The floor is the "
+            f"memory-bound bytes at {t['copy_GBps']:.0f} GB/s (the H100's measured copy bandwidth).", "",
+            _table(["layout", "mode", "MB without matmuls", "floor ms", "MB, all ops"], rows), ""]
+
+
 def build_report(root: Path, commit: str | None, params_text: str, when: str) -> str:
     ev = _load(root / "reports/metrics/evaluate.json")
     parts = ["# C-GSPN: pipeline report", "",
@@ -180,6 +195,6 @@ def build_report(root: Path, commit: str | None, params_text: str, when: str) ->
              "pipeline works end to end, not what a full run reaches.", ""]
     if ev:
         parts += evaluation_section(ev)
-    parts += training_section(root) + data_section(root) + benchmark_section(root)
+    parts += training_section(root) + data_section(root) + benchmark_section(root) + traffic_section(root)
     parts += ["## Parameters", "", "```yaml", params_text.strip(), "```", ""]
     return "\n".join(parts)

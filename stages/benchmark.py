@@ -1,5 +1,6 @@
 """Stage `benchmark`: the GSPN kernel roofline (kernels.bench) and the block and model latency against
-attention (cgspn.bench_blocks), on the device at hand: the full set on a CUDA GPU, reduced sizes on a CPU.
+attention (cgspn.bench_blocks), on the device at hand: the full set on a CUDA GPU, reduced sizes on a CPU;
+and the bytes a C-GSPN block's PyTorch ops move around the scan (cgspn.block_traffic, counted, no timing).
 Both write under reports/benchmarks/ with the device in the file names; this stage runs them and logs the
 results to MLflow. On a GPU machine without the pipeline's packages, run the two modules directly.
 """
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cgspn import bench_blocks
+from cgspn import bench_blocks, block_traffic
 from cgspn.params import Param
 from cgspn.stage import run_stage
 from kernels import bench as kernel_bench
@@ -41,6 +42,10 @@ def main(p: dict, root: Path, run) -> dict:
         for m in blocks["models"]:
             if "images_per_s" in m:
                 metrics[f"images_per_s/{m['model']}_{m['side']}px"] = m["images_per_s"]
+    traffic = block_traffic.main(["--out", str(out / "block-traffic.json")])  # counted, device-independent: seconds
+    for layout, modes in traffic["layouts"].items():
+        for mode, t in modes.items():
+            metrics[f"glue_MB/{layout}_{mode}"] = t["glue_MB"]
     run.log_metrics(metrics)
     for f in sorted(out.glob("*")):
         if f.suffix in (".json", ".md", ".png"):

@@ -95,11 +95,17 @@ class GSPNMixer(nn.Module):
         B, Cp, h, w = z.shape
         G = self.cfg.groups
         K = 3 * G + 2 * Cp
-        orders = row_and_column_major(z)  # (B, 2, Cp, h*w)
-        heads = torch.matmul(self.heads.weight.view(2, 2 * K, Cp), orders) + self.heads.bias.view(2, 2 * K, 1)
+        # The bias rides in the matmul as one more input row of ones (padded to 8 rows so that the inner dimension
+        # stays a multiple of 8 for the GPU's tensor cores): a separate bias add would read and write all the heads.
+        ones = torch.zeros(8, h * w, dtype=z.dtype, device=z.device)
+        ones[0] = 1
+        orders = row_and_column_major(z, extra_rows=ones)  # (B, 2, Cp + 8, h*w)
+        weight = torch.cat((self.heads.weight.view(2, 2 * K, Cp), self.heads.bias.view(2, 2 * K, 1),
+                            self.heads.bias.new_zeros(2, 2 * K, 7)), dim=2)
+        heads = torch.matmul(weight, orders)  # (B, 2, 2K, h*w): tb, bt from row-major z; lr, rl from column-major
         ys = gspn_scan_4dir_packed(z, heads.view(B, 4, K, h * w), (G, Cp, Cp), chunk=self.cfg.chunk,
                                    backend=self.cfg.backend)  # (B, 4, Cp, h*w), LINES order
         merge = torch.softmax(self.merge_logits, dim=0).to(ys.dtype)
-        rows = torch.einsum("bdcn,dc->bnc", ys[:, :2], merge[:2])  # tokens in row-major order
-        cols = torch.einsum("bdcn,dc->bnc", ys[:, 2:], merge[2:])  # tokens in column-major order
-        return rows + cols.unflatten(1, (w, h)).transpose(1, 2).flatten(1, 2)
+        rows = torch.einsum("bdcn,dc->bnc", ys[:, :2], merge[:2])  # tb + bt, tokens in row-major order
+        cols = torch.einsum("bdcn,dc->bnc", ys[:, 2:], merge[2:])  # lr + rl, tokens in column-major order
+        return (rows.unflatten(1, (h, w)) + cols.unflatten(1, (w, h)).transpose(1, 2)).flatten(1, 2)

@@ -21,10 +21,15 @@ def from_lines_order(t: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     return torch.cat((t[:, :2].unflatten(-1, (H, W)), t[:, 2:].unflatten(-1, (W, H)).transpose(-1, -2)), dim=1)
 
 
-def row_and_column_major(x: torch.Tensor) -> torch.Tensor:
-    """x [B, C, H, W] -> [B, 2, C, H*W]: x flattened row-major, then column-major (what the heads of tb/bt
-    and of lr/rl are computed from)."""
-    return torch.stack((x.flatten(-2), x.transpose(-1, -2).flatten(-2)), dim=1)
+def row_and_column_major(x: torch.Tensor, extra_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """x [B, C, H, W] -> [B, 2, C (+ R), H*W]: x flattened row-major, then column-major (what the heads of tb/bt
+    and of lr/rl are computed from), each followed by `extra_rows` [R, H*W] when given."""
+    B, C, H, W = x.shape
+    parts = [x.flatten(-2), x.transpose(-1, -2).flatten(-2)]
+    if extra_rows is not None:
+        extra = extra_rows.expand(B, *extra_rows.shape)
+        parts = [parts[0], extra, parts[1], extra]
+    return torch.cat(parts, dim=1).view(B, 2, -1, H * W)
 
 
 def unpack_heads(heads: torch.Tensor, groups: tuple[int, int, int]):

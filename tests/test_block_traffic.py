@@ -1,0 +1,35 @@
+"""The byte counter behind reports/benchmarks/block-traffic.json: exact on ops whose traffic is known, and the
+stubs it uses to count a block leave the kernels and the mixer as they were."""
+import torch
+
+from cgspn.block_traffic import TrafficCounter, count_block, glue_bytes
+from cgspn.models.gspn_mixer import GSPNMixer
+from kernels.gspn import triton_scan
+
+
+def test_counter_counts_reads_and_writes_not_views():
+    n = int(torch.randint(10, 1000, ()))
+    a, b = torch.randn(n), torch.randn(n, dtype=torch.float64)
+    with TrafficCounter() as c:
+        a.view(1, n).transpose(0, 1)  # views: nothing moves
+        a + a  # two reads and one write of n float32
+        b.mul_(2)  # in place: self read (and written), counted once
+        torch.mm(a.view(n, 1), a.view(1, n))
+    assert c.bytes["add.Tensor"] == 3 * 4 * n
+    assert c.bytes["mul_.Tensor"] == 8 * n
+    assert set(c.bytes) == {"add.Tensor", "mul_.Tensor", "mm.default"}
+    assert glue_bytes(c.bytes) == c.total - c.bytes["mm.default"] == 3 * 4 * n + 8 * n
+
+
+def test_block_count_restores_the_kernels_and_sees_the_packed_layout():
+    saved = triton_scan.gspn_fwd_kernel, triton_scan.gspn_bwd_kernel, triton_scan._min_programs
+    propagate = GSPNMixer._propagate_packed
+    packed = count_block(96, 256, 2, packed=True)
+    unpacked = count_block(96, 256, 2, packed=False)
+    assert (triton_scan.gspn_fwd_kernel, triton_scan.gspn_bwd_kernel, triton_scan._min_programs) == saved
+    assert GSPNMixer._propagate_packed is propagate
+    # The 1x1 conv heads and the sigmoid of lam exist only in the unpacked layout; the packed heads are a bmm.
+    assert "sigmoid.default" in unpacked["fwd"] and "sigmoid.default" not in packed["fwd"]
+    assert packed["fwd"]["bmm.default"] > unpacked["fwd"].get("bmm.default", 0)
+    for mode in ("fwd", "fwd+bwd"):
+        assert glue_bytes(packed[mode]) < glue_bytes(unpacked[mode])
