@@ -38,11 +38,20 @@ BUDGET_S = 3.0
 CPU_SET = {"sides": [224, 448, 896], "widths": [384], "batches": [1], "model_sides": [224, 448]}
 
 
+class UnpackedGSPNMixer(GSPNMixer):
+    """The mixer in its layout before the packed one (1x1 conv heads, sigmoid of lam in PyTorch, the scan's own
+    copies into the LINES layout) on every backend: the baseline the packed layout is measured against."""
+
+    _propagate_packed = GSPNMixer._propagate
+
+
 def make_block(kind: str, width: int) -> Block:
+    """kind: "attention", "cgspn" or "cgspn-unpacked" (`UnpackedGSPNMixer`)."""
     if kind == "attention":
         mixer = Attention(width, width // 64)
     else:
-        mixer = GSPNMixer(width, GSPNMixerConfig(proxy_dim=width // 4, groups=4))
+        mixer_class = UnpackedGSPNMixer if kind == "cgspn-unpacked" else GSPNMixer
+        mixer = mixer_class(width, GSPNMixerConfig(proxy_dim=width // 4, groups=4))
     return Block(width, mixer, 4 * width, 1e-5, 1e-6)
 
 
@@ -75,7 +84,7 @@ def block_steps(kind: str, width: int, side: int, batch: int, dtype, device: str
     grid = side // PATCH
     block = make_block(kind, width).to(device, dtype)
     x = torch.randn(batch, grid * grid, width, device=device, dtype=dtype, requires_grad=True)
-    kwargs = {"hw": (grid, grid)} if kind == "cgspn" else {}
+    kwargs = {"hw": (grid, grid)} if kind != "attention" else {}
     leaves = [x, *block.parameters()]
 
     def forward():
@@ -132,14 +141,14 @@ def time_models(sides: list[int], dtype, device: str, reps: int) -> list[dict]:
     return rows
 
 
-def speedups(rows: list[dict], timing: str = "") -> list[dict]:
-    """Attention time over C-GSPN time for every (width, side, batch, mode) both finished; `timing` "" for
+def speedups(rows: list[dict], timing: str = "", block: str = "cgspn", baseline: str = "attention") -> list[dict]:
+    """`baseline` time over `block` time for every (width, side, batch, mode) both finished; `timing` "" for
     the graph-replay times, "_eager" for the eager ones."""
     out = []
     for r in rows:
-        if r["block"] != "cgspn" or "error" in r:
+        if r["block"] != block or "error" in r:
             continue
-        a = next((x for x in rows if x["block"] == "attention" and all(x[k] == r[k] for k in ("width", "side", "batch"))), None)
+        a = next((x for x in rows if x["block"] == baseline and all(x[k] == r[k] for k in ("width", "side", "batch"))), None)
         if a is None or "error" in a:
             continue
         for mode in ("fwd", "fwd+bwd"):
@@ -254,10 +263,11 @@ def main(argv=None) -> dict:
             for side in sizes["sides"]:
                 if side > MAX_SIDE_AT_BATCH.get(batch, side):
                     continue
-                for kind in ("cgspn", "attention"):
+                # On a CPU both C-GSPN layouts run the same reference path, so only the GPU times the unpacked one.
+                for kind in ("cgspn", "cgspn-unpacked", "attention") if device == "cuda" else ("cgspn", "attention"):
                     rows.append(time_block(kind, width, side, batch, dtype, device, reps))
                     r = rows[-1]
-                    print(f"  {kind:>9} width {width} batch {batch:>2} side {side:>4}: "
+                    print(f"  {kind:>14} width {width} batch {batch:>2} side {side:>4}: "
                           + (r.get("error") or f"fwd {r['fwd_ms']:.2f} ms, fwd+bwd {r['fwd+bwd_ms']:.2f} ms "
                              f"(eager {r['fwd_eager_ms']:.2f}, {r['fwd+bwd_eager_ms']:.2f})"), flush=True)
     report = {"info": info, "scope": "full set" if device == "cuda" else "CPU: reduced sizes",
@@ -267,6 +277,8 @@ def main(argv=None) -> dict:
                            "times (with Python's launch overhead) beside them" if device == "cuda" else ""),
               "published": PUBLISHED, "goal": GOAL, "blocks": rows, "speedups": speedups(rows),
               "speedups_eager": speedups(rows, "_eager"),
+              # The packed mixer layout against the unpacked one, same run (GPU only).
+              "packed_over_unpacked": speedups(rows, block="cgspn", baseline="cgspn-unpacked"),
               "models": time_models(sizes["model_sides"], dtype, device, reps)}
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
@@ -279,6 +291,9 @@ def main(argv=None) -> dict:
         atomic_write(args.out / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
     for s in report["speedups"]:
         print(f"  speedup width {s['width']} batch {s['batch']} side {s['side']} {s['mode']}: {s['speedup']:.2f}x")
+    for s in report["packed_over_unpacked"]:
+        print(f"  packed layout over unpacked, width {s['width']} batch {s['batch']} side {s['side']} {s['mode']}: "
+              f"{s['speedup']:.2f}x")
     print(PUBLISHED + "\n" + GOAL)
     return report
 

@@ -26,7 +26,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kernels.gspn import triton_scan
 
 from .bench_blocks import PATCH, make_block
-from .models.gspn_mixer import GSPNMixer
 from .outputs import atomic_write
 
 
@@ -77,31 +76,27 @@ class _NoLaunch:
 
 
 @contextmanager
-def _kernels_stubbed(packed: bool, sms: int):
-    """Triton kernels as no-ops, launched as on a GPU with `sms` multiprocessors; with `packed` False, the mixer
-    takes its unpacked path on the triton backend."""
+def _kernels_stubbed(sms: int):
+    """Triton kernels as no-ops, launched as on a GPU with `sms` multiprocessors."""
     names = ("gspn_fwd_kernel", "gspn_bwd_kernel", "_min_programs")
-    saved = [getattr(triton_scan, n) for n in names], GSPNMixer._propagate_packed
+    saved = [getattr(triton_scan, n) for n in names]
     triton_scan.gspn_fwd_kernel = triton_scan.gspn_bwd_kernel = _NoLaunch()
     triton_scan._min_programs = lambda device: triton_scan.PROGRAMS_PER_SM * sms
-    if not packed:
-        GSPNMixer._propagate_packed = GSPNMixer._propagate
     try:
         yield
     finally:
-        for n, f in zip(names, saved[0]):
+        for n, f in zip(names, saved):
             setattr(triton_scan, n, f)
-        GSPNMixer._propagate_packed = saved[1]
 
 
 def count_block(width: int, side: int, batch: int, packed: bool, sms: int = 132, dtype=torch.bfloat16) -> dict:
     """{"fwd": {op: bytes}, "fwd+bwd": {op: bytes}} of one C-GSPN block (triton backend) on a square image."""
     grid = side // PATCH
-    block = make_block("cgspn", width).to("meta", dtype)
+    block = make_block("cgspn" if packed else "cgspn-unpacked", width).to("meta", dtype)
     block.attn.cfg.backend = "triton"
     x = torch.randn(batch, grid * grid, width, dtype=dtype, device="meta", requires_grad=True)
     result = {}
-    with _kernels_stubbed(packed, sms):
+    with _kernels_stubbed(sms):
         with torch.no_grad(), TrafficCounter() as fwd:
             block(x, hw=(grid, grid))
         with TrafficCounter() as both:

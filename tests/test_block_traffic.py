@@ -1,9 +1,8 @@
 """The byte counter behind reports/benchmarks/block-traffic.json: exact on ops whose traffic is known, and the
-stubs it uses to count a block leave the kernels and the mixer as they were."""
+stubs it uses to count a block leave the kernels as they were."""
 import torch
 
 from cgspn.block_traffic import TrafficCounter, count_block, glue_bytes
-from cgspn.models.gspn_mixer import GSPNMixer
 from kernels.gspn import triton_scan
 
 
@@ -21,15 +20,36 @@ def test_counter_counts_reads_and_writes_not_views():
     assert glue_bytes(c.bytes) == c.total - c.bytes["mm.default"] == 3 * 4 * n + 8 * n
 
 
-def test_block_count_restores_the_kernels_and_sees_the_packed_layout():
+def test_block_count_restores_the_kernels_and_sees_both_layouts():
     saved = triton_scan.gspn_fwd_kernel, triton_scan.gspn_bwd_kernel, triton_scan._min_programs
-    propagate = GSPNMixer._propagate_packed
     packed = count_block(96, 256, 2, packed=True)
     unpacked = count_block(96, 256, 2, packed=False)
     assert (triton_scan.gspn_fwd_kernel, triton_scan.gspn_bwd_kernel, triton_scan._min_programs) == saved
-    assert GSPNMixer._propagate_packed is propagate
     # The 1x1 conv heads and the sigmoid of lam exist only in the unpacked layout; the packed heads are a bmm.
     assert "sigmoid.default" in unpacked["fwd"] and "sigmoid.default" not in packed["fwd"]
     assert packed["fwd"]["bmm.default"] > unpacked["fwd"].get("bmm.default", 0)
     for mode in ("fwd", "fwd+bwd"):
         assert glue_bytes(packed[mode]) < glue_bytes(unpacked[mode])
+
+
+def test_unpacked_baseline_block_matches_the_packed_block():
+    """The benchmark's baseline (`cgspn-unpacked`) and the packed block compute the same function on the
+    triton backend (Triton's interpreter here): same parameters, outputs and input gradients."""
+    from cgspn.bench_blocks import make_block
+
+    torch.manual_seed(0)
+    packed, unpacked = make_block("cgspn", 64), make_block("cgspn-unpacked", 64)
+    unpacked.load_state_dict(packed.state_dict())
+    with torch.no_grad():  # away from the near-neutral initialization, so that the heads matter
+        for p in packed.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    unpacked.load_state_dict(packed.state_dict())
+    x = torch.randn(2, 3 * 5, 64)
+    outs = []
+    for block in (packed, unpacked):
+        block.attn.cfg.backend = "triton"
+        xi = x.clone().requires_grad_(True)
+        y = block(xi, hw=(3, 5))
+        outs.append((y.detach(), torch.autograd.grad(y.square().sum(), xi)[0]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-4, atol=1e-4)
