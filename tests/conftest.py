@@ -1,4 +1,5 @@
 """Test-wide settings: CPU Triton runs in its interpreter; quiet, offline embedded services."""
+import json
 import os
 
 # Must be set before anything imports triton (the kernels pick the interpreter at definition time).
@@ -28,27 +29,48 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def micro(tmp_path_factory):
+def micro(request, tmp_path_factory):
     """A root where shard -> teacher -> cache_teacher ran on the micro configuration (tests/micro.py),
-    each through its command line, as children of one MLflow parent run."""
+    each through its command line, as children of one MLflow parent run.
+
+    When this session also runs the Prefect flow (conftest.flow_run: every stage of the same configuration,
+    each through `dvc repro` -> `python -m stages.<name>`, as children of the flow's parent run), these are
+    the flow's own first three stages: running them a second time here costs about half a minute for the
+    same outputs. Otherwise (the data-stage tests alone) the three stages run here, in this process, under
+    a parent run of their own. Either way `tracking_uri` holds the parent run and its children, `stages`
+    names those children, and the stages a test runs itself (bad input) log to this fixture's database
+    (MLFLOW_TRACKING_URI for the rest of the session), never to the flow's."""
     import mlflow
 
     from micro import DATA_STAGES, run, write_params
 
+    use_flow = any("flow_run" in item.fixturenames for item in request.session.items)
+    flow = request.getfixturevalue("flow_run") if use_flow else None
     root = tmp_path_factory.mktemp("micro")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "CGSPN_EXPERIMENT": "micro"}
     saved = {k: os.environ.get(k) for k in [*env, "CGSPN_PARENT_RUN_ID"]}
     os.environ.update(env)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    experiment = mlflow.set_experiment("micro").experiment_id
-    parent = mlflow.MlflowClient().create_run(experiment, run_name="pipeline").info.run_id
-    os.environ["CGSPN_PARENT_RUN_ID"] = parent
-    params = write_params(root / "params.yaml")
-    try:
-        metrics = {stage: run(stage, params, root) for stage in DATA_STAGES}
-    finally:
-        del os.environ["CGSPN_PARENT_RUN_ID"]
-    yield {"root": root, "params": params, "metrics": metrics, "parent": parent, "experiment": experiment}
+    if flow is not None:
+        from flows.pipeline import STAGES
+
+        metrics = {stage: json.loads((flow["root"] / "reports/metrics" / f"{stage}.json").read_text())
+                   for stage in ("shard", "cache_teacher")}  # what the stages returned (teacher writes none)
+        info = {"root": flow["root"], "params": flow["root"] / "params.yaml", "metrics": metrics,
+                "parent": flow["first"]["mlflow_parent_run"], "experiment": flow["experiment"],
+                "tracking_uri": flow["tracking_uri"], "stages": STAGES}
+    else:
+        experiment = mlflow.set_experiment("micro").experiment_id
+        parent = mlflow.MlflowClient().create_run(experiment, run_name="pipeline").info.run_id
+        os.environ["CGSPN_PARENT_RUN_ID"] = parent
+        params = write_params(root / "params.yaml")
+        try:
+            metrics = {stage: run(stage, params, root) for stage in DATA_STAGES}
+        finally:
+            del os.environ["CGSPN_PARENT_RUN_ID"]
+        info = {"root": root, "params": params, "metrics": metrics, "parent": parent, "experiment": experiment,
+                "tracking_uri": env["MLFLOW_TRACKING_URI"], "stages": DATA_STAGES}
+    yield {**info, "stage_tracking_uri": env["MLFLOW_TRACKING_URI"]}
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -80,9 +81,28 @@ def digest(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def link_checkpoints(src: str, dst: str) -> None:
+    """shutil.copytree's copy_function that hard-links checkpoints (.safetensors) and copies everything else.
+
+    A test root holds the teacher (85 MB) and often students; a copy of each in every test filled a CI disk.
+    Linking is safe because nothing writes a checkpoint in place: `cgspn.checkpoint.save_model` writes a
+    temporary file and renames it over the old name, which replaces the link, never the shared file."""
+    if src.endswith(".safetensors"):
+        os.link(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+def copy_tree(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> Path:
+    """src copied to dest (symlinks kept, checkpoints hard-linked), without src's top-level entries in `skip`."""
+    shutil.copytree(src, dest, symlinks=True, copy_function=link_checkpoints,
+                    ignore=lambda folder, names: [n for n in names if n in skip] if folder == str(src) else [])
+    return dest
+
+
 def copy_root(root: Path, dest: Path, parts=("data/shards", "data/features", "models/teachers")) -> Path:
     for sub in parts:
-        shutil.copytree(root / sub, dest / sub)
+        copy_tree(root / sub, dest / sub)
     return dest
 
 

@@ -1,7 +1,7 @@
-"""The first DVC stages on a micro configuration (the `micro` fixture in conftest.py runs shard ->
-teacher -> cache_teacher through their command lines under one MLflow parent run), checked against fresh
-computations; and every kind of bad input, each of which must fail with a message naming the culprit and
-leave earlier outputs intact."""
+"""The first DVC stages on a micro configuration (the `micro` fixture in conftest.py: shard -> teacher ->
+cache_teacher through their command lines under one MLflow parent run, the Prefect flow's own when the
+session runs it), checked against fresh computations; and every kind of bad input, each of which must fail
+with a message naming the culprit and leave earlier outputs intact."""
 from __future__ import annotations
 
 import json
@@ -173,9 +173,10 @@ def test_a_predicted_direction_is_put_back_at_the_typical_norm():
 def test_each_stage_is_an_mlflow_child_run_with_params_and_artifacts(micro):
     import mlflow
 
-    client = mlflow.MlflowClient()
+    client = mlflow.MlflowClient(micro["tracking_uri"])
     runs = client.search_runs([micro["experiment"]], f"tags.mlflow.parentRunId = '{micro['parent']}'")
-    assert sorted(r.info.run_name for r in runs) == ["cache_teacher", "shard", "teacher"]
+    assert sorted(r.info.run_name for r in runs) == sorted(micro["stages"])  # one child per stage the parent ran
+    assert {"cache_teacher", "shard", "teacher"} <= set(micro["stages"])
     for r in runs:
         assert r.info.status == "FINISHED"
         artifacts = [a.path for a in client.list_artifacts(r.info.run_id)]

