@@ -3,6 +3,7 @@ whole student against the isomorphic ViT. Needs only torch, triton, numpy and ma
 
     python -m cgspn.bench_blocks            # CUDA: the full set; CPU: reduced sizes, labelled CPU
     python -m cgspn.bench_blocks --out DIR  # writes DIR/blocks.json, blocks-<device>.json, speedup and roofline plots
+    python -m cgspn.bench_blocks --compiled # both blocks eager and torch.compile'd: DIR/blocks-compiled-<device>.json
 
 Blocks: pre-norm transformer blocks (norm, mixer, layer scale, MLP 4x) on the tokens of a square image of
 side S with patch 16, i.e. (S/16)^2 tokens; the attention mixer is PyTorch SDPA (FlashAttention on a GPU),
@@ -36,6 +37,10 @@ MAX_SIDE_AT_BATCH = {32: 2048}
 # Slow timings get fewer reps (at least 5) so that each takes about this long.
 BUDGET_S = 3.0
 CPU_SET = {"sides": [224, 448, 896], "widths": [384], "batches": [1], "model_sides": [224, 448]}
+# Both blocks under torch.compile (the GSPN scan stays one opaque custom op, kernels/gspn/packed_op.py): the
+# compiler fuses the glue every transformer block has (GELU, LayerNorm, residual adds, layer scales). GPU only,
+# at the goal's width and batch: a compile costs tens of seconds per shape and mode (minutes on a 2-core CPU).
+COMPILED_SET = {"width": 1152, "batch": 1, "sides": [1024, 2048, 4096]}
 
 
 class UnpackedGSPNMixer(GSPNMixer):
@@ -46,7 +51,9 @@ class UnpackedGSPNMixer(GSPNMixer):
 
 
 def make_block(kind: str, width: int) -> Block:
-    """kind: "attention", "cgspn" or "cgspn-unpacked" (`UnpackedGSPNMixer`)."""
+    """kind: "attention", "cgspn" or "cgspn-unpacked" (`UnpackedGSPNMixer`); a "-compiled" suffix is stripped
+    here (`block_steps` compiles)."""
+    kind = kind.removesuffix("-compiled")
     if kind == "attention":
         mixer = Attention(width, width // 64)
     else:
@@ -84,8 +91,11 @@ def block_steps(kind: str, width: int, side: int, batch: int, dtype, device: str
     grid = side // PATCH
     block = make_block(kind, width).to(device, dtype)
     x = torch.randn(batch, grid * grid, width, device=device, dtype=dtype, requires_grad=True)
-    kwargs = {"hw": (grid, grid)} if kind != "attention" else {}
+    kwargs = {"hw": (grid, grid)} if not kind.startswith("attention") else {}
     leaves = [x, *block.parameters()]
+    if kind.endswith("-compiled"):
+        torch._dynamo.reset()  # a fresh cache per row: every row compiles its own shapes, none falls back to eager
+        block = torch.compile(block, dynamic=False, fullgraph=True)
 
     def forward():
         with torch.no_grad():
@@ -108,10 +118,20 @@ def time_block(kind: str, width: int, side: int, batch: int, dtype, device: str,
             row[f"{mode}_peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
+    except Exception as error:  # noqa: BLE001 - a block the compiler fails on is reported in its row; the rest runs
+        if not kind.endswith("-compiled"):
+            raise
+        row["error"] = f"torch.compile failed: {type(error).__name__}: {str(error)[:500]}"
     finally:
         if device == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def print_row(r: dict) -> None:
+    print(f"  {r['block']:>18} width {r['width']} batch {r['batch']:>2} side {r['side']:>4}: "
+          + (r.get("error") or f"fwd {r['fwd_ms']:.2f} ms, fwd+bwd {r['fwd+bwd_ms']:.2f} ms "
+             f"(eager {r['fwd_eager_ms']:.2f}, {r['fwd+bwd_eager_ms']:.2f})"), flush=True)
 
 
 def time_models(sides: list[int], dtype, device: str, reps: int) -> list[dict]:
@@ -164,11 +184,11 @@ def plot_speedup(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    keys = sorted({(s["width"], s["batch"], s["mode"]) for s in report["speedups"]})
-    for width, batch, mode in keys:
-        pts = sorted((s["side"], s["speedup"]) for s in report["speedups"]
-                     if (s["width"], s["batch"], s["mode"]) == (width, batch, mode))
-        ax.plot(*zip(*pts), marker="o", label=f"width {width}, batch {batch}, {mode}")
+    for series, style, note in (("speedups", "-", ""), ("speedups_compiled", "--", ", both compiled")):
+        found = report.get(series, [])
+        for width, batch, mode in sorted({(s["width"], s["batch"], s["mode"]) for s in found}):
+            pts = sorted((s["side"], s["speedup"]) for s in found if (s["width"], s["batch"], s["mode"]) == (width, batch, mode))
+            ax.plot(*zip(*pts), style, marker="o", label=f"width {width}, batch {batch}, {mode}{note}")
     ax.axhline(1, color="gray", lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="image side (px, patch 16)", ylabel="attention time / C-GSPN time",
            title=f"C-GSPN block vs attention block ({report['info']['device']})")
@@ -237,6 +257,31 @@ def profile_block(width: int, side: int, batch: int, device: str, top: int = 15)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
 
 
+def compiled_benchmark(sides: list[int], dtype, device: str, reps: int, info: dict, method: str, path: Path) -> dict:
+    """Both blocks eager and under torch.compile (COMPILED_SET's width and batch), all in this run: the speedup
+    with both compiled, and what compiling gains each block. Writes `path` and a speedup plot beside it."""
+    width, batch = COMPILED_SET["width"], COMPILED_SET["batch"]
+    rows = []
+    for side in sides:
+        for kind in ("cgspn", "cgspn-compiled", "attention", "attention-compiled"):
+            rows.append(time_block(kind, width, side, batch, dtype, device, reps))
+            print_row(rows[-1])
+    report = {"info": info, "scope": f"width {width}, batch {batch}: eager and torch.compile'd blocks",
+              "method": method + "; torch.compile(block, dynamic=False, fullgraph=True), the GSPN scan one custom op",
+              "published": PUBLISHED, "goal": GOAL, "blocks": rows, "speedups": speedups(rows),
+              "speedups_compiled": speedups(rows, block="cgspn-compiled", baseline="attention-compiled"),
+              "compiled_over_eager": {kind: speedups(rows, block=f"{kind}-compiled", baseline=kind)
+                                      for kind in ("cgspn", "attention")}}
+    plot_speedup(report, path.with_name(path.stem.replace("blocks", "speedup") + ".png"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    for label, found in (("eager", report["speedups"]), ("both compiled", report["speedups_compiled"]),
+                         *((f"{k} compiled over eager", v) for k, v in report["compiled_over_eager"].items())):
+        for s in found:
+            print(f"  {label}, width {s['width']} batch {s['batch']} side {s['side']} {s['mode']}: {s['speedup']:.2f}x")
+    print(PUBLISHED + "\n" + GOAL)
+    return report
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -244,6 +289,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("reports/benchmarks"))
     parser.add_argument("--sides", type=int, nargs="+", default=None, help="image sides of the block benchmark")
     parser.add_argument("--model-sides", type=int, nargs="+", default=None, help="image sides of the model benchmark")
+    parser.add_argument("--compiled", action="store_true",
+                        help="only time both blocks eager and under torch.compile at width "
+                             f"{COMPILED_SET['width']}, batch {COMPILED_SET['batch']} (--sides, default "
+                             f"{COMPILED_SET['sides']}); writes blocks-compiled-<device>.json")
     parser.add_argument("--profile", type=int, nargs=3, metavar=("WIDTH", "SIDE", "BATCH"),
                         help="only print where one C-GSPN block's GPU time goes, for this width, side and batch")
     args = parser.parse_args(argv)
@@ -257,6 +306,14 @@ def main(argv=None) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     info = device_info(device)
     print(f"block benchmark on {info['device']}, median of {reps}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    slug = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
+    method = (f"median of {reps} (at least 5, about {BUDGET_S:.0f} s per timing), {str(dtype).replace('torch.', '')}, "
+              f"patch {PATCH}" + (", CUDA graph replays with the L2 cache flushed before each (device time); eager "
+                                  "times (with Python's launch overhead) beside them" if device == "cuda" else ""))
+    if args.compiled:
+        return compiled_benchmark(args.sides or COMPILED_SET["sides"], dtype, device, reps, info, method,
+                                  args.out / f"blocks-compiled-{slug}.json")
     rows = []
     for width in sizes["widths"]:
         for batch in sizes["batches"]:
@@ -266,22 +323,13 @@ def main(argv=None) -> dict:
                 # On a CPU both C-GSPN layouts run the same reference path, so only the GPU times the unpacked one.
                 for kind in ("cgspn", "cgspn-unpacked", "attention") if device == "cuda" else ("cgspn", "attention"):
                     rows.append(time_block(kind, width, side, batch, dtype, device, reps))
-                    r = rows[-1]
-                    print(f"  {kind:>14} width {width} batch {batch:>2} side {side:>4}: "
-                          + (r.get("error") or f"fwd {r['fwd_ms']:.2f} ms, fwd+bwd {r['fwd+bwd_ms']:.2f} ms "
-                             f"(eager {r['fwd_eager_ms']:.2f}, {r['fwd+bwd_eager_ms']:.2f})"), flush=True)
-    report = {"info": info, "scope": "full set" if device == "cuda" else "CPU: reduced sizes",
-              "method": f"median of {reps} (at least 5, about {BUDGET_S:.0f} s per timing), "
-                        f"{str(dtype).replace('torch.', '')}, patch {PATCH}"
-                        + (", CUDA graph replays with the L2 cache flushed before each (device time); eager "
-                           "times (with Python's launch overhead) beside them" if device == "cuda" else ""),
+                    print_row(rows[-1])
+    report = {"info": info, "scope": "full set" if device == "cuda" else "CPU: reduced sizes", "method": method,
               "published": PUBLISHED, "goal": GOAL, "blocks": rows, "speedups": speedups(rows),
               "speedups_eager": speedups(rows, "_eager"),
               # The packed mixer layout against the unpacked one, same run (GPU only).
               "packed_over_unpacked": speedups(rows, block="cgspn", baseline="cgspn-unpacked"),
               "models": time_models(sizes["model_sides"], dtype, device, reps)}
-    args.out.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
     plot_speedup(report, args.out / f"speedup-{slug}.png")
     report["matmul_flops"] = matmul_flops(device, dtype, reps)
     kernel_json = args.out / f"kernel-{slug}.json"

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels.gspn import triton_scan
+from kernels.gspn import packed_op, triton_scan
 
 from .bench_blocks import PATCH, make_block
 from .outputs import atomic_write
@@ -34,7 +34,11 @@ MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm")
 
 
 # Ops that read and write no tensor data: allocations, and reshapes that ATen runs as views.
-MOVE_NOTHING = ("empty", "empty_strided", "empty_like", "_unsafe_view", "_reshape_alias")
+MOVE_NOTHING = ("empty", "empty_strided", "empty_like", "new_empty", "_unsafe_view", "_reshape_alias")
+# Our custom ops are opened: their Python implementations run inside the counter, so the ATen ops they run
+# around the kernels (copies, sums) are counted one by one, and the kernels are not.
+OPENED = {"cgspn::scan_4dir_packed": packed_op.packed_forward,
+          "cgspn::scan_4dir_packed_backward": packed_op.packed_backward}
 
 
 def glue_bytes(ops: dict) -> int:
@@ -55,6 +59,15 @@ class TrafficCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func._schema.name in OPENED:
+            with self:
+                return OPENED[func._schema.name](*args, **kwargs)
+        # Inside an opened op, composite ops (`to`, say) arrive whole, below the autograd layer that otherwise
+        # splits them into the ops that move data (`_to_copy`): split them here the same way.
+        with self:
+            decomposed = func.decompose(*args, **kwargs)
+        if decomposed is not NotImplemented:
+            return decomposed
         out = func(*args, **kwargs)
         if not func.is_view and func.__name__.split(".")[0] not in MOVE_NOTHING:
             moved = _nbytes(torch.utils._pytree.tree_leaves((args, kwargs)))

@@ -7,9 +7,10 @@
 #   tune      the launch sweep (kernels/tune.py): which settings are fastest per shape
 #   kernel    the kernel benchmark (kernels/bench.py): fused Triton against the stepwise baseline, roofline
 #   blocks    the block and model benchmark (cgspn/bench_blocks.py): C-GSPN against attention (SDPA)
+#   compiled  both blocks eager and under torch.compile, width 1152, batch 1 (bench_blocks --compiled)
 #   profile   (not in the default set) where one C-GSPN block's GPU time goes, width 1152 at 2048 px
 #
-#   scripts/gpu_checks.sh                  # all five steps
+#   scripts/gpu_checks.sh                  # all six steps
 #   scripts/gpu_checks.sh tests kernel     # some of them
 #
 # Results go to reports/benchmarks/ (named by device); each step's log goes to $OUT (default gpu-logs/).
@@ -20,7 +21,7 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 TRITON_DEFAULT_FP_FUSION=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests sanitize tune kernel blocks)
+[ ${#steps[@]} -eq 0 ] && steps=(tests sanitize tune kernel blocks compiled)
 failed=0
 
 run_step() {
@@ -46,8 +47,9 @@ for step in "${steps[@]}"; do
         tune) run_step tune $py -m kernels.tune ;;
         kernel) run_step kernel $py -m kernels.bench ;;
         blocks) run_step blocks $py -m cgspn.bench_blocks ;;
+        compiled) run_step compiled $py -m cgspn.bench_blocks --compiled ;;
         profile) run_step profile $py -m cgspn.bench_blocks --profile 1152 2048 1 ;;
-        *) echo "unknown step '$step' (known: tests sanitize tune kernel blocks profile)"; failed=$((failed + 1)) ;;
+        *) echo "unknown step '$step' (known: tests sanitize tune kernel blocks compiled profile)"; failed=$((failed + 1)) ;;
     esac
 done
 exit $failed

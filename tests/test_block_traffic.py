@@ -30,6 +30,11 @@ def test_block_count_restores_the_kernels_and_sees_both_layouts():
     assert packed["fwd"]["bmm.default"] > unpacked["fwd"].get("bmm.default", 0)
     for mode in ("fwd", "fwd+bwd"):
         assert glue_bytes(packed[mode]) < glue_bytes(unpacked[mode])
+    # The scan's custom op is opened, not counted whole: inside it, x (B 2, proxy width 96/4, 16x16 tokens,
+    # bf16) is copied into the pair the kernels read (x and its transposed planes): two reads and two writes.
+    # The only other copy is the heads' bias row of ones (`ones[0] = 1`: 16x16 bf16, source and destination).
+    assert not any(op.startswith("scan_4dir_packed") for mode in packed.values() for op in mode)
+    assert packed["fwd"]["copy_.default"] == 4 * (2 * 24 * 16 * 16 * 2) + 2 * (16 * 16 * 2)
 
 
 def test_unpacked_baseline_block_matches_the_packed_block():

@@ -229,6 +229,18 @@ def test_packed_rejects_bad_heads():
         gspn_scan_4dir_packed(x, torch.randn(1, 4, 13, 15), (2, 3, 4))
 
 
+def test_packed_op_passes_torch_librarys_checks():
+    """cgspn::scan_4dir_packed (what the triton backend runs) on fresh random inputs, through torch.library's
+    own checks: the schema, the output shapes declared for torch.compile (its fake implementation) against the
+    real ones, the autograd registration and AOT dispatch, forward and backward."""
+    from kernels.gspn import packed_op
+
+    B, C, H, W, (G, Gl, Gu) = 1, 4, 3, 5, (2, 4, 2)
+    x = torch.randn(B, C, H, W, requires_grad=True)
+    heads = torch.randn(B, 4, 3 * G + Gl + Gu, H * W, requires_grad=True)
+    torch.library.opcheck(packed_op.scan_4dir_packed, (x, heads, [G, Gl, Gu], 2, True))
+
+
 def test_module_matches_function():
     x, gates, lam, u = (t.detach() for t in make_inputs(1, 4, 5, 6, 2, 4, 2, ndir=4))
     torch.testing.assert_close(GSPN(chunk=2)(x, gates, lam, u), gspn_scan_4dir(x, gates, lam, u, chunk=2))

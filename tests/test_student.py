@@ -70,9 +70,12 @@ def test_mixer_errors_name_the_parameter():
         cgspn_from_teacher_config(TINY, heads=4)
 
 
-@pytest.mark.parametrize("chunk", [None, 2], ids=["global", "chunk2"])
-def test_student_backends_agree_forward_and_backward(chunk):
-    """Reference and Triton (interpreter on CPU) scans: same outputs and parameter gradients, float32."""
+@pytest.mark.parametrize("chunk, compiled", [(None, False), (2, False), (None, True)],
+                         ids=["global", "chunk2", "global-compiled"])
+def test_student_backends_agree_forward_and_backward(chunk, compiled):
+    """Reference and Triton (interpreter on CPU) scans: same outputs and parameter gradients, float32. Compiled:
+    the Triton student under torch.compile in one graph (fullgraph: the scan is one custom op, no graph break),
+    traced by Dynamo and AOTAutograd as on a GPU (backend aot_eager: the ops run eagerly, no code generation)."""
     torch.manual_seed(0)
     images = torch.randn(2, 3, 28, 35)
     weights = (torch.randn(2, 4, 5, 32), torch.randn(2, 32))
@@ -83,7 +86,8 @@ def test_student_backends_agree_forward_and_backward(chunk):
         with torch.no_grad():  # move away from the near-neutral initialization so every input matters
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-        out = model(images)
+        run = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled and backend == "triton" else model
+        out = run(images)
         loss = (out.patch_tokens * weights[0]).sum() + (out.summary * weights[1]).sum()
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -185,9 +185,9 @@ def gspn_scan_4dir_packed(x, heads, groups, *, chunk: int | None = None, backend
     check_packed(x, heads, groups, chunk)
     name = choose_backend(backend, x)
     if name == "triton":
-        from .triton_scan import gspn_scan_4dir_packed_triton
+        from .packed_op import gspn_scan_4dir_packed_triton
 
-        return gspn_scan_4dir_packed_triton(x, heads.contiguous(), groups, chunk)
+        return gspn_scan_4dir_packed_triton(x, heads, groups, chunk)
     gates, lam_logits, u = unpack_heads(from_lines_order(heads, x.shape[-2:]), tuple(groups))
     return to_lines_order(gspn_scan_4dir(x, gates, torch.sigmoid(lam_logits), u, chunk=chunk, backend=name))
 

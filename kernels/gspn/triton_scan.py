@@ -30,8 +30,6 @@ import triton.language as tl
 
 from kernels import TRITON_IMPORTED_EARLY  # sets TRITON_INTERPRET=1 on CPU-only machines
 
-from .lines_order import unpack_heads
-
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # Launch tuning; kernels/NOTES.md has the measurements behind these values, kernels/tune.py sweeps them.
@@ -616,46 +614,3 @@ def gspn_scan_triton(x, gates, lam, u=None, direction_id: int = 0, chunk=None):
 def gspn_scan_4dir_triton(x, gates, lam, u=None, chunk=None):
     """All four directions in one launch: gates [B, 4, G, 3, H, W], lam/u [B, 4, G', H, W] -> [B, 4, C, H, W]."""
     return _scan(x, gates, lam, u, 0, 4, chunk)
-
-
-# ---------------------------------------------------------------- packed heads (the C-GSPN mixer's form)
-
-
-def _unpack_heads(heads: torch.Tensor, hw: tuple[int, int], groups: tuple[int, int, int]):
-    """heads [B, 4, K, H*W] -> views (gate logits [B, 4, G, 3, H, W], lam logits, u [B, 4, G', H, W]); each
-    plane keeps its LINES order in memory, which the kernels read with LINES strides whatever the shape says."""
-    return unpack_heads(heads.unflatten(-1, hw), groups)
-
-
-class GSPNPackedFunction(torch.autograd.Function):
-    """Autograd for the four-direction scan of x [B, C, H, W] on packed heads [B, 4, K, H*W] in the LINES order
-    (lam as logits). The heads are read in place, and their gradient is written into one tensor of their shape
-    (no per-part buffers for autograd to stitch together)."""
-
-    @staticmethod
-    def forward(ctx, x, heads, groups, chunk, needs_grad: bool):
-        pair = _x_pair(x)
-        a, lam, u = _unpack_heads(heads, x.shape[-2:], groups)
-        y, h = gspn_fwd(pair[0], a, lam, u, 0, 4, chunk, store_h=needs_grad, sxd=pair.stride(0), lines=True,
-                        lam_logits=True)
-        ctx.save_for_backward(pair, heads, h)
-        ctx.geometry = (groups, chunk)
-        return y.flatten(-2)
-
-    @staticmethod
-    def backward(ctx, dy):
-        pair, heads, h = ctx.saved_tensors
-        groups, chunk = ctx.geometry
-        B, C, H, W = pair.shape[1:]
-        dheads = _alloc(heads.shape, heads.dtype, heads.device)
-        dx_dirs, *_ = gspn_bwd(
-            pair[0], *_unpack_heads(heads, (H, W), groups), h, dy.contiguous().view(B, 4, C, H, W), 0, 4, chunk,
-            sxd=pair.stride(0), lines=True, lam_logits=True, into=_unpack_heads(dheads, (H, W), groups),
-        )
-        dx = dx_dirs[:, 0] + dx_dirs[:, 1] + _planes_transposed(dx_dirs[:, 2] + dx_dirs[:, 3]).transpose(-1, -2)
-        return dx.to(pair.dtype), dheads, None, None, None
-
-
-def gspn_scan_4dir_packed_triton(x, heads, groups, chunk=None):
-    """x [B, C, H, W], heads [B, 4, 3G + G' + G'', H*W] (LINES order, contiguous) -> ys [B, 4, C, H*W] (LINES order)."""
-    return GSPNPackedFunction.apply(x, heads, tuple(groups), chunk, _needs_grad(x, heads))
