@@ -85,7 +85,8 @@ def time_both(fn, device: str, reps: int) -> tuple[float, float]:
     return (median_ms(graphed(fn, device), device, reps, budget_s=BUDGET_S) if device == "cuda" else eager), eager
 
 
-def block_steps(kind: str, width: int, side: int, batch: int, dtype, device: str) -> dict:
+def block_steps(kind: str, width: int, side: int, batch: int, dtype, device: str,
+                compile_mode: str | None = None) -> dict:
     """{"fwd": one forward without grad, "fwd+bwd": forward and backward to the input and every parameter}
     of one block on random tokens of a square image of `side` px."""
     grid = side // PATCH
@@ -95,7 +96,7 @@ def block_steps(kind: str, width: int, side: int, batch: int, dtype, device: str
     leaves = [x, *block.parameters()]
     if kind.endswith("-compiled"):
         torch._dynamo.reset()  # a fresh cache per row: every row compiles its own shapes, none falls back to eager
-        block = torch.compile(block, dynamic=False, fullgraph=True)
+        block = torch.compile(block, dynamic=False, fullgraph=True, mode=compile_mode)
 
     def forward():
         with torch.no_grad():
@@ -107,11 +108,12 @@ def block_steps(kind: str, width: int, side: int, batch: int, dtype, device: str
     return {"fwd": forward, "fwd+bwd": forward_backward}
 
 
-def time_block(kind: str, width: int, side: int, batch: int, dtype, device: str, reps: int) -> dict:
+def time_block(kind: str, width: int, side: int, batch: int, dtype, device: str, reps: int,
+               compile_mode: str | None = None) -> dict:
     grid = side // PATCH
     row = {"block": kind, "width": width, "side": side, "tokens": grid * grid, "batch": batch}
     try:
-        for mode, fn in block_steps(kind, width, side, batch, dtype, device).items():
+        for mode, fn in block_steps(kind, width, side, batch, dtype, device, compile_mode).items():
             if device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             row[f"{mode}_ms"], row[f"{mode}_eager_ms"] = time_both(fn, device, reps)
@@ -187,7 +189,8 @@ def plot_speedup(report: dict, path: Path) -> None:
     for series, style, note in (("speedups", "-", ""), ("speedups_compiled", "--", ", both compiled")):
         found = report.get(series, [])
         for width, batch, mode in sorted({(s["width"], s["batch"], s["mode"]) for s in found}):
-            pts = sorted((s["side"], s["speedup"]) for s in found if (s["width"], s["batch"], s["mode"]) == (width, batch, mode))
+            pts = sorted((s["side"], s["speedup"]) for s in found
+                         if (s["width"], s["batch"], s["mode"]) == (width, batch, mode))
             ax.plot(*zip(*pts), style, marker="o", label=f"width {width}, batch {batch}, {mode}{note}")
     ax.axhline(1, color="gray", lw=0.8)
     ax.set(xscale="log", yscale="log", xlabel="image side (px, patch 16)", ylabel="attention time / C-GSPN time",
@@ -257,17 +260,19 @@ def profile_block(width: int, side: int, batch: int, device: str, top: int = 15)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=60))
 
 
-def compiled_benchmark(sides: list[int], dtype, device: str, reps: int, info: dict, method: str, path: Path) -> dict:
+def compiled_benchmark(sides: list[int], dtype, device: str, reps: int, info: dict, method: str, path: Path,
+                       compile_mode: str | None = None) -> dict:
     """Both blocks eager and under torch.compile (COMPILED_SET's width and batch), all in this run: the speedup
     with both compiled, and what compiling gains each block. Writes `path` and a speedup plot beside it."""
     width, batch = COMPILED_SET["width"], COMPILED_SET["batch"]
     rows = []
     for side in sides:
         for kind in ("cgspn", "cgspn-compiled", "attention", "attention-compiled"):
-            rows.append(time_block(kind, width, side, batch, dtype, device, reps))
+            rows.append(time_block(kind, width, side, batch, dtype, device, reps, compile_mode))
             print_row(rows[-1])
     report = {"info": info, "scope": f"width {width}, batch {batch}: eager and torch.compile'd blocks",
-              "method": method + "; torch.compile(block, dynamic=False, fullgraph=True), the GSPN scan one custom op",
+              "method": method + f"; torch.compile(block, dynamic=False, fullgraph=True, mode={compile_mode!r}), "
+                                 "the GSPN scan one custom op",
               "published": PUBLISHED, "goal": GOAL, "blocks": rows, "speedups": speedups(rows),
               "speedups_compiled": speedups(rows, block="cgspn-compiled", baseline="attention-compiled"),
               "compiled_over_eager": {kind: speedups(rows, block=f"{kind}-compiled", baseline=kind)
@@ -293,6 +298,10 @@ def main(argv=None) -> dict:
                         help="only time both blocks eager and under torch.compile at width "
                              f"{COMPILED_SET['width']}, batch {COMPILED_SET['batch']} (--sides, default "
                              f"{COMPILED_SET['sides']}); writes blocks-compiled-<device>.json")
+    parser.add_argument("--compile-mode", choices=["default", "max-autotune-no-cudagraphs"], default=None,
+                        help="torch.compile mode of --compiled; max-autotune-no-cudagraphs lets Inductor use Triton "
+                             "matmuls with GELU fused into fc1 (minutes of autotuning per shape); the file name "
+                             "gets the mode")
     parser.add_argument("--profile", type=int, nargs=3, metavar=("WIDTH", "SIDE", "BATCH"),
                         help="only print where one C-GSPN block's GPU time goes, for this width, side and batch")
     args = parser.parse_args(argv)
@@ -311,9 +320,12 @@ def main(argv=None) -> dict:
     method = (f"median of {reps} (at least 5, about {BUDGET_S:.0f} s per timing), {str(dtype).replace('torch.', '')}, "
               f"patch {PATCH}" + (", CUDA graph replays with the L2 cache flushed before each (device time); eager "
                                   "times (with Python's launch overhead) beside them" if device == "cuda" else ""))
+    if args.compile_mode and not args.compiled:
+        parser.error("--compile-mode applies to --compiled only")
     if args.compiled:
-        return compiled_benchmark(args.sides or COMPILED_SET["sides"], dtype, device, reps, info, method,
-                                  args.out / f"blocks-compiled-{slug}.json")
+        mode = args.compile_mode if args.compile_mode != "default" else None
+        path = args.out / f"blocks-compiled-{slug}{'-' + mode if mode else ''}.json"
+        return compiled_benchmark(args.sides or COMPILED_SET["sides"], dtype, device, reps, info, method, path, mode)
     rows = []
     for width in sizes["widths"]:
         for batch in sizes["batches"]:

@@ -9,6 +9,8 @@
 #   blocks    the block and model benchmark (cgspn/bench_blocks.py): C-GSPN against attention (SDPA)
 #   compiled  both blocks eager and under torch.compile, width 1152, batch 1 (bench_blocks --compiled)
 #   profile   (not in the default set) where one C-GSPN block's GPU time goes, width 1152 at 2048 px
+#   compiled-max  (not in the default set) `compiled` at 2048 px in torch.compile's max-autotune-no-cudagraphs
+#             mode (Triton matmuls, GELU fused into fc1; minutes of autotuning)
 #
 #   scripts/gpu_checks.sh                  # all six steps
 #   scripts/gpu_checks.sh tests kernel     # some of them
@@ -48,8 +50,10 @@ for step in "${steps[@]}"; do
         kernel) run_step kernel $py -m kernels.bench ;;
         blocks) run_step blocks $py -m cgspn.bench_blocks ;;
         compiled) run_step compiled $py -m cgspn.bench_blocks --compiled ;;
+        compiled-max) run_step compiled-max $py -m cgspn.bench_blocks --compiled --sides 2048 \
+                          --compile-mode max-autotune-no-cudagraphs ;;
         profile) run_step profile $py -m cgspn.bench_blocks --profile 1152 2048 1 ;;
-        *) echo "unknown step '$step' (known: tests sanitize tune kernel blocks compiled profile)"; failed=$((failed + 1)) ;;
+        *) echo "unknown step '$step' (known: tests sanitize tune kernel blocks compiled compiled-max profile)"; failed=$((failed + 1)) ;;
     esac
 done
 exit $failed
