@@ -122,10 +122,38 @@ def device_benchmarks(root: Path) -> list[tuple[str, dict]]:
     """(slug, block report) of every device with a record in reports/benchmarks/, GPUs first."""
     found = []
     for path in sorted((root / "reports/benchmarks").glob("blocks-*.json")):
+        if path.stem.startswith("blocks-compiled-"):  # a device's torch.compile run: see compiled_lines
+            continue
         record = _load(path)
         if record:
             found.append((path.stem.removeprefix("blocks-"), record))
     return sorted(found, key=lambda item: item[1]["info"].get("kind") == "cpu")
+
+
+def compiled_lines(bench: Path, slug: str) -> list[str]:
+    """The torch.compile runs of one device (`bench_blocks --compiled`, one file per compile mode), if any:
+    both blocks eager and compiled in one run."""
+    out = []
+    for path in sorted(bench.glob(f"blocks-compiled-{slug}*.json")):
+        record = _load(path)
+        if not record:
+            continue
+        gains = {kind: {(s["side"], s["mode"]): s["speedup"] for s in found}
+                 for kind, found in record["compiled_over_eager"].items()}
+        eager = {(s["side"], s["mode"]): s["speedup"] for s in record["speedups"]}
+        rows = [[s["side"], s["mode"], f"{eager[k]:.2f}x" if (k := (s["side"], s["mode"])) in eager else "-",
+                 f"{s['speedup']:.2f}x", *(f"{gains[kind][k]:.2f}x" if k in gains[kind] else "-"
+                                           for kind in ("cgspn", "attention"))]
+                for s in record["speedups_compiled"]]
+        errors = [f"{b['block']} at {b['side']} px: {b['error']}" for b in record["blocks"] if "error" in b]
+        plot = path.with_name(path.stem.replace("blocks", "speedup") + ".png")
+        out += [f"#### Both blocks under torch.compile (`{path.name}`)", "",
+                f"{record['scope']}; {record['method']}.", "",
+                _table(["side (px)", "mode", "attention / C-GSPN, eager", "both compiled", "C-GSPN compiled / eager",
+                        "attention compiled / eager"], rows), ""]
+        out += ([f"Failed: {'; '.join(errors)}.", ""] if errors else [])
+        out += ([f"![{plot.name}](benchmarks/{plot.name})", ""] if plot.exists() else [])
+    return out
 
 
 def benchmark_section(root: Path) -> list[str]:
@@ -154,6 +182,7 @@ def benchmark_section(root: Path) -> list[str]:
                         for m in blocks["models"]]), ""]
         out += [f"![{name}](benchmarks/{name})" for name in (f"speedup-{slug}.png", f"roofline-{slug}.png",
                                                             f"kernel-{slug}.png") if (bench / name).exists()]
+        out += [""] + compiled_lines(bench, slug)
         kernel_md = bench / f"kernel-{slug}.md"
         if kernel_md.exists():
             out += ["", f"#### The GSPN scan kernel ({blocks['info']['device']})", "",
