@@ -23,7 +23,7 @@ import torch
 from kernels.bench import device_info, median_ms
 
 from .models.attention import Attention
-from .outputs import atomic_write
+from .outputs import write_json
 from .models.cgspn import CGSPN, CGSPNConfig
 from .models.gspn_mixer import GSPNMixer, GSPNMixerConfig
 from .models.vit import Block, ViT, ViTConfig
@@ -278,7 +278,7 @@ def compiled_benchmark(sides: list[int], dtype, device: str, reps: int, info: di
               "compiled_over_eager": {kind: speedups(rows, block=f"{kind}-compiled", baseline=kind)
                                       for kind in ("cgspn", "attention")}}
     plot_speedup(report, path.with_name(path.stem.replace("blocks", "speedup") + ".png"))
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+    write_json(path, report)
     for label, found in (("eager", report["speedups"]), ("both compiled", report["speedups_compiled"]),
                          *((f"{k} compiled over eager", v) for k, v in report["compiled_over_eager"].items())):
         for s in found:
@@ -348,7 +348,7 @@ def main(argv=None) -> dict:
     if kernel_json.exists():
         plot_roofline(json.loads(kernel_json.read_text()), args.out / f"roofline-{slug}.png", report["matmul_flops"])
     for stem in ("blocks", f"blocks-{slug}"):
-        atomic_write(args.out / f"{stem}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+        write_json(args.out / f"{stem}.json", report)
     for s in report["speedups"]:
         print(f"  speedup width {s['width']} batch {s['batch']} side {s['side']} {s['mode']}: {s['speedup']:.2f}x")
     for s in report["packed_over_unpacked"]:

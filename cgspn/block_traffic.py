@@ -15,7 +15,6 @@ Both mixer layouts are counted: `packed` (heads as one matmul in the LINES order
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kernels.gspn import packed_op, triton_scan
 
 from .bench_blocks import PATCH, make_block
-from .outputs import atomic_write
+from .outputs import write_json
 
 
 # Matrix products are compute-bound at these sizes; the rest is the memory-bound glue.
@@ -145,8 +144,7 @@ def main(argv=None) -> dict:
             print(f"{layout:>8} {mode:>7}: all ops {sum(ops.values()) / 1e6:6.0f} MB; without matmuls {glue / 1e6:6.0f} MB"
                   f" = {glue / args.copy_GBps / 1e6:.3f} ms at {args.copy_GBps:.0f} GB/s (top, MB: {top})")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out, lambda tmp: tmp.write_text(json.dumps(report, indent=2) + "\n"))
+        write_json(args.out, report)  # makes the folder
     return report
 
 

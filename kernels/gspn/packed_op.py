@@ -25,7 +25,7 @@ def _unpack_heads(heads: torch.Tensor, hw: tuple[int, int], groups) -> tuple[tor
 
 
 def packed_forward(x: torch.Tensor, heads: torch.Tensor, groups: list[int], chunk: int | None,
-                     store_h: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   store_h: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, C, H, W = x.shape
     pair = _x_pair(x)
     a, lam, u = _unpack_heads(heads.contiguous(), (H, W), groups)
@@ -45,7 +45,7 @@ def _(x, heads, groups, chunk, store_h):
 
 
 def packed_backward(pair: torch.Tensor, heads: torch.Tensor, h: torch.Tensor, dys: torch.Tensor,
-                              groups: list[int], chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+                    groups: list[int], chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     B, C, H, W = pair.shape[1:]
     heads = heads.contiguous()
     # The heads' gradient is written into one tensor of their shape, part by part (no buffers to stitch).
