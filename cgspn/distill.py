@@ -24,6 +24,7 @@ from .losses import block_loss, cosine_distance, mean_cosine, spatial_loss
 from .models.adaptors import Adaptors, match_grid
 from .models.cgspn import cgspn_from_teacher_config, init_from_teacher
 from .phis import load_teacher_phis
+from .stage_inputs import feature_names
 from .students import load_adaptors, load_student
 from .teachers import load_vit, preprocess
 
@@ -66,10 +67,7 @@ class Stage1Task:
         self.trainable = self.build(cfg, self.teacher).to(device)
         self.data = ShardSubset(cfg["shards"], cfg["splits"], rank, world)
         self.val = ShardSubset(cfg["shards"], [cfg["val_split"]], limit=cfg["val_count"]) if rank == 0 else None
-        depth = len(self.teacher.blocks)
-        w = cfg["block_weights"] or [1.0] * depth
-        if len(w) != depth:
-            raise ValueError(f"distill_stage1.block_weights has {len(w)} entries, the teacher has {depth} blocks")
+        w = cfg["block_weights"] or [1.0] * len(self.teacher.blocks)  # the stage checked the length
         self.weights = torch.tensor(w) / sum(w)
         self.images_per_step = cfg["batch_size"]
 
@@ -131,8 +129,7 @@ class AdaptedObjective:
         self.cfg, self.device = cfg, device
         self.teachers = list(cfg["teacher_weights"])
         self.blocks = {t: cfg["block_targets"].get(t, []) for t in self.teachers}  # block targets per teacher
-        # Per teacher, the features the objective reads (the names in the feature cache).
-        self.names = {t: ("summary", "spatial", *(f"block{k}" for k in self.blocks[t])) for t in self.teachers}
+        self.names = feature_names(cfg)  # per teacher, the features the objective reads (names in the cache)
         self.phis = {t: load_teacher_phis(cfg["features"][t]) for t in self.teachers}
 
     def on_grid(self, target: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:

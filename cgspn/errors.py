@@ -15,3 +15,7 @@ class ParamError(InputError):
 
 class ShardError(InputError):
     """A shard that is missing, corrupt, holds an undecodable record, or does not match its partner."""
+
+
+class MissingLibraryError(InputError):
+    """An optional library that the chosen input needs (a `timm:` teacher needs timm); says what to install."""

@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -32,6 +33,15 @@ def write_json(path: str | Path, data) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
 
 
+def remove_tree(path: Path, attempts: int = 10) -> None:
+    """rmtree that retries while something still ends a write inside (a worker being stopped)."""
+    for _ in range(attempts):
+        shutil.rmtree(path, ignore_errors=True)
+        if not path.exists():
+            return
+        time.sleep(0.5)
+
+
 @contextlib.contextmanager
 def replace_dir(final: str | Path) -> Iterator[Path]:
     """Yield an empty staging directory beside `final`; on success it replaces `final` as a whole.
@@ -49,7 +59,7 @@ def replace_dir(final: str | Path) -> Iterator[Path]:
     try:
         yield staging
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
         raise
     if final.exists():
         final.rename(old)

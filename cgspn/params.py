@@ -3,18 +3,20 @@
     SCHEMA = {"workers": Param(int, min=1), "splits": Param(list, item=str), "rate": Param(float, min=0)}
     p = load_section("params.yaml", "cache_teacher", SCHEMA)   # dict, or ParamError naming the key
 
-Errors name the file and the dotted key (`params.yaml: cache_teacher.workers must be ...`), so a
-typo in a `dvc exp run -S` override is found before any work starts.
+A ParamError names the dotted key (`cache_teacher.workers must be ...`); the stage's command line puts the
+parameters file it read in front (cgspn.stage), so a typo in a `dvc exp run -S` override is found, and
+named, before any work starts. A problem with the file itself is an InputError naming the file.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .errors import ParamError
+from .errors import InputError, ParamError
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class Param:
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             names = " or ".join(k.__name__ for k in kinds)
             raise ParamError(f"{where} must be {names}, got {value!r} ({type(value).__name__})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ParamError(f"{where} must be a finite number, got {value!r}")
         if self.length is not None and len(value) != self.length:
             raise ParamError(f"{where} must have {self.length} entries, got {len(value)}: {value!r}")
         if self.item is not None:
@@ -71,9 +75,11 @@ def load_section(path: str | Path, name: str, schema: dict[str, Param]) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise ParamError(f"{path}: no such parameters file") from None
+        raise InputError(f"{path}: no such parameters file") from None
     except yaml.YAMLError as e:
-        raise ParamError(f"{path}: not valid YAML ({e})") from None
+        raise InputError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: not a mapping of sections")
     if name not in data:
-        raise ParamError(f"{path}: no section {name!r} (sections: {sorted(data)})")
-    return check_section(data[name], schema, f"{path.name}: {name}")
+        raise InputError(f"{path}: no section {name!r} (sections: {sorted(data)})")
+    return check_section(data[name], schema, name)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .errors import InputError
+from .errors import InputError, ParamError
 from .params import Param, load_section
 
 
@@ -47,6 +47,13 @@ def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[st
         with stage_run(name, params) as run:
             return main(params, Path(args.root), run)
     except (InputError, FileNotFoundError) as e:
-        cause = getattr(e, "cause", None)  # an error raised on a Ray worker carries the original here
-        print(f"\nstage {name}: error: {cause if isinstance(cause, Exception) else e}", file=sys.stderr)
+        print(f"\nstage {name}: error: {error_line(e, args.params)}", file=sys.stderr)
         sys.exit(2)
+
+
+def error_line(e: Exception, params_file: str) -> str:
+    """One line for a bad-input error: a parameter's error names the parameters file that was read."""
+    cause = getattr(e, "cause", None)  # an error raised on a Ray worker carries the original here
+    e = cause if isinstance(cause, Exception) else e
+    text = " ".join(str(e).split())
+    return f"{params_file}: {text}" if isinstance(e, ParamError) else text

@@ -51,3 +51,11 @@ def adaptors_config(adaptors: Adaptors) -> dict:
 def load_adaptors(path: str | Path) -> Adaptors:
     cfg = read_config(path)
     return load_state(Adaptors(cfg["student_dim"], cfg["teacher_dims"], cfg["hidden"], cfg.get("blocks")), path)
+
+
+def save_student_and_adaptors(model, folder: Path) -> list[str]:
+    """model: {"student", "adaptors"} (a training stage's trainable) -> both checkpoints in `folder`;
+    returns the file names written."""
+    save_student(model["student"], folder / "student.safetensors")
+    save_adaptors(model["adaptors"], folder / "adaptors.safetensors")
+    return ["student.safetensors", "student.json", "adaptors.safetensors", "adaptors.json"]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from .errors import InputError, MissingLibraryError
 from .checkpoint import load_state, read_config, save_model
 from .models.vit import ViT, ViTConfig
 
@@ -190,7 +190,8 @@ def _require(module: str, install: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"this teacher needs the package {module!r}: {install}") from err
+        raise MissingLibraryError(f"this teacher needs the package {module!r}, which does not import here "
+                                  f"({err}): {install}") from None
 
 
 def _load_timm(model_name: str) -> ViT:

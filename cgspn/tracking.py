@@ -73,10 +73,37 @@ class StageRun:
 
         mlflow.log_artifact(str(path), artifact_path=folder)
 
+    def set_tag(self, key: str, value: str) -> None:
+        import mlflow
+
+        mlflow.set_tag(key, value)
+
     def log_dict(self, data: dict, name: str) -> None:
         import mlflow
 
         mlflow.log_dict(data, name)
+
+
+RUN_KEY_TAG = "cgspn.ray_run"
+
+
+def supersede_attempts(run: StageRun, key: str) -> str | None:
+    """Tag `run` with the Ray run `key` it trains. Earlier MLflow runs of the same key that are still
+    RUNNING belong to attempts that were killed (a finished or failed attempt closes its run): they are
+    marked FAILED, naming `run` as their successor. Returns the newest earlier run of the key, or None."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    earlier = [r for r in client.search_runs(experiments, f"tags.`{RUN_KEY_TAG}` = '{key}'",
+                                             order_by=["attributes.start_time DESC"])
+               if r.info.run_id != run.id]
+    for r in earlier:
+        if r.info.status == "RUNNING":
+            client.set_tag(r.info.run_id, "cgspn.outcome", f"interrupted; continued by run {run.id}")
+            client.set_terminated(r.info.run_id, "FAILED")
+    run.set_tag(RUN_KEY_TAG, key)
+    return earlier[0].info.run_id if earlier else None
 
 
 @contextlib.contextmanager

@@ -5,8 +5,12 @@ stage's task (cgspn.distill) on its share of the shards, and each step averages 
 workers (one flat all-reduce), clips them, and takes an AdamW step with warmup + cosine learning rate.
 Every `checkpoint_every` steps rank 0 reports a checkpoint (model, optimizer, step, loss history) through
 `ray.train.report`. A run started again with the same `RunConfig(name, storage_path)` resumes from the
-last one; the run name holds a hash of the config, so changed parameters start afresh. Rank 0 logs every
-loss, the learning rate and images/s to the stage's MLflow run.
+last one. The run name is a digest of what the run computes (`run_key`): the config, the content of every
+input file and of the code the stage runs; so changed parameters, data or code start afresh, while a
+killed run started again (or a copied tree) resumes. Bad input that a worker finds (a shard that does not
+decode) is not retried like a crashed worker: every worker stops, and the driver raises the worker's error
+as it was raised (`WorkerInputError`). Rank 0 logs every loss, the learning rate and images/s to the
+stage's MLflow run.
 
 Ray and MLflow are imported inside the functions: the library itself needs neither.
 """
@@ -15,12 +19,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .errors import InputError
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -45,6 +52,15 @@ def backbone_learning_rate(step: int, opt: dict) -> float:
     return learning_rate(step - frozen, {**opt, "steps": opt["steps"] - frozen})
 
 
+def gather_objects(obj, world: int) -> list:
+    """`obj` of every worker, in rank order (a list of one without a process group)."""
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def average_across_workers(tensors: list[torch.Tensor], world: int) -> None:
     """In place: every tensor becomes the mean over the workers (one flat all-reduce)."""
     if world == 1 or not tensors:
@@ -67,6 +83,15 @@ class MetricLogger:
             import mlflow
 
             self.client, self.run_id = mlflow.MlflowClient(mlflow_cfg["uri"]), mlflow_cfg["run_id"]
+            self.previous = mlflow_cfg.get("previous_run")
+
+    def tag_resumed(self, step: int) -> None:
+        """Mark the stage's run as the continuation of the attempt whose checkpoint it resumed from."""
+        if self.client is None:
+            return
+        self.client.set_tag(self.run_id, "cgspn.resumed_from_step", str(step))
+        if self.previous:
+            self.client.set_tag(self.run_id, "cgspn.resumes_run", self.previous)
 
     def log(self, metrics: dict, step: int) -> None:
         if self.client is None:
@@ -85,11 +110,22 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     from .distill import TASKS
 
+    from .errors import InputError
+
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg["threads"])
     device = ray.train.torch.get_device()
-    task = TASKS[cfg["stage"]](cfg["task"], device, rank, world, cfg["seed"])
+    try:
+        task, error = TASKS[cfg["stage"]](cfg["task"], device, rank, world, cfg["seed"]), None
+    except InputError as e:  # bad data is not a crash: no retry, every worker stops, the driver says why
+        task, error = None, {"kind": type(e).__name__, "message": str(e)}
+        path = Path(cfg["driver"]["errors"]) / f"rank{rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(error))
+    if any(gather_objects(error is not None, world)):
+        return
+    nodes = sorted(set(gather_objects(ray.get_runtime_context().get_node_id(), world)))
     model, opt_cfg = task.trainable, cfg["opt"]
     groups = task.param_groups(opt_cfg.get("backbone_lr_scale", 1.0))
     params = [p for g in groups for p in g["params"]]
@@ -102,11 +138,12 @@ def train_loop_per_worker(cfg: dict) -> None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, history, val_history = state["step"], state["history"], state["val_history"]
-        if rank == 0:
-            print(f"{cfg['stage']}: resumed from the checkpoint at step {step}", flush=True)
     else:
         average_across_workers([p.data for p in model.parameters()], world)  # identical start everywhere
     logger = MetricLogger(cfg["mlflow"]) if rank == 0 else MetricLogger(None)
+    if checkpoint and rank == 0:
+        print(f"{cfg['stage']}: resumed from the checkpoint at step {step}", flush=True)
+        logger.tag_resumed(step)
     if step == 0 and rank == 0:
         val_history.append({"step": 0, **task.validate()})
         logger.log({f"val/{k}": v for k, v in val_history[-1].items() if k != "step"}, 0)
@@ -147,23 +184,51 @@ def train_loop_per_worker(cfg: dict) -> None:
                 ckpt = None
                 if rank == 0:
                     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                "history": history, "val_history": val_history}, Path(d) / CHECKPOINT_FILE)
+                                "history": history, "val_history": val_history, "nodes": nodes},
+                               Path(d) / CHECKPOINT_FILE)
                     ckpt = ray.train.Checkpoint.from_directory(d)
                 ray.train.report({"step": step, "loss": row["loss"]}, checkpoint=ckpt)
 
 
-def run_name(stage: str, cfg: dict) -> str:
-    """`<stage>-<hash of the config and its input files>`: a rerun with the same inputs resumes that run."""
-    stable = {k: v for k, v in cfg.items() if k != "mlflow"}  # the MLflow run id changes every invocation
-    digest = hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode())
-    for path in sorted(cfg.get("inputs", [])):
-        p = Path(path)
-        digest.update(p.name.encode() + str(p.stat().st_size).encode() + str(p.stat().st_mtime_ns).encode())
-    return f"{stage}-{digest.hexdigest()[:12]}"
+def content_digest(paths: list[Path], root: Path) -> str:
+    """sha256 over the names (relative to root) and bytes of `paths`, folders walked in sorted order."""
+    digest = hashlib.sha256()
+    root = root.resolve()
+    for path in sorted(Path(p).resolve() for p in paths):
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for f in files:
+            digest.update(str(f.relative_to(root) if f.is_relative_to(root) else f).encode() + b"\0")
+            with open(f, "rb") as fh:
+                digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
 
 
-def fit(cfg: dict, scaling: dict, storage: Path) -> dict:
-    """Run the training on Ray Train; returns the final checkpoint's state (model, history, ...)."""
+def run_key(stage: str, cfg: dict, inputs: list[Path], root: Path, code_root: Path | None = None) -> str:
+    """`<stage>-<digest>` of what the run computes: the config (paths relative to root), the content of
+    every input (files or folders) and of the code the stage runs (its import closure). A rerun of the
+    same computation resumes that run; a change to any of these starts afresh. Independent of times and
+    of where the tree lies, so a copied or re-checked-out tree finds its own checkpoints."""
+    from .code_closure import REPO_ROOT, code_digest
+
+    stable = {k: v for k, v in cfg.items() if k not in ("mlflow", "driver")}  # per invocation, not the run's
+    text = json.dumps(stable, sort_keys=True, default=str).replace(str(root.resolve()), "<root>")
+    digest = hashlib.sha256(text.encode())
+    digest.update(content_digest(inputs, root).encode())
+    digest.update(code_digest(f"stages.{stage}", code_root or REPO_ROOT).encode())
+    return f"{stage}-{digest.hexdigest()[:16]}"
+
+
+class WorkerInputError(InputError):
+    """Bad input a Ray worker found (raised there as `kind`); the stage reports it in one line, exit 2."""
+
+    def __init__(self, message: str, kind: str = "InputError"):
+        super().__init__(message)
+        self.kind = kind
+
+
+def fit(cfg: dict, scaling: dict, storage: Path, name: str) -> dict:
+    """Run the training on Ray Train as run `name` under `storage`; returns the final checkpoint's state
+    (model, history, ...). WorkerInputError for bad input a worker found."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -179,11 +244,16 @@ def fit(cfg: dict, scaling: dict, storage: Path) -> dict:
             train_loop_config=cfg,
             scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
                                          resources_per_worker=resources),
-            run_config=RunConfig(name=run_name(cfg["stage"], cfg), storage_path=str(storage.resolve()),
+            run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
                                  failure_config=FailureConfig(max_failures=scaling["max_failures"]),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
         result = trainer.fit()
+        errors = sorted(Path(cfg["driver"]["errors"]).glob("rank*.json"), key=lambda f: int(f.stem[4:]))
+        if errors:
+            first = json.loads(errors[0].read_text())
+            shutil.rmtree(cfg["driver"]["errors"], ignore_errors=True)
+            raise WorkerInputError(first["message"], first["kind"])
         with result.checkpoint.as_directory() as d:
             return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     finally:
@@ -231,19 +301,26 @@ def run_training(stage: str, p: dict, root: Path, run, task_cfg: dict, inputs: l
     from .distill import TASKS
     from .outputs import replace_dir, write_json
     from .plots import plot_history, write_csv
-    from .tracking import tracking_uri
+    from .tracking import supersede_attempts, tracking_uri
 
     cfg = {
         "stage": stage, "task": task_cfg, "seed": p["seed"], "threads": p["cpus_per_worker"],
         "opt": {k: p[k] for k in ("steps", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip",
                                   "backbone_lr_scale", "head_only_steps") if k in p},
         "checkpoint_every": p["checkpoint_every"], "val_every": p["val_every"], "log_every": p["log_every"],
-        "mlflow": {"uri": tracking_uri(), "run_id": run.id}, "inputs": [str(i) for i in inputs],
     }
     scaling = {"num_workers": p["workers"], "cpus_per_worker": p["cpus_per_worker"], "use_gpu": p["use_gpu"],
                "max_failures": p["max_failures"]}
+    key = run_key(stage, cfg, inputs, root)
+    # An attempt of the same run that was killed stays RUNNING in MLflow: mark it failed, and pass it on so
+    # that a worker that resumes from its checkpoint tags this run as its continuation.
+    previous = supersede_attempts(run, key)
+    cfg["mlflow"] = {"uri": tracking_uri(), "run_id": run.id, "previous_run": previous}
+    storage = root / p["storage_path"]
+    cfg["driver"] = {"errors": str((storage / key / f"input-errors-{run.id}").resolve())}  # workers' bad input
+    print(f"{stage}: Ray run {key} (checkpoints under {storage / key})", flush=True)
     start = time.perf_counter()
-    state = fit(cfg, scaling, root / p["storage_path"])
+    state = fit(cfg, scaling, storage, key)
     seconds = time.perf_counter() - start
     model = TASKS[stage].build(task_cfg)
     model.load_state_dict(state["model"])
@@ -256,6 +333,7 @@ def run_training(stage: str, p: dict, root: Path, run, task_cfg: dict, inputs: l
     last = history[-min(len(history), 10):]
     metrics = {
         "steps": state["step"], "seconds": round(seconds, 1), "workers": p["workers"],
+        "nodes": len(state.get("nodes", [])),  # Ray nodes the workers ran on
         "images_per_s": round(rates[len(rates) // 2], 2),  # median over steps
         "train_last10": mean_rows(last),
         "val_start": val[0], "val_end": val[-1],

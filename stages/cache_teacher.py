@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from cgspn.cluster import start_ray
 from cgspn.data.shards import split_shards
+from cgspn.stage_inputs import SHARDS, TEACHERS, check_splits
 from cgspn.errors import InputError, ParamError
 from cgspn.outputs import replace_dir, write_json
 from cgspn.params import Param
@@ -37,8 +38,6 @@ SCHEMA = {
     "gpus_per_worker": Param(float, min=0.0),
     "batch_size": Param(int, min=1),
 }
-SHARDS = Path("data/shards")
-TEACHERS = Path("models/teachers")
 OUT = Path("data/features")
 METRICS = Path("reports/metrics/cache_teacher.json")
 
@@ -55,7 +54,7 @@ class TeacherWorker:
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.teacher = load_vit(teacher_path).eval().requires_grad_(False).to(device)
-        self.name = f"{os.uname().nodename}:{os.getpid()}"
+        self.name = (ray.get_runtime_context().get_node_id(), os.getpid())  # (Ray node, process)
 
     def cache(self, image_shard: str, out_shard: str, resolution: int, layers: list[int], batch_size: int):
         from cgspn.feature_cache import cache_shard
@@ -75,7 +74,7 @@ def pool_size(p: dict) -> int:
 def check_inputs(p: dict, root: Path) -> tuple[list[dict], list[tuple[str, Path]]]:
     missing = sorted(set(p["phis_splits"]) - set(p["splits"]))
     if missing:
-        raise ParamError(f"params.yaml: cache_teacher.phis_splits {missing} are not in cache_teacher.splits")
+        raise ParamError(f"cache_teacher.phis_splits {missing} are not in cache_teacher.splits")
     index = root / TEACHERS / "teachers.json"
     if not index.exists():
         raise InputError(f"{index}: missing (run the teacher stage first)")
@@ -83,11 +82,12 @@ def check_inputs(p: dict, root: Path) -> tuple[list[dict], list[tuple[str, Path]
     for t in teachers:
         patch, depth = t["config"]["patch_size"], t["config"]["depth"]
         if p["resolution"] % patch:
-            raise ParamError(f"params.yaml: cache_teacher.resolution={p['resolution']} is not a multiple of "
+            raise ParamError(f"cache_teacher.resolution={p['resolution']} is not a multiple of "
                              f"teacher {t['name']}'s patch size {patch}")
         bad = [k for k in p["layers"] if k >= depth]
         if bad:
-            raise ParamError(f"params.yaml: cache_teacher.layers {bad} out of range for {t['name']} ({depth} blocks)")
+            raise ParamError(f"cache_teacher.layers {bad} out of range for {t['name']} ({depth} blocks)")
+    check_splits(root / SHARDS, p["splits"], "cache_teacher.splits")  # indexes, complete shards: before Ray
     jobs = [(split, shard) for split in p["splits"] for shard in split_shards(root / SHARDS, split)]
     return teachers, jobs
 
@@ -104,24 +104,25 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> di
     t1 = time.perf_counter()
     split_of = {shard.name: split for split, shard in jobs}
     tasks = [(str(shard), str(out_dir / shard.name)) for _, shard in jobs]
-    pool = ActorPool(actors)
-    results = pool.map_unordered(
-        lambda a, job: a.cache.remote(job[0], job[1], p["resolution"], p["layers"], p["batch_size"]), tasks)
     per_worker, per_split, moments = defaultdict(lambda: [0, 0.0]), defaultdict(int), None
     total = 0
-    with tqdm(total=len(tasks), desc=f"cache {teacher['name']}", unit="shard") as bar:
-        for worker, r in results:
-            per_worker[worker][0] += r.count
-            per_worker[worker][1] += r.seconds
-            per_split[split_of[r.shard]] += r.count
-            total += r.count
-            if split_of[r.shard] in p["phis_splits"]:
-                moments = r.moments if moments is None else {k: moments[k] + r.moments[k] for k in moments}
-            bar.update(1)
-            bar.set_postfix(images=total)
+    try:
+        results = ActorPool(actors).map_unordered(
+            lambda a, job: a.cache.remote(job[0], job[1], p["resolution"], p["layers"], p["batch_size"]), tasks)
+        with tqdm(total=len(tasks), desc=f"cache {teacher['name']}", unit="shard") as bar:
+            for worker, r in results:
+                per_worker[worker][0] += r.count
+                per_worker[worker][1] += r.seconds
+                per_split[split_of[r.shard]] += r.count
+                total += r.count
+                if split_of[r.shard] in p["phis_splits"]:
+                    moments = r.moments if moments is None else {k: moments[k] + r.moments[k] for k in moments}
+                bar.update(1)
+                bar.set_postfix(images=total)
+    finally:  # on an error too: no actor may go on writing into the staging folder once it is removed
+        for a in actors:
+            ray.kill(a)
     seconds = time.perf_counter() - t1
-    for a in actors:
-        ray.kill(a)
     if moments is None:
         raise InputError(f"cache_teacher: no features in phis_splits {p['phis_splits']} to estimate PHI-S from")
     phis = {kind: PhiS.estimate(m) for kind, m in moments.items()}
@@ -135,7 +136,7 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> di
             "phis_scale": phis["spatial"].scale, "phis_summary_scale": phis["summary"].scale}
     write_json(out_dir / "meta.json", meta)
     rates = [c / s for c, s in per_worker.values() if s > 0]
-    return {"images": total, "workers": n, "startup_seconds": round(t1 - t0, 2), "seconds": round(seconds, 2),
+    return {"images": total, "workers": n, "nodes": len({node for node, _ in per_worker}), "startup_seconds": round(t1 - t0, 2), "seconds": round(seconds, 2),
             "images_per_s": round(total / seconds, 1),
             "images_per_s_per_worker": round(sum(rates) / len(rates), 1),
             "bytes": feature_bytes, "bytes_per_image": round(feature_bytes / max(total, 1))}
@@ -144,18 +145,18 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> di
 def main(p: dict, root: Path, run) -> dict:
     """Cache the teachers' features."""
     teachers, jobs = check_inputs(p, root)
-    started = start_ray(p["workers"] * p["cpus_per_worker"])
-    try:
-        metrics = {}
-        with replace_dir(root / OUT) as staging:
+    metrics = {}
+    with replace_dir(root / OUT) as staging:
+        started = start_ray(p["workers"] * p["cpus_per_worker"])
+        try:  # Ray stops before replace_dir removes a failed run's staging folder
             for t in teachers:
                 metrics[t["name"]] = m = cache_teacher(t, jobs, p, root, staging / Path(t["file"]).stem)
                 print(f"cache_teacher: {t['name']}: {m['images']} images, {m['images_per_s']} img/s with "
-                      f"{m['workers']} workers ({m['images_per_s_per_worker']} img/s per worker), "
-                      f"{m['bytes_per_image']} B/image")
-    finally:
-        if started:
-            ray.shutdown()
+                      f"{m['workers']} workers on {m['nodes']} node(s) ({m['images_per_s_per_worker']} img/s "
+                      f"per worker), {m['bytes_per_image']} B/image")
+        finally:
+            if started:
+                ray.shutdown()
     write_json(root / METRICS, metrics)
     run.log_metrics(metrics)
     return metrics

@@ -4,12 +4,12 @@ Writes models/distill_stage1/student.safetensors (+ .json), reports/metrics and 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cgspn.errors import ParamError
 from cgspn.params import Param
 from cgspn.stage import run_stage
+from cgspn.stage_inputs import SHARDS, TEACHERS, check_splits, teacher_entry
 from cgspn.students import save_student
 from cgspn.train import run_training, train_schema
 
@@ -22,27 +22,20 @@ SCHEMA = {
     "block_weights": Param(list, item=float, min=0.0),  # one per block; [] = all equal
     "cosine_weight": Param(float, min=0.0),
 }
-SHARDS = Path("data/shards")
-TEACHERS = Path("models/teachers")
-
-
-def teacher_entry(root: Path, name: str, param: str) -> dict:
-    """The teachers.json entry for `name`, or ParamError naming the parameter and the known teachers."""
-    index = root / TEACHERS / "teachers.json"
-    if not index.exists():
-        raise FileNotFoundError(f"{index}: missing (run the teacher stage first)")
-    teachers = {t["name"]: t for t in json.loads(index.read_text())["teachers"]}
-    if name not in teachers:
-        raise ParamError(f"params.yaml: {param}={name!r} is not among the materialized teachers {sorted(teachers)}")
-    return teachers[name]
 
 
 def main(p: dict, root: Path, run) -> dict:
     """Train the student's mixers block by block."""
     teacher = teacher_entry(root, p["teacher"], "distill_stage1.teacher")
     if p["resolution"] % teacher["config"]["patch_size"]:
-        raise ParamError(f"params.yaml: distill_stage1.resolution={p['resolution']} is not a multiple of the "
+        raise ParamError(f"distill_stage1.resolution={p['resolution']} is not a multiple of the "
                          f"patch size {teacher['config']['patch_size']}")
+    depth = teacher["config"]["depth"]
+    if p["block_weights"] and len(p["block_weights"]) != depth:
+        raise ParamError(f"distill_stage1.block_weights has {len(p['block_weights'])} entries; the teacher has "
+                         f"{depth} blocks (or [] for equal weights)")
+    check_splits(root / SHARDS, p["splits"], "distill_stage1.splits")
+    check_splits(root / SHARDS, [p["val_split"]], "distill_stage1.val_split")
     teacher_path = root / TEACHERS / teacher["file"]
     task = {"teacher_path": str(teacher_path.resolve()), "shards": str((root / SHARDS).resolve()),
             "splits": p["splits"], "val_split": p["val_split"], "val_count": p["val_count"],
@@ -53,7 +46,7 @@ def main(p: dict, root: Path, run) -> dict:
         save_student(model, folder / "student.safetensors")
         return ["student.safetensors", "student.json"]
 
-    metrics = run_training("distill_stage1", p, root, run, task, [teacher_path, root / SHARDS / "dataset.json"], export)
+    metrics = run_training("distill_stage1", p, root, run, task, [root / TEACHERS, root / SHARDS], export)
     start, end = metrics["val_start"]["loss"], metrics["val_end"]["loss"]
     print(f"distill_stage1: mean per-block validation loss {start:.4f} -> {end:.4f} ({start / end:.1f}x lower)")
     return metrics

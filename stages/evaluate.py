@@ -31,9 +31,9 @@ from cgspn.outputs import write_json
 from cgspn.params import Param
 from cgspn.phis import PhiS, load_teacher_phis
 from cgspn.stage import run_stage
+from cgspn.stage_inputs import SHARDS, TEACHERS, feature_dir, teacher_entry
 from cgspn.students import load_adaptors, load_student
 from cgspn.teachers import load_vit
-from stages.distill_stage1 import TEACHERS, teacher_entry
 
 SCHEMA = {
     "teacher": Param(str),
@@ -52,7 +52,6 @@ SCHEMA = {
     "threads": Param(int, min=1),
     "seed": Param(int, min=0),
 }
-SHARDS = Path("data/shards")
 METRICS = Path("reports/metrics/evaluate.json")
 FIGURES = Path("reports/figures")
 
@@ -84,7 +83,7 @@ class Encoder:
 def load_encoders(p: dict, root: Path) -> dict[str, Encoder]:
     entry = teacher_entry(root, p["teacher"], "evaluate.teacher")
     teacher = load_vit(root / TEACHERS / entry["file"]).eval()
-    phis = load_teacher_phis(root / "data/features" / Path(entry["file"]).stem)
+    phis = load_teacher_phis(feature_dir(root, entry))
     encoders = {}
     # The teacher first: the students' fidelity is measured against its features.
     for name in ["teacher"] + [m for m in p["models"] if m != "teacher"]:
@@ -112,11 +111,11 @@ def encode(encoder: Encoder, images: list[np.ndarray], resolution: int, batch_si
     return [torch.cat(t) for t in zip(*parts)]
 
 
-def cached_outputs(root: Path, feature_dir: Path, split: str, blocks: list[int]):
+def cached_outputs(root: Path, folder: Path, split: str, blocks: list[int]):
     """The teacher's outputs on `split` read from its feature cache (float16, at the cache's resolution)
     instead of computed again: the same five items as `encode`."""
     names = ("summary", "spatial", *(f"block{k}" for k in blocks))
-    f = ShardSubset(root / SHARDS, [split], feature_dirs={"teacher": feature_dir}, feature_names=names)
+    f = ShardSubset(root / SHARDS, [split], feature_dirs={"teacher": folder}, feature_names=names)
     f = {n: v.float() for n, v in f.features["teacher"].items()}
     stacked = (torch.stack([f[f"block{k}"] for k in blocks], 1) if blocks
                else f["spatial"].new_zeros(len(f["summary"]), 0))
@@ -140,13 +139,21 @@ def main(p: dict, root: Path, run) -> dict:
     """Evaluate every model."""
     torch.set_num_threads(p["threads"])
     entry = teacher_entry(root, p["teacher"], "evaluate.teacher")
-    feature_dir = root / "data/features" / Path(entry["file"]).stem
-    meta = json.loads((feature_dir / "meta.json").read_text())
+    if p["pca_model"] not in p["models"]:
+        raise ParamError(f"evaluate.pca_model={p['pca_model']!r} is not in evaluate.models {p['models']}")
+    features = feature_dir(root, entry)
+    if not (features / "meta.json").exists():
+        raise FileNotFoundError(f"{features / 'meta.json'}: missing (run the cache_teacher stage first)")
+    meta = json.loads((features / "meta.json").read_text())
     base = meta["resolution"]
+    photo = next((s for sh in split_shards(root / SHARDS, "photos") for s in iter_samples(sh)
+                  if s.get("txt", b"").decode() == p["pca_photo"]), None)
+    if photo is None:
+        raise ParamError(f"evaluate.pca_photo={p['pca_photo']!r}: no such photo in the photos split")
     encoders = load_encoders(p, root)
     depth = len(encoders["teacher"].model.blocks)
     if any(k >= depth for k in p["teacher_blocks"]):
-        raise ParamError(f"params.yaml: evaluate.teacher_blocks={p['teacher_blocks']}: the teacher has blocks "
+        raise ParamError(f"evaluate.teacher_blocks={p['teacher_blocks']}: the teacher has blocks "
                          f"0..{depth - 1}")
     classes = len(json.loads((root / SHARDS / "dataset.json").read_text())["mask_classes"])
     bank = ShardSubset(root / SHARDS, [p["knn_bank_split"]])
@@ -160,7 +167,7 @@ def main(p: dict, root: Path, run) -> dict:
         """`encode`, except that the teacher's outputs at the cache's resolution come from the cache."""
         if (enc.name == "teacher" and px == base and split in meta["splits"]
                 and set(enc.blocks) <= set(meta.get("layers", []))):
-            return cached_outputs(root, feature_dir, split, enc.blocks)
+            return cached_outputs(root, features, split, enc.blocks)
         return encode(enc, images, px, p["batch_size"])
 
     for name, enc in encoders.items():
@@ -207,14 +214,10 @@ def main(p: dict, root: Path, run) -> dict:
             print(f"evaluate: {name} block {k}: seg mIoU {', '.join(f'{s}px {v:.3f}' for s, v in seg_k.items())}",
                   flush=True)
     metrics = {"resolution": base, "models": results}
-    write_json(root / METRICS, metrics)
     resolution_figure(results, root / FIGURES / "evaluate_resolution.png")
-    photo = next((s for sh in split_shards(root / SHARDS, "photos") for s in iter_samples(sh)
-                  if s.get("txt", b"").decode() == p["pca_photo"]), None)
-    if photo is None:
-        raise FileNotFoundError(f"evaluate.pca_photo={p['pca_photo']!r}: no such photo in the photos split")
     pca_figure(photo, encoders["teacher"], encoders[p["pca_model"]], p["pca_sizes"],
                root / FIGURES / "pca_maps.png")
+    write_json(root / METRICS, metrics)  # last: the metrics file and the figures are of the same run
     run.log_metrics(metrics)
     for f in sorted((root / FIGURES).glob("*.png")):
         run.log_artifact(f, "figures")

@@ -9,9 +9,9 @@ from pathlib import Path
 from cgspn.errors import ParamError
 from cgspn.params import Param
 from cgspn.stage import run_stage
-from cgspn.students import load_adaptors
+from cgspn.stage_inputs import SHARDS, TEACHERS, check_raw_weight, check_splits, teachers_config
+from cgspn.students import load_adaptors, save_student_and_adaptors
 from cgspn.train import run_training, train_schema
-from stages.distill_stage2 import SHARDS, check_raw_weight, export_student_and_adaptors, teachers_config
 
 SCHEMA = {
     **{k: v for k, v in train_schema().items() if k != "batch_size"},
@@ -35,7 +35,7 @@ def main(p: dict, root: Path, run) -> dict:
     n = len(p["scales"])
     for key in ("splits", "val_splits", "batch_sizes"):
         if len(p[key]) != n:
-            raise ParamError(f"params.yaml: highres.{key} needs one entry per scale ({n}), got {p[key]}")
+            raise ParamError(f"highres.{key} needs one entry per scale ({n}), got {p[key]}")
     init = root / "models" / "distill_stage2"
     for f in ("student.safetensors", "adaptors.safetensors"):
         if not (init / f).exists():
@@ -43,20 +43,25 @@ def main(p: dict, root: Path, run) -> dict:
     teachers = teachers_config(p, root, "highres")
     check_raw_weight(p, teachers, init / "student.safetensors", "highres")
     heads = load_adaptors(init / "adaptors.safetensors")
+    untrained = sorted(set(teachers["teacher_weights"]) - set(heads))
+    if untrained:
+        raise ParamError(f"highres.teacher_weights names {untrained}, for which stage 2 trained no adaptor "
+                         f"(it trained {sorted(heads)}; see distill_stage2.teacher_weights)")
     for t, blocks in teachers["block_targets"].items():
-        if t not in heads:
-            raise ParamError(f"params.yaml: highres.block_targets.{t}: stage 2 trained no adaptor for {t}")
         missing = sorted(set(blocks) - {int(k) for k in heads[t].blocks})
         if missing:
-            raise ParamError(f"params.yaml: highres.block_targets.{t} has blocks {missing} for which stage 2 "
+            raise ParamError(f"highres.block_targets.{t} has blocks {missing} for which stage 2 "
                              f"trained no adaptor head (distill_stage2.block_targets)")
+    check_splits(root / SHARDS, p["splits"], "highres.splits")
+    check_splits(root / SHARDS, p["val_splits"], "highres.val_splits")
     resolutions = [s * teachers["resolution"] for s in p["scales"]]
     task = {**teachers, "init_student": str((init / "student.safetensors").resolve()),
             "init_adaptors": str((init / "adaptors.safetensors").resolve()), "shards": str((root / SHARDS).resolve()),
             "resolutions": resolutions, "splits": p["splits"], "val_splits": p["val_splits"],
             "val_count": p["val_count"], "batch_sizes": p["batch_sizes"],
             "spatial_weight": p["spatial_weight"], "summary_weight": p["summary_weight"], "raw_weight": p["raw_weight"]}
-    metrics = run_training("highres", p, root, run, task, [init / "student.safetensors"], export_student_and_adaptors)
+    inputs = [init, root / SHARDS, root / TEACHERS, *map(Path, teachers["features"].values())]  # PHI-S stats
+    metrics = run_training("highres", p, root, run, task, inputs, save_student_and_adaptors)
     for t in teachers["teacher_weights"]:
         for r in resolutions:
             k = f"{t}/patch_cosine/{r}px"

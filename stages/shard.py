@@ -47,11 +47,11 @@ def load_source(p: dict, root: Path):
     for key in ("garments_per_mosaic", "garment_size"):
         lo, hi = p[key]
         if lo > hi:
-            raise ParamError(f"params.yaml: shard.{key} must be [low, high] with low <= high, got {p[key]}")
+            raise ParamError(f"shard.{key} must be [low, high] with low <= high, got {p[key]}")
     if p["source"] == "fashion_mnist":
         return fashion_mnist_splits(p, root / "data" / "raw" / "fashion-mnist")
     if not p["path"]:
-        raise ParamError(f"params.yaml: shard.path must name the {p['source']} for source {p['source']!r}")
+        raise ParamError(f"shard.path must name the {p['source']} for source {p['source']!r}")
     if p["source"] == "folder":
         return folder_splits(p["path"], p["val_fraction"], p["seed"])
     return table_splits(p["path"], p["val_fraction"], p["seed"])

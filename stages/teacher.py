@@ -31,7 +31,7 @@ def file_stem(name: str) -> str:
 def main(p: dict, root: Path, run) -> dict:
     """Write every configured teacher."""
     if not p["names"]:
-        raise ParamError("params.yaml: teacher.names must list at least one teacher")
+        raise ParamError("teacher.names must list at least one teacher")
     entries = []
     with replace_dir(root / OUT) as staging:
         for i, name in enumerate(p["names"]):
@@ -39,7 +39,7 @@ def main(p: dict, root: Path, run) -> dict:
             try:
                 model = load_teacher(name, **kwargs)
             except InputError as e:
-                raise ParamError(f"params.yaml: teacher.names[{i}]: {e}") from None
+                raise ParamError(f"teacher.names[{i}]: {e}") from None
             path = save_vit(model, staging / f"{file_stem(name)}.safetensors")
             entries.append({"name": name, "file": path.name, "params": parameter_count(model),
                             "config": vars(model.cfg)})

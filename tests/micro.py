@@ -106,17 +106,41 @@ def copy_root(root: Path, dest: Path, parts=("data/shards", "data/features", "mo
     return dest
 
 
+def error_line(output: str, stage: str) -> str:
+    """The one line a stage prints for bad input (`stage <name>: error: ...`); fails on a traceback or on
+    more than one such line."""
+    lines = [line for line in output.splitlines() if line.startswith(f"stage {stage}: error: ")]
+    assert len(lines) == 1 and "Traceback" not in output, output[-3000:]
+    return lines[0]
+
+
 def expect_exit(capsys, stage: str, params: Path, root: Path, *needles: str) -> str:
-    """Run a stage that must fail on bad input: exit status 2 and every needle in its stderr."""
+    """Run a stage that must fail on bad input: exit status 2, one error line, every needle in it."""
     import pytest
 
     with pytest.raises(SystemExit) as exit_info:
         run(stage, params, root)
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    line = error_line(capsys.readouterr().err, stage)
     for needle in needles:
-        assert needle in err, err
-    return err
+        assert needle in line, line
+    return line
+
+
+def break_image(shard: Path, index: int = 0) -> str:
+    """Rewrite `shard` (a complete tar still) with the image of sample `index` replaced by bytes that do not
+    decode; returns that sample's key."""
+    import webdataset as wds
+
+    from cgspn.data.shards import iter_samples
+
+    samples = list(iter_samples(shard))
+    ext = next(e for e in ("png", "jpg") if e in samples[index])
+    samples[index][ext] = b"\x89PNG not really" + bytes(64)
+    with wds.TarWriter(str(shard)) as sink:
+        for sample in samples:
+            sink.write(sample)
+    return samples[index]["__key__"]
 
 
 def make_repo(dest: Path) -> Path:

@@ -265,9 +265,73 @@ def test_unknown_teacher_is_named_and_teachers_stay_intact(micro, tmp_path, caps
     ("cache_teacher", {"cache_teacher__resolution": 30}, "not a multiple of teacher dinov2_vits14_imgfocus's patch"),
     ("cache_teacher", {"cache_teacher__splits": ["nope"], "cache_teacher__phis_splits": ["nope"]},
      "no index for split 'nope'"),
+    ("shard", {"shard__val_fraction": float("nan")}, "shard.val_fraction must be a finite number, got nan"),
+    ("cache_teacher", {"cache_teacher__gpus_per_worker": float("inf")},
+     "cache_teacher.gpus_per_worker must be a finite number, got inf"),
 ])
 def test_bad_parameter_is_named_and_outputs_stay_intact(micro, tmp_path, capsys, stage, change, needle):
+    """...with the parameters file that was read in front: `<file>: <section>.<key> ...`."""
     root = copy_root(micro, tmp_path)
     before = digest(root / "data")
-    expect_exit(capsys, stage, write_params(tmp_path / "p.yaml", **change), root, needle)
+    params = write_params(tmp_path / "p.yaml", **change)
+    line = expect_exit(capsys, stage, params, root, needle)
+    assert line.startswith(f"stage {stage}: error: {params}: {stage}."), line
     assert digest(root / "data") == before
+
+
+def test_a_missing_parameters_file_or_section_is_named(micro, tmp_path, capsys):
+    root = copy_root(micro, tmp_path)
+    expect_exit(capsys, "shard", tmp_path / "nope.yaml", root, f"{tmp_path / 'nope.yaml'}: no such parameters file")
+    (tmp_path / "p.yaml").write_text("teacher: {names: []}\n")
+    expect_exit(capsys, "shard", tmp_path / "p.yaml", root, "p.yaml: no section 'shard' (sections: ['teacher'])")
+
+
+def test_a_teacher_whose_library_is_missing_says_what_to_install(micro, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("timm") is not None:
+        pytest.skip("timm is installed here: the message for its absence cannot be seen")
+    root = copy_root(micro, tmp_path)
+    before = digest(root / "models/teachers")
+    params = write_params(tmp_path / "p.yaml", teacher__names=["timm:vit_small_patch14_dinov2"])
+    expect_exit(capsys, "teacher", params, root, "teacher.names[0]", "needs the package 'timm'", "pip install timm")
+    assert digest(root / "models/teachers") == before
+
+
+def test_an_image_that_a_ray_actor_cannot_decode_is_one_line_and_nothing_is_left(micro, tmp_path, capsys):
+    """The tar is complete (the check before Ray passes); an actor finds the image: one line naming the
+    shard and the key, earlier features byte-identical, no staging folder left behind."""
+    from micro import break_image
+
+    root = copy_root(micro, tmp_path)
+    key = break_image(root / "data/shards/val-000000.tar", 3)
+    before = digest(root / "data/features")
+    expect_exit(capsys, "cache_teacher", micro["params"], root, "val-000000.tar", f"sample '{key}'",
+                "image does not decode")
+    assert digest(root / "data/features") == before
+    assert sorted(p.name for p in (root / "data").iterdir()) == ["features", "shards"]
+
+
+def test_shard_members_are_read_from_the_headers_and_a_truncation_is_found(micro, tmp_path):
+    from cgspn.data.shards import check_shard_pair, shard_keys, shard_members
+
+    shard = split_shards(micro["root"] / "data/shards", "val")[0]
+    samples = list(iter_samples(shard))
+    assert shard_keys(shard) == [s["__key__"] for s in samples]
+    assert [set(exts) for _, exts in shard_members(shard)] == [set(s) - {"__key__"} for s in samples]
+    import tarfile
+
+    data = shard.read_bytes()
+    with tarfile.open(shard) as tar:
+        last = tar.getmembers()[-1]
+    end_of_data = last.offset_data + -(-last.size // 512) * 512  # where the end-of-archive blocks begin
+    for cut in (end_of_data, len(data) // 2, 700):  # no end marker, in a member's data, in a header
+        (tmp_path / "t.tar").write_bytes(data[:cut])
+        with pytest.raises(ShardError, match="t.tar: .*truncated"):
+            shard_keys(tmp_path / "t.tar")
+    features = micro["root"] / "data/features/dinov2_vits14_imgfocus" / shard.name
+    check_shard_pair(shard, shard_keys(shard), features, ("summary", "spatial", "block5"))
+    with pytest.raises(ShardError, match=f"{features.name}: sample .* has no block7.npy"):
+        check_shard_pair(shard, shard_keys(shard), features, ("summary", "block7"))
+    with pytest.raises(ShardError, match=f"{features.name}: key .* is missing"):
+        check_shard_pair(shard, shard_keys(shard) + ["val_999"], features)

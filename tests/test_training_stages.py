@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -181,12 +182,36 @@ def test_rank_zero_logs_every_step_to_mlflow(trained):
     assert "model/student.safetensors" in artifacts and "model/adaptors.safetensors" in artifacts
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint(micro, tmp_path):
+def code_copy(dest: Path) -> Path:
+    """The pipeline's code (stages, cgspn, kernels) copied to `dest`: a stage run there runs that copy."""
+    for sub in ("stages", "cgspn", "kernels"):
+        shutil.copytree(REPO / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def mlflow_runs(uri: str, key: str):
+    """The MLflow runs of one Ray run key, oldest first."""
+    import mlflow
+
+    from cgspn.tracking import RUN_KEY_TAG
+
+    client = mlflow.MlflowClient(uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, f"tags.`{RUN_KEY_TAG}` = '{key}'", order_by=["attributes.start_time ASC"])
+
+
+def test_a_killed_run_resumes_and_a_code_change_starts_afresh(micro, tmp_path):
+    """Killed at step 7 of 10 and started again, stage 1 resumes from its last checkpoint and ends at step
+    10 with one history; MLflow marks the killed attempt failed and tags the new run as its continuation.
+    Then a code-only change (the block loss) under the same parameters and inputs is a new Ray run: it
+    does not restore the finished checkpoint, and it trains other weights."""
+    code = code_copy(tmp_path / "code")
     root = copy_root(micro["root"], tmp_path / "root")
     params = write_params(tmp_path / "p.yaml", distill_stage1__steps=10, distill_stage1__checkpoint_every=2)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": micro["stage_tracking_uri"]}  # not the flow's; no fresh one either
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     cmd = [sys.executable, "-m", "stages.distill_stage1", "--params", str(params), "--root", str(root)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.Popen(cmd, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     deadline, seen = time.time() + 240, ""
     try:
@@ -199,7 +224,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(micro, tmp_path):
         proc.wait()
     assert "step 7/10" in seen, seen[-3000:]
     assert not (root / "models/distill_stage1").exists()  # killed before the end: no output yet
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     resumed = re.findall(r"resumed from the checkpoint at step (\d+)", done.stdout + done.stderr)
     assert resumed and 2 <= int(resumed[0]) <= 8, done.stdout[-3000:]
@@ -207,6 +232,76 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(micro, tmp_path):
     assert metrics["steps"] == 10
     rows = (root / "reports/plots/distill_stage1.csv").read_text().splitlines()[1:]
     assert [int(r.split(",")[0]) for r in rows] == list(range(1, 11))  # one history, no step twice
+    # MLflow: the killed attempt is FAILED (it was left RUNNING), the resumed run says what it continues
+    key = re.search(r"distill_stage1-[0-9a-f]{16}", done.stdout + done.stderr).group(0)
+    killed, resumed_run = mlflow_runs(uri, key)
+    assert killed.info.status == "FAILED" and resumed_run.info.status == "FINISHED"
+    assert resumed_run.data.tags["cgspn.resumes_run"] == killed.info.run_id
+    assert resumed_run.data.tags["cgspn.resumed_from_step"] == resumed[0]
+    first = load_student(root / "models/distill_stage1/student.safetensors").state_dict()
+
+    losses = code / "cgspn/losses.py"  # a code-only change: the block loss also penalizes the mean output
+    losses.write_text(losses.read_text().replace(
+        "def block_loss(pred: torch.Tensor, target: torch.Tensor, cosine_weight: float) -> torch.Tensor:",
+        "def block_loss(pred: torch.Tensor, target: torch.Tensor, cosine_weight: float) -> torch.Tensor:\n"
+        "    return _block_loss(pred, target, cosine_weight) + pred.mean().abs()\n\n\n"
+        "def _block_loss(pred: torch.Tensor, target: torch.Tensor, cosine_weight: float) -> torch.Tensor:"))
+    again = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from the checkpoint" not in again.stdout + again.stderr
+    assert "step 1/10" in again.stdout + again.stderr  # trained from the start
+    second = load_student(root / "models/distill_stage1/student.safetensors").state_dict()
+    mixers = [k for k in first if ".attn." in k]
+    assert any(not torch.equal(first[k], second[k]) for k in mixers)
+
+
+def test_bad_training_input_is_one_line_before_ray_starts(trained, micro, tmp_path, capsys, monkeypatch):
+    """A split that does not exist, a NaN rate, a truncated shard, a feature shard without one of the image
+    shard's keys: each is exit 2 with one line naming the parameter or the file, before Ray starts."""
+    import ray
+    import webdataset as wds
+
+    from cgspn.data.shards import iter_samples
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", micro["stage_tracking_uri"])  # not the flow's database
+    root = copy_root(trained["root"], tmp_path / "root",
+                     ("data/shards", "data/features", "models/teachers", "models/distill_stage1"))
+    expect_exit(capsys, "distill_stage1", write_params(tmp_path / "a.yaml", distill_stage1__splits=["train", "nope"]),
+                root, "a.yaml: distill_stage1.splits: ", "no index for split 'nope'")
+    expect_exit(capsys, "distill_stage2", write_params(tmp_path / "b.yaml", distill_stage2__lr=float("nan")), root,
+                "b.yaml: distill_stage2.lr must be a finite number, got nan")
+    expect_exit(capsys, "highres", write_params(tmp_path / "c.yaml", highres__val_splits=["val_x3"]), root,
+                "c.yaml: highres.val_splits: ", "no index for split 'val_x3'")
+    features = root / "data/features/dinov2_vits14_imgfocus/train-000001.tar"
+    samples = list(iter_samples(features))
+    with wds.TarWriter(str(features)) as sink:
+        for sample in samples[:3] + samples[4:]:
+            sink.write(sample)
+    expect_exit(capsys, "distill_stage2", write_params(tmp_path / "d.yaml"), root,
+                f"{features}: key {samples[3]['__key__']!r} where")
+    shard = root / "data/shards/mosaic_train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:3000])
+    expect_exit(capsys, "distill_stage1", write_params(tmp_path / "e.yaml"), root, f"{shard}: ", "truncated")
+    assert not ray.is_initialized()
+
+
+def test_an_image_a_training_worker_cannot_decode_is_one_line_and_not_retried(micro, tmp_path):
+    """The shard is a complete tar (the checks before Ray pass); a worker finds the image while it loads its
+    share: the stage exits 2 with that error in one line, and Ray does not retry it (max_failures is 1)."""
+    from micro import break_image, error_line
+
+    root = copy_root(micro["root"], tmp_path / "root")
+    key = break_image(root / "data/shards/train-000001.tar", 2)
+    params = write_params(tmp_path / "p.yaml", distill_stage1__max_failures=1)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cmd = [sys.executable, "-m", "stages.distill_stage1", "--params", str(params), "--root", str(root)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    line = error_line(done.stderr, "distill_stage1")
+    assert f"train-000001.tar: sample '{key}': image does not decode" in line, line
+    assert (done.stdout + done.stderr).count("Attempting to start training worker group") == 1
+    assert not list(root.glob("runs/ray/*/input-errors-*"))  # the workers' reports are gone once read
+    assert not (root / "models/distill_stage1").exists()
 
 
 def test_bad_training_parameters_are_named(micro, tmp_path, capsys):

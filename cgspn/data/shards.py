@@ -143,6 +143,60 @@ def iter_samples(path: str | Path) -> Iterator[dict]:
         raise ShardError(f"{path}: corrupt or truncated tar ({e})") from None
 
 
+def shard_members(path: str | Path) -> list[tuple[str, tuple[str, ...]]]:
+    """[(key, its entries' extensions)] of one shard in order, from the tar headers alone (no member data is
+    read); ShardError naming the file if it is missing, not a tar, or truncated (a member's data or the
+    end-of-archive blocks past the end of the file)."""
+    path = Path(path)
+    members: list[tuple[str, list[str]]] = []
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                if member.offset_data + member.size > size:
+                    raise ShardError(f"{path}: truncated in {member.name} ({size - member.offset_data} of "
+                                     f"{member.size} bytes)")
+                key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
+                if not members or members[-1][0] != key:
+                    members.append((key, []))
+                members[-1][1].append(ext)
+            f.seek(tar.offset)
+            end = f.read(2 * tarfile.BLOCKSIZE)
+            if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
+                raise ShardError(f"{path}: truncated (no end-of-archive marker after byte {tar.offset})")
+    except FileNotFoundError:
+        raise ShardError(f"{path}: no such shard") from None
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise ShardError(f"{path}: corrupt or truncated tar ({e})") from None
+    return [(k, tuple(exts)) for k, exts in members]
+
+
+def shard_keys(path: str | Path) -> list[str]:
+    """The sample keys of one shard in order (see `shard_members`)."""
+    return [key for key, _ in shard_members(path)]
+
+
+def check_shard_pair(image_shard: Path, keys: list[str], feature_shard: Path, names: tuple[str, ...] = ()) -> None:
+    """The feature shard holds exactly `keys` (the image shard's, in order), each with `<name>.npy` for every
+    name; ShardError naming the feature shard and the first key that differs."""
+    members = shard_members(feature_shard)
+    for i in range(max(len(keys), len(members))):
+        key = keys[i] if i < len(keys) else None
+        f_key, exts = members[i] if i < len(members) else (None, ())
+        if key is None:
+            raise ShardError(f"{feature_shard}: extra key {f_key!r} that {image_shard} does not have")
+        if f_key is None:
+            raise ShardError(f"{feature_shard}: key {key!r} of {image_shard} is missing")
+        if key != f_key:
+            raise ShardError(f"{feature_shard}: key {f_key!r} where {image_shard} has {key!r} (sample {i})")
+        missing = [n for n in names if f"{n}.npy" not in exts]
+        if missing:
+            raise ShardError(f"{feature_shard}: sample {key!r} has no {', '.join(n + '.npy' for n in missing)} "
+                             f"(has: {sorted(e[:-4] for e in exts if e.endswith('.npy'))})")
+
+
 def image_ext(sample: dict) -> str:
     for ext in IMAGE_EXTS:
         if ext in sample:
@@ -157,7 +211,8 @@ def decode_image(sample: dict, shard: str | Path = "?") -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             return np.array(im.convert("RGB"))
     except Exception as e:  # PIL raises several types for a bad file
-        raise ShardError(f"{shard}: sample {sample['__key__']!r}: image does not decode ({e})") from None
+        reason = str(e).replace(" <_io.BytesIO object", "").split(" at 0x")[0]  # no in-memory file's address
+        raise ShardError(f"{shard}: sample {sample['__key__']!r}: image does not decode ({reason})") from None
 
 
 def decode_mask(sample: dict, shard: str | Path = "?") -> np.ndarray:
