@@ -38,3 +38,17 @@ def output_and_grads(fn, tensors, dy):
 
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
+
+
+def extreme_gate_logits(shape, scale, dtype=torch.float32, device="cpu"):
+    """Gate logits [..., 3, H, W] of magnitude about `scale`, in float64 rounded through `dtype`, on `device`,
+    with requires_grad. At each pixel the three logits are all hugely negative, all hugely positive, or of random
+    signs; the three kinds alternate along every row and column (so every edge has each), and a spread of
+    N(0, 2) on top keeps the normalized weights of a row apart."""
+    H, W = shape[-2:]
+    i, j = torch.arange(H)[:, None], torch.arange(W)[None, :]
+    kind = (i + 2 * j + int(torch.randint(3, ()))) % 3  # [H, W]: 0 all negative, 1 all positive, 2 mixed
+    mixed = torch.randint(2, shape, dtype=torch.float64) * 2 - 1
+    sign = torch.where(kind == 0, -1.0, torch.where(kind == 1, 1.0, mixed))
+    t = sign * scale + 2 * torch.randn(shape, dtype=torch.float64)
+    return t.to(dtype).to(torch.float64).to(device).requires_grad_(True)

@@ -5,6 +5,10 @@ against the float64 reference is at most twice the error of the reference itself
 precision (plus a few units in the last place of the largest value), forward and every gradient. Kernel
 outputs are poisoned with NaN before each launch, so an element a kernel never writes fails the test.
 
+The numerics tests at the end (seeded draws) hold every backend to the same arithmetic: gate logits of
++-100 and +-1e4 against the float64 reference (itself checked against the definition and the limits), the
+NaN rule (kernels/gspn/reference.py) with the same NaN masks everywhere, and shapes on the meta device.
+
 On a GPU machine, `CGSPN_TEST_DEVICE=cuda python -m pytest tests/test_gspn_kernels.py -k reference`
 runs the comparisons on the GPU (compiled kernels, not the interpreter), with larger GPU-only cases.
 """
@@ -18,7 +22,7 @@ from kernels.gspn import triton_scan
 from kernels.gspn.lines_order import from_lines_order, row_and_column_major, to_lines_order
 from kernels.gspn.reference import gspn_scan_4dir_reference, gspn_scan_reference
 
-from gspn_inputs import inputs_of, make_inputs, max_err, output_and_grads
+from gspn_inputs import extreme_gate_logits, inputs_of, make_inputs, max_err, output_and_grads
 
 NAMES = ("y", "dx", "dgates", "dlam", "du")
 
@@ -300,3 +304,203 @@ def test_backend_choice(monkeypatch):
     monkeypatch.setattr(gspn, "_ENV_BACKEND", "triton")
     assert gspn.choose_backend(None, x) == "triton"
     assert gspn.choose_backend("reference", x) == "reference"
+
+
+# ---------------------------------------------------------------- numerics: extreme logits, NaN, meta device
+
+
+def _leaves_with(leaves, index, positions, value):
+    """leaves with tensor `index`'s elements at the bool mask `positions` set to `value`."""
+    out = list(leaves)
+    out[index] = leaves[index].detach().masked_fill(positions, value)
+    return out
+
+
+def _exists(L):
+    p = torch.arange(L)
+    return torch.stack([p > 0, torch.ones(L, dtype=torch.bool), p < L - 1])[:, None, :]  # [3, 1, L]
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0, 1e4])
+def test_reference_normalization_is_exact(scale):
+    """normalize_gates in float64 against the definition, sigmoid(a_k) / sum of sigmoid(a_k') over the
+    existing neighbours, run in float64 where it does not underflow (logits of about +-1 and +-100; forward
+    and gradient), against the gradient's closed form g_k sigmoid(-a_k) (dg_k - sum g dg), and for huge logits
+    (+-100, +-1e4) against the limits: all negative -> softmax(a), all positive -> uniform, mixed -> uniform
+    over the positive ones and exp(a) / n_positive for the others. The first line (no previous line) is not
+    read: the weights of zero logits, gradient 0."""
+    from kernels.gspn.reference import normalize_gates
+
+    torch.manual_seed(11)
+    N, L = 5, 7
+    a = extreme_gate_logits((2, 3, N, L), scale, torch.float64)
+    g = normalize_gates(a)
+    dg = torch.randn_like(g)
+    (da,) = torch.autograd.grad(g, a, dg)
+    assert torch.isfinite(g).all() and torch.isfinite(da).all()
+    exists = _exists(L)
+    torch.testing.assert_close(g[..., 0, :], (exists[:, 0] / exists[:, 0].sum(0)).to(g).expand_as(g[..., 0, :]))
+    assert torch.equal(da[..., 0, :], torch.zeros_like(da[..., 0, :]))
+
+    b, g1, dg1, da1 = (t[..., 1:, :] for t in (a.detach(), g, dg, da))  # the lines that are read
+    closed = torch.where(exists, g1 * torch.sigmoid(-b) * (dg1 - (g1 * dg1).sum(-3, keepdim=True)), 0.0)
+    torch.testing.assert_close(da1, closed, rtol=1e-12, atol=1e-15)
+    if scale <= 100:
+        b.requires_grad_(True)
+        s = torch.sigmoid(b) * exists
+        definition = s / s.sum(-3, keepdim=True)
+        (da_definition,) = torch.autograd.grad(definition, b, dg1)
+        torch.testing.assert_close(g1, definition.detach(), rtol=1e-13, atol=1e-300)
+        torch.testing.assert_close(da1, da_definition, rtol=1e-12, atol=1e-15)
+        b = b.detach()
+    if scale < 100:
+        return
+    neg, pos = (b < 0) & exists, (b > 0) & exists
+    n_pos = pos.sum(-3, keepdim=True)
+    all_neg = n_pos == 0
+    limit = torch.where(all_neg, torch.softmax(b.masked_fill(~exists, float("-inf")), dim=-3),
+                        torch.where(pos, 1.0, torch.where(neg, b.exp(), 0.0)) / n_pos.clamp(min=1))
+    torch.testing.assert_close(g1, limit, rtol=1e-12, atol=0)
+    softmax_grad = limit * (dg1 - (limit * dg1).sum(-3, keepdim=True))
+    torch.testing.assert_close(da1, torch.where(all_neg & exists, softmax_grad, 0.0), rtol=1e-10, atol=1e-30)
+
+
+def _extreme_id(case):
+    B, C, H, W, G, Gl, Gu, chunk, direction, backend = case
+    return f"{backend}-{direction}-C{C}-G{G}-chunk{chunk}"
+
+
+# (B, C, H, W, G, G_lam, G_u, chunk, direction, backend), each run in float32.
+EXTREME_CASES = [
+    (1, 2, 4, 5, 1, 2, 1, 3, "4dir", "triton"),  # one gate group for all channels (reduced in registers)
+    (1, 2, 5, 4, 2, 2, None, None, "rl", "triton"),  # per-channel gates, no u
+    (1, 2, 4, 5, 1, 2, 2, None, "packed", "triton"),  # lam logits of the same magnitude as the gates
+    (1, 2, 4, 5, 1, 2, 2, 2, "4dir", "stepwise"),
+    (1, 2, 4, 5, 2, 2, 1, 3, "4dir", "reference"),  # the reference itself, in float32
+]
+
+
+@pytest.mark.parametrize("scale", [100.0, 1e4], ids=["100", "1e4"])
+@pytest.mark.parametrize("case", EXTREME_CASES, ids=_extreme_id)
+def test_extreme_gate_logits_match_float64_reference(case, scale):
+    """Gate logits of +-100 and +-1e4 (every row all negative, all positive or mixed; every edge too): each
+    backend in float32, forward and every gradient, within a few float32 ulps of the float64 reference
+    (plain sigmoids underflow there: 0/0, NaN)."""
+    B, C, H, W, G, Gl, Gu, chunk, direction, backend = case
+    torch.manual_seed(int(scale) + C + H)
+    ndir = 4 if direction in ("4dir", "packed") else 1
+    x, gates, lam, u = make_inputs(B, C, H, W, G, Gl, Gu, ndir, device=DEVICE)
+    gates = extreme_gate_logits(gates.shape, scale, device=DEVICE)
+    if direction == "packed":
+        lam = extreme_gate_logits(lam.shape, scale, device=DEVICE)
+    leaves = (x, gates, lam, u)
+    out_shape = (B, ndir, C, H, W) if ndir == 4 else (B, C, H, W)
+    dy = torch.randn(out_shape, dtype=torch.float64).float().double().to(DEVICE)
+
+    def run(backend, dtype):
+        op = _op(direction, backend)
+        return output_and_grads(lambda *t: op(*t, chunk), inputs_of(leaves, dtype), dy)
+
+    exact, fast = run("reference", torch.float64), run(backend, torch.float32)
+    for name, f, r in zip(NAMES, fast, exact):
+        if r is None:
+            continue
+        assert torch.isfinite(r).all(), f"{name}: the float64 reference is not finite"
+        assert torch.isfinite(f).all(), f"{name}: not finite"
+        tol = 64 * torch.finfo(torch.float32).eps * max(1.0, r.abs().max().item())
+        assert max_err(f, r) <= tol, f"{name}: error {max_err(f, r):.3g} > {tol:.3g}"
+
+
+def _read_gate_logits(B, G, H, W, chunk):
+    """[B, 4, G, 3, H, W] bools: the gate logits the 4-direction scan reads. In direction d, pixel (i, j) is
+    step s at position p of a line of length L; logit k is read when the step has a previous line
+    (s > 0, s % chunk != 0) and neighbour k exists (k = 0: p > 0, k = 2: p < L - 1)."""
+    i, j = torch.arange(H)[:, None].expand(H, W), torch.arange(W)[None, :].expand(H, W)
+    geometry = {"tb": (i, j, W), "bt": (H - 1 - i, j, W), "lr": (j, i, H), "rl": (W - 1 - j, i, H)}
+    planes = []
+    for d in DIRECTIONS:
+        s, p, L = geometry[d]
+        linked = (s > 0) & ((s % chunk != 0) if chunk else True)
+        planes.append(torch.stack([linked & (p > 0), linked, linked & (p < L - 1)]))
+    return torch.stack(planes)[None, :, None].expand(B, 4, G, 3, H, W)
+
+
+NAN_TARGETS = ["x", "gates", "lam", "u", "unread-gates"]
+# (direction, backend) checked against the float64 reference of the same call (for "packed": lam as logits).
+NAN_BACKENDS = [("4dir", "reference"), ("4dir", "triton"), ("4dir", "stepwise"), ("packed", "triton")]
+
+
+@pytest.mark.parametrize("target", NAN_TARGETS)
+def test_nan_inputs_agree_across_backends(target):
+    """The NaN rule (kernels/gspn/reference.py): NaN in an input makes NaN exactly the outputs that depend on
+    it (checked on the float64 reference: the outputs that change when those entries change), and every
+    backend (float32) gives the same NaN masks, forward and every gradient, and the same finite values; gate
+    logits the scan never reads (absent neighbours, lines that start the scan or a chunk) change nothing,
+    NaN included, and get gradient 0."""
+    B, C, H, W, G, Gl, Gu, chunk = 1, 2, 3, 4, 1, 2, 1, 2
+    torch.manual_seed(NAN_TARGETS.index(target))
+    leaves = [t.detach() for t in make_inputs(B, C, H, W, G, Gl, Gu, ndir=4, device=DEVICE)]
+    index = {"x": 0, "gates": 1, "lam": 2, "u": 3, "unread-gates": 1}[target]
+    read = _read_gate_logits(B, G, H, W, chunk).to(DEVICE)
+    if target == "unread-gates":
+        where = ~read
+    else:  # two random entries (of the gate logits, two that are read)
+        allowed = read if target == "gates" else torch.ones_like(leaves[index], dtype=torch.bool)
+        picked = allowed.flatten().nonzero()[torch.randperm(int(allowed.sum()))[:2], 0]
+        where = torch.zeros_like(allowed).flatten().index_fill(0, picked, True).view(allowed.shape)
+    nan_leaves = _leaves_with(leaves, index, where, float("nan"))
+    dy = torch.randn(B, 4, C, H, W, dtype=torch.float64).float().double().to(DEVICE)
+
+    def run(direction, backend, tensors, dtype):
+        op = _op(direction, backend)
+        return output_and_grads(lambda *t: op(*t, chunk), inputs_of(tensors, dtype), dy)
+
+    for direction in ("4dir", "packed"):
+        y = run(direction, "reference", nan_leaves, torch.float64)[0]
+        changed = [run(direction, "reference", _leaves_with(leaves, index, where, v), torch.float64)[0]
+                   for v in (0.7, -1.3)]
+        assert torch.equal(y.isnan(), changed[0] != changed[1]), f"{direction}: NaN outputs != dependent outputs"
+    if target == "unread-gates":
+        assert not y.isnan().any()
+
+    for direction, backend in NAN_BACKENDS:
+        exact = run(direction, "reference", nan_leaves, torch.float64)
+        fast = run(direction, backend, nan_leaves, torch.float32)
+        for name, f, r in zip(NAMES, fast, exact):
+            what = f"{direction} {backend} {name}"
+            assert torch.equal(f.isnan(), r.isnan()), f"{what}: NaN at {(f.isnan() != r.isnan()).nonzero().tolist()}"
+            finite = ~r.isnan()
+            tol = 1e-4 * max(1.0, r[finite].abs().max().item())
+            assert max_err(f[finite], r[finite]) <= tol, f"{what}: error {max_err(f[finite], r[finite]):.3g}"
+            if target == "unread-gates":
+                assert not r.isnan().any(), f"{what}: an unread gate logit made NaN"
+                if name == "dgates":
+                    assert not f[where].any() and not r[where].any(), f"{what}: an unread gate logit got a gradient"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_meta_device_gives_shapes_and_dtypes(backend):
+    """On the meta device every entry point returns meta tensors of the output's shape and dtype, without
+    launching anything, and autograd gives meta gradients shaped like the inputs."""
+    B, C, H, W, G = 2, 4, 5, 6, 2
+
+    def meta(*shape):
+        return torch.empty(shape, device="meta", dtype=torch.bfloat16, requires_grad=True)
+
+    x = meta(B, C, H, W)
+    gates, lam, u = meta(B, G, 3, H, W), meta(B, C, H, W), meta(B, 1, H, W)
+    gates4, lam4 = meta(B, 4, G, 3, H, W), meta(B, 4, 1, H, W)
+    heads = meta(B, 4, 3 * G + 1 + C, H * W)
+    calls = [
+        (lambda: gspn_scan(x, gates, lam, u, direction="rl", chunk=2, backend=backend), (B, C, H, W),
+         (x, gates, lam, u)),
+        (lambda: gspn_scan_4dir(x, gates4, lam4, backend=backend), (B, 4, C, H, W), (x, gates4, lam4)),
+        (lambda: gspn_scan_4dir_packed(x, heads, (G, 1, C), chunk=3, backend=backend), (B, 4, C, H * W),
+         (x, heads)),
+    ]
+    for fn, shape, inputs in calls:
+        y = fn()
+        assert (y.device.type, tuple(y.shape), y.dtype) == ("meta", shape, torch.bfloat16)
+        grads = torch.autograd.grad(y, inputs, torch.empty_like(y))
+        for g, t in zip(grads, inputs):
+            assert (g.device.type, g.shape, g.dtype) == ("meta", t.shape, t.dtype)

@@ -5,6 +5,14 @@ Public names: `gspn_scan` (one direction), `gspn_scan_4dir` (tb, bt, lr, rl in o
 module, and `BACKENDS`. The backend is chosen in one place (`choose_backend`): an explicit `backend=`
 argument, else the environment variable `CGSPN_GSPN_BACKEND` (read once, at import), else `triton` for
 CUDA tensors and `reference` for CPU tensors.
+
+Every backend follows the same numerics: the gate normalization is done in log space, so that it is
+finite and exact for every finite logit; NaN follows IEEE arithmetic through the recurrence as written (a
+NaN input makes NaN exactly the outputs and gradients whose formula reads it, directly or through the
+state), and the inputs the scan never reads (the logits of absent neighbours and every gate logit of a
+line that starts the scan or a chunk) change nothing, whatever their value, and get gradient 0 (see
+`reference`). On the meta device every backend returns outputs (and gradients) of the right shape and dtype
+without launching anything.
 """
 from __future__ import annotations
 

@@ -4,6 +4,13 @@ Everything here works in the *scan frame*: a direction's flip/transpose of the g
 `[..., N, L]`, where dim -2 holds the N scan steps in scan order and dim -1 the L positions of a line
 (position p's neighbours on the previous line are p-1, p, p+1). This file may materialize those copies;
 the Triton kernels reach the same elements by index arithmetic instead.
+
+Gate normalization (`normalize_gates`) is done in log space, so that it is finite and accurate for every
+finite logit, in every dtype. NaN follows IEEE arithmetic through the recurrence as written: a NaN input
+makes NaN every output (and gradient) whose formula reads it, directly or through the state; inputs the
+scan never reads (the logits of an absent neighbour, and every gate logit of a line that has no previous
+line: the first line of the scan or of a chunk) change nothing, whatever their value, and get gradient 0.
+Every backend follows the same rule.
 """
 from __future__ import annotations
 
@@ -31,17 +38,32 @@ def from_scan_frame(t: torch.Tensor, direction: str) -> torch.Tensor:
     return t
 
 
-def normalize_gates(a: torch.Tensor) -> torch.Tensor:
+def links(n: int, chunk: int | None, device=None) -> torch.Tensor:
+    """[n] bools: does scan step s read the previous line? False at s = 0 and at every multiple of `chunk`."""
+    s = torch.arange(n, device=device)
+    return s > 0 if chunk is None else s % chunk != 0
+
+
+def normalize_gates(a: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Gate logits `a: [..., 3, N, L]` (scan frame) -> propagation weights of the same shape.
 
     `g_k = sigmoid(a_k) / sum of sigmoid(a_k')` over the neighbours k' that exist: there is no k=0
     (p-1) neighbour at p = 0 and no k=2 (p+1) neighbour at p = L-1, so every row is stochastic.
+
+    Computed in log space, as the softmax of logsigmoid(a) over the existing neighbours (the same weights),
+    which subtracts the largest log before exponentiating: finite and accurate for every finite logit in
+    every dtype, forward and backward (sigmoid itself underflows to 0 below about -90 in float32 and -745 in
+    float64, and the plain ratio was 0/0 there).
+
+    Logits the scan never reads (absent neighbours; every line that has no previous line, see `links`, for
+    this `chunk`) are replaced by 0 first, so that they change nothing, NaN included, and get gradient 0.
     """
-    L = a.shape[-1]
+    N, L = a.shape[-2:]
     p = torch.arange(L, device=a.device)
-    exists = torch.stack([p > 0, torch.ones_like(p, dtype=torch.bool), p < L - 1])  # (3, L)
-    s = torch.sigmoid(a) * exists[:, None, :].to(a.dtype)
-    return s / s.sum(dim=-3, keepdim=True)
+    exists = torch.stack([p > 0, torch.ones_like(p, dtype=torch.bool), p < L - 1])[:, None, :]  # (3, 1, L)
+    read = exists & links(N, chunk, a.device)[:, None]  # (3, N, L)
+    log_s = F.logsigmoid(torch.where(read, a, 0.0)).masked_fill(~exists, float("-inf"))
+    return torch.softmax(log_s, dim=-3)
 
 
 def expand_groups(t: torch.Tensor, channels: int, dim: int = 1) -> torch.Tensor:
@@ -91,7 +113,7 @@ def gspn_scan_reference(
     def frame(t):
         return to_scan_frame(expand_groups(t.to(work), C), direction)
 
-    g = normalize_gates(frame(gates))
+    g = normalize_gates(frame(gates), chunk)
     h = scan_lines(to_scan_frame(x.to(work), direction), g, frame(lam), chunk)
     y = h if u is None else h * frame(u)
     return from_scan_frame(y, direction).to(dtype)

@@ -4,13 +4,16 @@ Faithful to how the first GSPN release runs: gates are normalized by separate Py
 every channel, each direction is a materialized transposed/flipped copy, and every step of the scan (and
 of its reverse for the backward) is its own launch that reads the previous line back from memory.
 Arithmetic inside a step is fp32 (fp64 for fp64 inputs); the state between steps is stored in the input dtype.
+Gates are normalized by the reference's `normalize_gates` (log space, safe for every finite logit; the
+logits the scan never reads are replaced there, so NaN follows the reference's rule). On the meta device
+nothing is launched: the outputs only carry shapes.
 """
 from __future__ import annotations
 
 import torch
 
 from .reference import expand_groups, from_scan_frame, normalize_gates, over_directions, to_scan_frame
-from .triton_scan import _acc_dtype, _alloc, _check_interpretable, _next_pow2, tl, triton
+from .triton_scan import _acc_dtype, _alloc, _launches, _next_pow2, tl, triton
 
 
 @triton.jit
@@ -85,11 +88,10 @@ class StepwiseScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, g, lam, u, chunk):
-        _check_interpretable(x)
         B, C, N, L = x.shape
         h = _alloc(x.shape, x.dtype, x.device)
         y = h if u is None else _alloc(x.shape, x.dtype, x.device)
-        for s in range(N):
+        for s in range(N if _launches(x) else 0):
             gspn_step_fwd_kernel[(B * C,)](
                 x, g, lam, u if u is not None else lam, h, y, s, N, L, _links(s, chunk),
                 HAS_U=u is not None, BLOCK_L=_next_pow2(L), ACC=_acc_dtype(x.dtype),
@@ -106,7 +108,7 @@ class StepwiseScan(torch.autograd.Function):
         dh, dx, dlam = (_alloc(x.shape, x.dtype, x.device) for _ in range(3))
         du = _alloc(x.shape, x.dtype, x.device) if u is not None else None
         dg = _alloc(g.shape, g.dtype, x.device)
-        for s in reversed(range(N)):
+        for s in reversed(range(N if _launches(x) else 0)):
             gspn_step_bwd_kernel[(B * C,)](
                 x, g, lam, u if u is not None else lam, h, dy, dh, dx, dg, dlam, du if du is not None else dlam,
                 s, N, L, _links(s, ctx.chunk), int(s + 1 < N and _links(s + 1, ctx.chunk)),
@@ -122,7 +124,7 @@ def gspn_scan_stepwise(x, gates, lam, u=None, direction: str = "tb", chunk=None)
     def frame(t):
         return to_scan_frame(expand_groups(t, C), direction).contiguous()
 
-    g = normalize_gates(frame(gates)).contiguous()
+    g = normalize_gates(frame(gates), chunk).contiguous()
     y = StepwiseScan.apply(frame(x), g, frame(lam), None if u is None else frame(u), chunk)
     return from_scan_frame(y, direction)
 

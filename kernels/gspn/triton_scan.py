@@ -14,9 +14,17 @@ channels ("compact multi-channel propagation"), and its gradient is reduced over
 When a group is larger than a block, each block writes its share to its own fp32 slice and the slices are
 summed afterwards: deterministic, no atomics.
 
+Gate normalization is fused both ways (`_gate_weights`) and done in log space, so that it is finite and
+exact for every finite logit; NaN follows the reference's rule (kernels/gspn/reference.py): IEEE arithmetic
+through the recurrence, and the logits the scan never reads (absent neighbours, every gate of a line that
+starts the scan or a chunk) are never used (`tl.where`, not a multiplication by 0) and get gradient 0.
+
 The backward needs `h` of every line. It is saved by the forward in the storage dtype: when `u` is None
 `h` is the output itself (no extra memory); otherwise the forward writes one more `[B, ndir, C, H, W]`
 tensor (only when a gradient is needed).
+
+On the meta device the launchers run as everywhere else but launch nothing: shapes and dtypes only, forward
+and backward (what the fake implementation of the packed custom op, `packed_op`, declares for torch.compile).
 """
 from __future__ import annotations
 
@@ -68,12 +76,39 @@ def _line_offsets(c0, c, mask_c, CPG, s_row, p, s_pos, mask_p, SHARED: tl.conste
 
 
 @triton.jit
+def _sigmoid_scaled(a, c):
+    """sigmoid(a) exp(-c) = exp(min(a, 0) - c) / (1 + exp(-|a|)): no overflow when min(a, 0) <= c, and with
+    c = 0 the sigmoid itself, accurate for every a. NaN for a NaN `a` (through exp(-|a|))."""
+    return tl.exp(tl.minimum(a, 0.0) - c) / (1.0 + tl.exp(-tl.abs(a)))
+
+
+@triton.jit
+def _sigmoid_neg(a):
+    """sigmoid(-a) = 1 - sigmoid(a) without the cancellation: exp(-max(a, 0)) / (1 + exp(-|a|)); NaN for NaN."""
+    t = tl.exp(-tl.abs(a))
+    return tl.where(a >= 0, t, 1.0) / (1.0 + t)
+
+
+@triton.jit
 def _gate_weights(a0, a1, a2, p, L):
-    """Fused stability-context normalization: logits -> (s0, s1, s2, 1/S), g_k = s_k / S."""
-    s0 = tl.where(p > 0, tl.sigmoid(a0), 0.0)
-    s1 = tl.sigmoid(a1)
-    s2 = tl.where(p < L - 1, tl.sigmoid(a2), 0.0)
-    return s0, s1, s2, 1.0 / (s0 + s1 + s2)
+    """Fused stability-context normalization: logits -> weights (g0, g1, g2), g_k = sigmoid(a_k) / S over the
+    existing neighbours (g0 = 0 at p = 0, g2 = 0 at p = L-1), i.e. the softmax of logsigmoid(a) over them.
+
+    As that softmax subtracts the largest log, each sigmoid is scaled by exp(-c), c = min(largest existing
+    logit, 0), which cancels in g_k and puts the largest term in [1/2, 1]: accurate for every finite logit
+    (plain sigmoids underflow below about -90 in float32, and S = 0 gave 0/0).
+    An absent neighbour's logit is never used, whatever its value (NaN included); a NaN logit that is used
+    makes the whole row NaN.
+    """
+    a0 = tl.where(p > 0, a0, a1)  # an absent neighbour copies the centre: the max is that of the existing ones
+    a2 = tl.where(p < L - 1, a2, a1)
+    c = tl.minimum(tl.maximum(tl.maximum(a0, a1, propagate_nan=tl.PropagateNan.ALL), a2,
+                              propagate_nan=tl.PropagateNan.ALL), 0.0)
+    e0 = tl.where(p > 0, _sigmoid_scaled(a0, c), 0.0)
+    e1 = _sigmoid_scaled(a1, c)
+    e2 = tl.where(p < L - 1, _sigmoid_scaled(a2, c), 0.0)
+    inv = 1.0 / (e0 + e1 + e2)
+    return e0 * inv, e1 * inv, e2 * inv
 
 
 @triton.jit
@@ -112,7 +147,7 @@ def _fwd_inputs(p_a, p_x, p_l, p_u, t, as_t, xs_t, ls_t, us_t, sak, m_a, mask, m
     b_x = tl.load(p_x + t * xs_t, mask=mask, other=0.0).to(ACC)
     b_l = tl.load(p_l + t * ls_t, mask=m_l, other=0.0).to(ACC)
     if LAM_LOGITS:
-        b_l = tl.sigmoid(b_l)
+        b_l = _sigmoid_scaled(b_l, 0.0)
     b_u = b_x
     if HAS_U:
         b_u = tl.load(p_u + t * us_t, mask=m_u, other=0.0).to(ACC)
@@ -190,10 +225,10 @@ def gspn_fwd_kernel(
         prev = p_s + ((s + 1) % 2) * (BLOCK_C * BLOCK_L)
         left = tl.load(prev - 1, mask=m_left, other=0.0, volatile=True)
         right = tl.load(prev + 1, mask=m_right, other=0.0, volatile=True)
-        s0, s1, s2, inv = _gate_weights(a0, a1, a2, p[None, :], L)
+        g0, g1, g2 = _gate_weights(a0, a1, a2, p[None, :], L)
 
-        keep = (s % CHUNK) != 0  # the first line of a chunk starts from h = 0
-        h = tl.where(keep, (s0 * left + s1 * h + s2 * right) * inv, 0.0) + b_l * b_x
+        keep = (s % CHUNK) != 0  # the first line of a chunk starts from h = 0 (and reads no gate)
+        h = tl.where(keep, g0 * left + g1 * h + g2 * right, 0.0) + b_l * b_x
         h = tl.where(mask, h, 0.0)
         b_y = h
         if HAS_U:
@@ -340,9 +375,10 @@ def gspn_bwd_kernel(
         dh = tl.where(mask, dh, 0.0)
 
         b_dl = b_x * dh
-        if LAM_LOGITS:  # b_l holds logits: lam = sigmoid(b_l), d lam / d b_l = lam (1 - lam)
-            b_l = tl.sigmoid(b_l)
-            b_dl = b_dl * b_l * (1.0 - b_l)
+        if LAM_LOGITS:  # b_l holds logits: lam = sigmoid(b_l), d lam / d b_l = sigmoid(b_l) sigmoid(-b_l)
+            b_dl = b_dl * _sigmoid_neg(b_l)
+            b_l = _sigmoid_scaled(b_l, 0.0)
+            b_dl = b_dl * b_l
         tl.store(dx + o_y + t * ys_t, (b_l * dh).to(dx.dtype.element_ty), mask=mask)
         if SHARED_L:
             b_dl = tl.sum(b_dl, axis=0, keep_dims=True)
@@ -356,19 +392,24 @@ def gspn_bwd_kernel(
             dg1 = tl.sum(dg1, axis=0, keep_dims=True)
             dg2 = tl.sum(dg2, axis=0, keep_dims=True)
 
-        s0, s1, s2, inv = _gate_weights(a0, a1, a2, pp, L)
-        # d loss / d s_k = (dg_k - sum_k' g_k' dg_k') / S, then through the sigmoid (s_k = 0 where absent).
-        centre = (s0 * dg0 + s1 * dg1 + s2 * dg2) * inv
+        g0, g1, g2 = _gate_weights(a0, a1, a2, pp, L)
+        # da_k = g_k sigmoid(-a_k) (dg_k - sum_k' g_k' dg_k'), which is sigmoid'(a_k) / S (...) with no division
+        # by a small S; 0 for a logit the scan does not read (absent neighbour, first line of a chunk). Each
+        # sigmoid(-a_k) is recomputed here rather than kept from `_gate_weights`: fewer live registers.
+        centre = g0 * dg0 + g1 * dg1 + g2 * dg2
+        da0 = tl.where(keep & (pp > 0), g0 * _sigmoid_neg(a0) * (dg0 - centre), 0.0)
+        da1 = tl.where(keep, g1 * _sigmoid_neg(a1) * (dg1 - centre), 0.0)
+        da2 = tl.where(keep & (pp < L - 1), g2 * _sigmoid_neg(a2) * (dg2 - centre), 0.0)
         p_dat = p_da + t * das_t
-        tl.store(p_dat, (s0 * (1.0 - tl.sigmoid(a0)) * (dg0 - centre) * inv).to(da.dtype.element_ty), mask=m_a)
-        tl.store(p_dat + sdak, (s1 * (1.0 - s1) * (dg1 - centre) * inv).to(da.dtype.element_ty), mask=m_a)
-        tl.store(p_dat + 2 * sdak, (s2 * (1.0 - tl.sigmoid(a2)) * (dg2 - centre) * inv).to(da.dtype.element_ty), mask=m_a)
+        tl.store(p_dat, da0.to(da.dtype.element_ty), mask=m_a)
+        tl.store(p_dat + sdak, da1.to(da.dtype.element_ty), mask=m_a)
+        tl.store(p_dat + 2 * sdak, da2.to(da.dtype.element_ty), mask=m_a)
 
         # Hand g_k(s) * dh_s to step s-1: q1 stays in registers, q0 and q2 cross threads via scratch.
-        q1 = s1 * inv * dh
+        q1 = g1 * dh
         out = p_s + (k % 2) * (2 * TILE)
-        tl.store(out, s0 * inv * dh)
-        tl.store(out + TILE, s2 * inv * dh)
+        tl.store(out, g0 * dh)
+        tl.store(out + TILE, g2 * dh)
         tl.debug_barrier()
         h_cur = h_prev
 
@@ -451,13 +492,18 @@ class _Plan:
         )
 
 
-def _check_interpretable(x: torch.Tensor) -> None:
+def _launches(x: torch.Tensor) -> bool:
+    """Should a launcher run its kernels on x's device? False on the meta device (shapes only); raises for
+    CPU tensors when Triton is not in interpreter mode."""
+    if x.device.type == "meta":
+        return False
     if x.device.type == "cpu" and (TRITON_IMPORTED_EARLY or not INTERPRETED):
         raise RuntimeError(
             "the triton GSPN backend got CPU tensors but Triton is not in interpreter mode: set "
             "TRITON_INTERPRET=1 in the environment before Python starts (or before anything imports triton), "
             "or use backend='reference'"
         )
+    return True
 
 
 def gspn_fwd(x, a, lam, u, dir_base: int, ndir: int, chunk: int | None, store_h: bool, sxd: int = 0,
@@ -469,18 +515,18 @@ def gspn_fwd(x, a, lam, u, dir_base: int, ndir: int, chunk: int | None, store_h:
     (`_to_lines`) and x is the first of a pair whose second (`sxd` elements on) is x transposed, which the
     column directions read. With `lam_logits`, lam holds logits and the kernel applies the sigmoid.
     """
-    _check_interpretable(x)
     plan = _Plan(x, a, lam, u, dir_base, ndir)
     B, C, H, W = x.shape
     y = _alloc((B, ndir, C, H, W), x.dtype, x.device)
     h = _alloc((B, ndir, C, H, W), x.dtype, x.device) if (store_h and u is not None) else None
     scratch = _alloc((plan.programs * 2 * plan.block_c * plan.block_l,), plan.scratch_dtype, x.device)
     args = plan.common_args(x, a, lam, u, chunk, sxd)
-    gspn_fwd_kernel[plan.grid](
-        x, a, lam, u if u is not None else lam, y, h if h is not None else y, scratch,
-        *args, *y.stride(),
-        STORE_H=h is not None, **plan.meta(u is not None, lines, lam_logits),
-    )
+    if _launches(x):
+        gspn_fwd_kernel[plan.grid](
+            x, a, lam, u if u is not None else lam, y, h if h is not None else y, scratch,
+            *args, *y.stride(),
+            STORE_H=h is not None, **plan.meta(u is not None, lines, lam_logits),
+        )
     return y, (y if u is None else h)
 
 
@@ -508,11 +554,12 @@ def gspn_bwd(x, a, lam, u, h, dy, dir_base: int, ndir: int, chunk: int | None, s
     du = grad_buffer(2, outs[2]) if u is not None else dlam  # placeholder when HAS_U is False
     scratch = _alloc((plan.programs * 4 * plan.block_c * plan.block_l,), f32, dev)
     args = plan.common_args(x, a, lam, u, chunk, sxd)
-    gspn_bwd_kernel[plan.grid](
-        x, a, lam, u if u is not None else lam, h, dy, scratch, dx_dirs, da, dlam, du,
-        *args, *h.stride(), *dy.stride(), *da.stride(), *dlam.stride(), *du.stride(),
-        **plan.meta(u is not None, lines, lam_logits),
-    )
+    if _launches(x):
+        gspn_bwd_kernel[plan.grid](
+            x, a, lam, u if u is not None else lam, h, dy, scratch, dx_dirs, da, dlam, du,
+            *args, *h.stride(), *dy.stride(), *da.stride(), *dlam.stride(), *du.stride(),
+            **plan.meta(u is not None, lines, lam_logits),
+        )
     for buf, out in zip((da, dlam, du if u is not None else None), outs):
         if buf is not None and buf.shape[0] > 1:
             out.copy_(buf.sum(0))
