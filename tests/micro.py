@@ -94,9 +94,12 @@ def link_checkpoints(src: str, dst: str) -> None:
 
 
 def copy_tree(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> Path:
-    """src copied to dest (symlinks kept, checkpoints hard-linked), without src's top-level entries in `skip`."""
-    shutil.copytree(src, dest, symlinks=True, copy_function=link_checkpoints,
-                    ignore=lambda folder, names: [n for n in names if n in skip] if folder == str(src) else [])
+    """src copied to dest (symlinks kept, checkpoints hard-linked), without the paths in `skip` (relative to
+    src, e.g. "runs" or ".dvc/cache")."""
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        return [n for n in names if os.path.relpath(os.path.join(folder, n), src) in skip]
+
+    shutil.copytree(src, dest, symlinks=True, copy_function=link_checkpoints, ignore=ignore)
     return dest
 
 
@@ -150,7 +153,8 @@ def make_repo(dest: Path) -> Path:
 
     repo = Path(__file__).resolve().parents[1]
     dest.mkdir(parents=True, exist_ok=True)
-    shutil.copy(repo / "dvc.yaml", dest / "dvc.yaml")
+    for name in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(repo / name, dest / name)
     for sub in ["stages", "cgspn", "kernels"]:
         shutil.copytree(repo / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__"))
     write_params(dest / "params.yaml")

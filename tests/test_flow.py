@@ -4,6 +4,9 @@ skips them all, MLflow holds one parent run with a child per stage, and a failin
 fails the flow with its own error."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from flows import pipeline as flow_module
@@ -62,3 +65,28 @@ def test_a_failing_stage_is_retried_and_fails_the_flow_with_its_error(flow_run, 
     assert [r.info.run_name for r in attempts] == ["teacher"] * 3  # the first try and two retries
     assert all(r.info.status == "FAILED" for r in attempts)
     assert (repo / "models/teachers/dinov2_vits14_imgfocus.safetensors").exists()  # the good output stays
+
+
+def test_a_stage_that_fails_under_dvc_repro_loses_no_earlier_output(flow_run, tmp_path):
+    """DVC deletes a stage's outputs before it runs its command, unless they are `persist`: a failed
+    distill_stage2 must leave its model, metrics, plots and everything else byte-identical."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from micro import digest
+
+    repo = copy_tree(flow_run["root"], tmp_path / "repo", skip=("runs", ".dvc/cache"))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["distill_stage2"]["lr"] = float("nan")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params))
+    before = {part: digest(repo / part) for part in ("models", "reports", "data")}
+    assert "metrics/distill_stage2.json" in before["reports"] and "plots/distill_stage2.png" in before["reports"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", "distill_stage2"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "params.yaml: distill_stage2.lr must be a finite number, got nan" in done.stdout + done.stderr
+    assert {part: digest(repo / part) for part in ("models", "reports", "data")} == before

@@ -265,7 +265,7 @@ def test_bad_training_input_is_one_line_before_ray_starts(trained, micro, tmp_pa
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", micro["stage_tracking_uri"])  # not the flow's database
     root = copy_root(trained["root"], tmp_path / "root",
-                     ("data/shards", "data/features", "models/teachers", "models/distill_stage1"))
+                     ("data/shards", "data/features", "models/teachers", "models/distill_stage1", "models/distill_stage2"))
     expect_exit(capsys, "distill_stage1", write_params(tmp_path / "a.yaml", distill_stage1__splits=["train", "nope"]),
                 root, "a.yaml: distill_stage1.splits: ", "no index for split 'nope'")
     expect_exit(capsys, "distill_stage2", write_params(tmp_path / "b.yaml", distill_stage2__lr=float("nan")), root,
@@ -278,7 +278,7 @@ def test_bad_training_input_is_one_line_before_ray_starts(trained, micro, tmp_pa
         for sample in samples[:3] + samples[4:]:
             sink.write(sample)
     expect_exit(capsys, "distill_stage2", write_params(tmp_path / "d.yaml"), root,
-                f"{features}: key {samples[3]['__key__']!r} where")
+                f"{features}: key {samples[4]['__key__']!r} where", f"has {samples[3]['__key__']!r}")
     shard = root / "data/shards/mosaic_train-000000.tar"
     shard.write_bytes(shard.read_bytes()[:3000])
     expect_exit(capsys, "distill_stage1", write_params(tmp_path / "e.yaml"), root, f"{shard}: ", "truncated")
