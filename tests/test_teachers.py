@@ -72,7 +72,9 @@ def test_registry_refuses_duplicates_and_lists_known_names():
 
 @pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed here")
 def test_timm_teacher_without_timm_says_what_to_install():
-    with pytest.raises(ImportError, match="pip install timm"):
+    from cgspn.errors import MissingLibraryError
+
+    with pytest.raises(MissingLibraryError, match="needs the package 'timm'.*: pip install timm"):
         teachers.load_teacher("timm:vit_small_patch14_dinov2")
 
 
