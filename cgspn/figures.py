@@ -20,32 +20,42 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def resolution_figure(results: dict, path: Path) -> Path:
-    """Three panels: segmentation mIoU and fidelity against image side per model; kNN top-1 per model."""
+def resolution_figure(results: dict, path: Path, knn_k: int) -> Path:
+    """Panels for what was measured: segmentation mIoU and fidelity against image side per model, and kNN
+    top-1 per model (where the data has labels)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name, r in results.items():
-        for ax, key in zip(axes[:2], ["seg_miou", "fidelity"]):
+    has_seg = any(r["seg_miou"] for r in results.values())
+    has_knn = any(r["knn_summary"] is not None for r in results.values())
+    panels = (["seg_miou"] if has_seg else []) + ["fidelity"] + (["knn"] if has_knn else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    axes = dict(zip(panels, axes[0]))
+    titles = {"seg_miou": ("mIoU (%)", "linear segmentation probe"), "fidelity": ("mean cosine to the teacher", "fidelity")}
+    for key in [k for k in panels if k != "knn"]:
+        ax, scale = axes[key], 100 if key == "seg_miou" else 1
+        for name, r in results.items():
             if r[key]:
-                sides = [int(k) for k in r[key]]
-                ax.plot(sides, list(r[key].values()), marker="o", label=name)
-    axes[0].set(xlabel="image side (px)", ylabel="mIoU", title="linear segmentation probe", xscale="log", xticks=[])
-    axes[1].set(xlabel="image side (px)", ylabel="mean cosine to the teacher", title="fidelity", xscale="log")
-    for ax in axes[:2]:
-        sides = sorted({int(k) for r in results.values() for k in r["seg_miou"]})
+                ax.plot([int(k) for k in r[key]], [scale * v for v in r[key].values()], marker="o", label=name)
+        sides = sorted({int(k) for r in results.values() for k in r[key]})
+        ax.set(xlabel="image side (px)", ylabel=titles[key][0], title=titles[key][1], xscale="log")
+        ax.minorticks_off()  # only the measured sides as ticks: no overlapping log-scale labels
         ax.set_xticks(sides, [str(s) for s in sides])
         ax.legend(fontsize=8)
-    names = list(results)
-    x = np.arange(len(names))
-    axes[2].bar(x - 0.2, [results[n]["knn_summary"] for n in names], 0.4, label="summary")
-    axes[2].bar(x + 0.2, [results[n]["knn_mean_patch"] for n in names], 0.4, label="mean patch")
-    axes[2].set_xticks(x, names, rotation=20, fontsize=8)
-    axes[2].set(ylabel="top-1", title="kNN (k=20) on Fashion-MNIST", ylim=(0, 1))
-    axes[2].legend(fontsize=8)
+    if has_knn:
+        ax, names = axes["knn"], [n for n, r in results.items() if r["knn_summary"] is not None]
+        x = np.arange(len(names))
+        summary = [100 * results[n]["knn_summary"] for n in names]
+        patch = [100 * results[n]["knn_mean_patch"] for n in names]
+        ax.bar(x - 0.2, summary, 0.4, label="summary")
+        ax.bar(x + 0.2, patch, 0.4, label="mean patch")
+        low, high = min(summary + patch), max(summary + patch)
+        ax.set_ylim(max(0.0, low - 10), min(100.0, high + 5))
+        ax.set_xticks(x, names, rotation=20, fontsize=8)
+        ax.set(ylabel="top-1 (%)", title=f"kNN (k={knn_k}) on the validation split")
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return _save(fig, path)
 

@@ -28,16 +28,19 @@ class Param:
     item: type | None = None  # element type when `type` is list
     optional: bool = False  # None is allowed
     length: int | None = None  # exact length when `type` is list
+    auto: bool = False  # the string "auto" is allowed too (the stage works the value out from its data)
 
     def check(self, where: str, value: Any) -> Any:
         if value is None and self.optional:
             return None
+        if self.auto and value == "auto":
+            return value
         kinds = self.type if isinstance(self.type, tuple) else (self.type,)
         if float in kinds and int not in kinds:
             kinds = kinds + (int,)  # `1` is a fine value for a float parameter
         # bool is an int in Python; a flag written where a number belongs is a mistake.
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            names = " or ".join(k.__name__ for k in kinds)
+            names = " or ".join(k.__name__ for k in kinds) + (' or "auto"' if self.auto else "")
             raise ParamError(f"{where} must be {names}, got {value!r} ({type(value).__name__})")
         if isinstance(value, float) and not math.isfinite(value):
             raise ParamError(f"{where} must be a finite number, got {value!r}")

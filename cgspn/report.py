@@ -13,8 +13,8 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -24,48 +24,63 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def evaluation_section(ev: dict) -> list[str]:
-    models = ev["models"]
-    sides = sorted({int(k) for r in models.values() for k in r["seg_miou"]})
+    models, used, missing = ev["models"], ev.get("splits", {}), ev.get("not_measured", {})
+    sides = sorted({int(k) for r in models.values() for k in (r["seg_miou"] or r["fidelity"])})
+    knn_on, seg_on = "knn" not in missing, "seg" not in missing
     rows, adapted_rows = [], []
     for name, r in models.items():
-        knn = [_pct(r["knn_summary"]), _pct(r["knn_mean_patch"])]
-        seg = [_pct(r["seg_miou"].get(str(s), float("nan"))) for s in sides]
+        knn = [_pct(r["knn_summary"]), _pct(r["knn_mean_patch"])] if knn_on else []
+        seg = [_pct(r["seg_miou"].get(str(s), float("nan"))) for s in sides] if seg_on else []
         fidelity = [f"{r['fidelity'][str(s)]:.3f}" if str(s) in r["fidelity"] else "-" for s in sides]
         rows.append([MODEL_NAMES.get(name, name), f"{r['parameters'] / 1e6:.1f} M"] + knn + seg + fidelity)
         for k, seg_k in r.get("seg_miou_blocks", {}).items():  # the teacher's blocks that students also learn
-            rows.append([f"{MODEL_NAMES.get(name, name)}, block {k}", "-", "-", "-"]
+            rows.append([f"{MODEL_NAMES.get(name, name)}, block {k}", "-"] + ["-"] * len(knn)
                         + [_pct(seg_k.get(str(s), float("nan"))) for s in sides] + ["-"] * len(sides))
-        if r.get("knn_summary_adapted") is not None:
-            adapted_rows.append([MODEL_NAMES.get(name, name), _pct(r["knn_summary_adapted"])]
-                                + [_pct(r["seg_miou_adapted"].get(str(s), float("nan"))) for s in sides])
-    header = ["model", "parameters", "kNN top-1, summary (%)", "kNN top-1, mean patch (%)"] + \
-        [f"seg mIoU {s} px (%)" for s in sides] + [f"fidelity {s} px" for s in sides]
-    out = ["## How good the features are", "",
-           "Every model is scored on its own features. kNN: Fashion-MNIST `val` garments classified against the "
-           "`train` garments (k = 20, votes weighted by exp(cosine / 0.07)) by the summary vector, and by the "
-           "mean of the patch features. Segmentation: a linear probe (BatchNorm + 1x1 conv) on the frozen patch "
-           f"features, trained on garment mosaics and scored on held-out mosaics at {', '.join(map(str, sides))} "
-           "px (bigger mosaics, more garments). Fidelity: mean cosine similarity of the model's features, through "
-           "its adaptor where it has one, to the teacher's patch features on the same images. A teacher block row "
-           "is the probe on that intermediate block of the teacher (its patch tokens through the final norm): the "
-           "students learn to predict it beside the teacher's output, so it is a target they saw.", "",
+        if r.get("knn_summary_adapted") is not None or r.get("seg_miou_adapted"):
+            adapted_rows.append([MODEL_NAMES.get(name, name)]
+                                + ([_pct(r["knn_summary_adapted"])] if knn_on else [])
+                                + ([_pct(r["seg_miou_adapted"].get(str(s), float("nan"))) for s in sides]
+                                   if seg_on else []))
+    header = (["model", "parameters"]
+              + (["kNN top-1, summary (%)", "kNN top-1, mean patch (%)"] if knn_on else [])
+              + ([f"seg mIoU {s} px (%)" for s in sides] if seg_on else []) + [f"fidelity {s} px" for s in sides])
+    text = []
+    if knn_on:
+        bank, query = used.get("knn") or ("train", "val")
+        text.append(f"kNN: the `{query}` images classified against the `{bank}` images (k = {ev.get('knn_k', 20)}, "
+                    f"votes weighted by exp(cosine / {ev.get('knn_temperature', 0.07)})) by the summary vector, and "
+                    "by the mean of the patch features.")
+    else:
+        text.append(f"kNN: not measured: {missing['knn']}.")
+    if seg_on:
+        train, val = used.get("seg") or ("mosaic_train", "mosaic_val")
+        text.append(f"Segmentation: a linear probe (BatchNorm + 1x1 conv, {ev.get('seg_steps', 600)} steps) on the "
+                    f"frozen patch features, trained on `{train}` and scored on `{val}` at {', '.join(map(str, sides))} "
+                    "px (the bigger `_x<s>` images where the data has them, else the same images at that size).")
+    else:
+        text.append(f"Segmentation: not measured: {missing['seg']}.")
+    text.append("Fidelity: mean cosine similarity of the model's features, through its adaptor where it has one, to "
+                "the teacher's patch features on the same images. A teacher block row is the probe on that "
+                "intermediate block of the teacher (its patch tokens through the final norm): the students learn to "
+                "predict it beside the teacher's output, so it is a target they saw.")
+    out = ["## How good the features are", "", "Every model is scored on its own features. " + " ".join(text), "",
            _table(header, rows), ""]
-    if adapted_rows:
+    if adapted_rows and (knn_on or seg_on):
         out += ["The students' adaptor outputs (their predictions of the teacher's summary and patch features), "
                 "scored the same way:", "",
-                _table(["model", "kNN top-1, adapted summary (%)"] + [f"seg mIoU {s} px, adapted (%)" for s in sides],
-                       adapted_rows), ""]
+                _table(["model"] + (["kNN top-1, adapted summary (%)"] if knn_on else [])
+                       + ([f"seg mIoU {s} px, adapted (%)" for s in sides] if seg_on else []), adapted_rows), ""]
     out += ["![metrics against resolution](figures/evaluate_resolution.png)", "",
             "PCA of the patch features (first three components as RGB), teacher above the student:", "",
             "![PCA feature maps](figures/pca_maps.png)", ""]
     t, s2, hr = models.get("teacher"), models.get("distill_stage2"), models.get("highres")
     checks = []
-    if t and s2 and "random" in models:
+    if knn_on and t and s2 and "random" in models:
         gap, lift = 100 * (t["knn_summary"] - s2["knn_summary"]), 100 * (s2["knn_summary"] - models["random"]["knn_summary"])
         side = f"{gap:.1f} points below" if gap >= 0 else f"{-gap:.1f} points above"
         checks.append(f"- stage-2 student kNN (summary): {side} the teacher (target: within 3 points below), and "
                       f"{lift:.1f} points above the random student (target: at least 10).")
-    if t and hr:
+    if seg_on and t and hr and sides:
         big = str(max(sides))
         diff = 100 * (hr["seg_miou"][big] - t["seg_miou"][big])
         checks.append(f"- at {big} px the high-res student's segmentation mIoU is {abs(diff):.1f} points "
@@ -210,6 +225,22 @@ def traffic_section(root: Path) -> list[str]:
             _table(["layout", "mode", "MB without matmuls", "floor ms", "MB, all ops"], rows), ""]
 
 
+def data_sentence(root: Path, ev: dict | None) -> str:
+    """What this run was trained and scored on, from data/shards' dataset.json and the stages' metrics."""
+    shard = _load(root / "reports/metrics/shard.json") or {}
+    dataset = shard.get("data", {})
+    source = dataset.get("source", "?")
+    what = {"fashion_mnist": "the embedded Fashion-MNIST garments and garment mosaics (a demo sized for a 2-core "
+                             "CPU: its figures show that the pipeline works end to end, not what a full run reaches)",
+            "folder": f"an image folder, `{dataset.get('path')}`", "table": f"a table, `{dataset.get('path')}`",
+            "segmentation": f"a segmentation data set, `{dataset.get('path')}`"}.get(source, f"source `{source}`")
+    sizes = ", ".join(f"{s} {v['count']}" for s, v in shard.get("splits", {}).items())
+    steps = [_load(root / "reports/metrics" / f"{s}.json") for s in ("distill_stage1", "distill_stage2", "highres")]
+    total = sum(m["steps"] for m in steps if m)
+    return (f"{what}; images per split: {sizes or 'unknown'}; training resolution "
+            f"{ev['resolution'] if ev else '?'} px; {total} training steps over the three stages.")
+
+
 def build_report(root: Path, commit: str | None, params_text: str, when: str) -> str:
     ev = _load(root / "reports/metrics/evaluate.json")
     parts = ["# C-GSPN: pipeline report", "",
@@ -219,9 +250,7 @@ def build_report(root: Path, commit: str | None, params_text: str, when: str) ->
              "scans in a compressed channel space) instead of self-attention. It is distilled from an attention "
              "teacher in two stages (each mixer imitates its block's attention output, then the whole network "
              "matches the teacher's final features through adaptor heads) and then trained briefly at higher "
-             "resolution. The default run is sized for a 2-core CPU: Fashion-MNIST garments and mosaics at "
-             f"{ev['resolution'] if ev else 56} px, a few hundred training steps. Its figures show that the "
-             "pipeline works end to end, not what a full run reaches.", ""]
+             f"resolution. This run: {data_sentence(root, ev)}", ""]
     if ev:
         parts += evaluation_section(ev)
     parts += training_section(root) + data_section(root) + benchmark_section(root) + traffic_section(root)

@@ -3,6 +3,8 @@
     entry = teacher_entry(root, "dinov2_vits14_imgfocus", "distill_stage1.teacher")  # teachers.json entry
     teachers = teachers_config(p, root, "distill_stage2")   # paths, widths, feature caches of the weighted teachers
     check_splits(root / SHARDS, ["train", "val"], "distill_stage1.splits", feature_dirs)  # indexes, shards, keys
+    splits = Splits(root)          # what data/shards/dataset.json says each split holds
+    splits.resolve(p["splits"], splits.train, "distill_stage1.splits")   # "auto" -> the data's own
 
 Errors name the parameter (ParamError: the stage's command line adds the parameters file) or the file
 (FileNotFoundError, ShardError). Paths are relative to the stage's root, as dvc.yaml lists them.
@@ -10,6 +12,7 @@ Errors name the parameter (ParamError: the stage's command line adds the paramet
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from .checkpoint import read_config
@@ -118,3 +121,57 @@ def check_splits(shards: Path, splits: list[str], param: str, feature_dirs: dict
             raise ParamError(f"{param}: split {split!r} holds no samples ({shards / (split + '.json')})")
         total += count
     return total
+
+
+class Splits:
+    """The splits the shard stage wrote and what each holds (data/shards/dataset.json), and the "auto" value
+    of every split parameter: training on `train` (plus `mosaic_train` where it exists), validation on `val`,
+    a scale s on `<split>_x<s>` where the data has such bigger images, else on the split itself."""
+
+    def __init__(self, root: Path):
+        index = root / SHARDS / "dataset.json"
+        if not index.exists():
+            raise FileNotFoundError(f"{index}: missing (run the shard stage first)")
+        self.info = json.loads(index.read_text())
+        self.names = list(self.info["splits"])
+
+    def has(self, split: str, what: str | None = None) -> bool:
+        """Whether the split exists (with `what`: and every sample has "labels" or "masks")."""
+        entry = self.info["splits"].get(split)
+        return entry is not None and entry["count"] > 0 and (what is None or bool(entry.get(what)))
+
+    def train(self, param: str) -> list[str]:
+        found = [s for s in ("train", "mosaic_train") if self.has(s)]
+        if not found:
+            raise ParamError(f"{param}=auto: the data has no 'train' split (splits: {self.names}); name the "
+                             f"training splits")
+        return found
+
+    def val(self, param: str) -> str:
+        found = [s for s in ("val", "test", "mosaic_val") if self.has(s)]
+        if not found:
+            raise ParamError(f"{param}=auto: the data has no 'val' or 'test' split (splits: {self.names}); "
+                             f"name the validation split, or give the data one (shard.val_fraction)")
+        return found[0]
+
+    def base(self, param: str) -> list[str]:
+        """Every split of images at the training resolution: not the bigger `_x<s>` ones, not `photos`."""
+        return [s for s in self.names if self.has(s) and s != "photos" and not re.search(r"_x\d+$", s)]
+
+    def at_scale(self, split: str, scale: int) -> str:
+        """The split's bigger images for scale s (`<split>_x<s>`) where they exist, else the split itself."""
+        return f"{split}_x{scale}" if scale > 1 and self.has(f"{split}_x{scale}") else split
+
+    def with_masks(self, kind: str) -> str | None:
+        """The split to probe segmentation on (kind "train" or "val"): mosaics where they exist, else the
+        data's own split with label maps; None when the data has no masks there."""
+        names = ("mosaic_train", "train") if kind == "train" else ("mosaic_val", "val", "test")
+        return next((s for s in names if self.has(s, "masks")), None)
+
+    def resolve(self, value, auto, param: str):
+        """`value`, or `auto(param)` when it is "auto" (and says what that became)."""
+        if value != "auto":
+            return value
+        value = auto(param)
+        print(f"{param}=auto: {value}", flush=True)
+        return value

@@ -227,6 +227,23 @@ def _load_hf(repo_id: str) -> ViT:
 # ---------------------------------------------------------------- preprocessing
 
 
+def _resize_crop(H: int, W: int, size: int) -> tuple[tuple[int, int], int, int]:
+    """The geometry `preprocess` applies: the resized (H', W') with the shorter side `size`, and the top and
+    left of the centred size x size crop."""
+    scale = size / min(H, W)
+    new = (max(size, round(H * scale)), max(size, round(W * scale)))
+    return new, (new[0] - size) // 2, (new[1] - size) // 2
+
+
+def preprocess_mask(mask, size: int) -> torch.Tensor:
+    """A label map uint8 [H, W] -> uint8 [size, size] aligned with `preprocess(image, size)` of its image
+    (the same resize, nearest neighbour, and the same centre crop)."""
+    m = torch.as_tensor(np.asarray(mask))
+    new, top, left = _resize_crop(*m.shape, size)
+    m = F.interpolate(m[None, None].float(), size=new, mode="nearest")[0, 0]
+    return m[top : top + size, left : left + size].to(torch.uint8)
+
+
 def preprocess(images, size: int) -> torch.Tensor:
     """Deterministic teacher/student input: resize the shorter side to `size`, center crop size x size, normalize.
 
@@ -238,11 +255,9 @@ def preprocess(images, size: int) -> torch.Tensor:
         x = (x[None] if x.dim() == 3 else x).permute(0, 3, 1, 2).float() / 255.0
     if x.dim() != 4 or x.shape[1] != 3:
         raise ValueError(f"preprocess: expected [B, H, W, 3] uint8 or [B, 3, H, W] float images, got {tuple(x.shape)}")
-    H, W = x.shape[-2:]
-    scale = size / min(H, W)
-    new = (max(size, round(H * scale)), max(size, round(W * scale)))
-    x = F.interpolate(x.float(), size=new, mode="bilinear", align_corners=False, antialias=scale < 1)
-    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    new, top, left = _resize_crop(*x.shape[-2:], size)
+    shrink = size < min(x.shape[-2:])
+    x = F.interpolate(x.float(), size=new, mode="bilinear", align_corners=False, antialias=shrink)
     x = x[..., top : top + size, left : left + size]
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)

@@ -69,7 +69,8 @@ def metrics_table(root: Path) -> str:
                 flat.update({f"{key}/{k}": v for k, v in m[key].items() if isinstance(v, (int, float)) and k != "step"})
         if "models" in m:
             for name, r in m["models"].items():
-                flat.update({f"{name}/knn_summary": r["knn_summary"]})
+                if r.get("knn_summary") is not None:
+                    flat.update({f"{name}/knn_summary": r["knn_summary"]})
         shown = ", ".join(f"{k}={v:.4g}" for k, v in list(flat.items())[:8])
         rows.append(f"| {f.stem} | {shown} |")
     return "| stage | figures |\n| --- | --- |\n" + "\n".join(rows)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from cgspn.cluster import start_ray
 from cgspn.data.shards import split_shards
-from cgspn.stage_inputs import SHARDS, TEACHERS, check_splits
+from cgspn.stage_inputs import SHARDS, TEACHERS, Splits, check_splits
 from cgspn.errors import InputError, ParamError
 from cgspn.outputs import replace_dir, write_json
 from cgspn.params import Param
@@ -30,9 +30,9 @@ from cgspn.stage import run_stage
 
 SCHEMA = {
     "resolution": Param(int, min=14),  # images are resized and center-cropped to this square
-    "splits": Param(list, item=str),
+    "splits": Param(list, item=str, auto=True),  # auto: every split at the training resolution (not photos)
     "layers": Param(list, item=int, min=0),  # intermediate blocks whose outputs to cache too
-    "phis_splits": Param(list, item=str),
+    "phis_splits": Param(list, item=str, auto=True),  # auto: the training splits
     "workers": Param(int, min=0),  # 0: one per GPU (gpus_per_worker > 0), else one per cpus_per_worker CPUs
     "cpus_per_worker": Param(int, min=1),
     "gpus_per_worker": Param(float, min=0.0),
@@ -72,6 +72,9 @@ def pool_size(p: dict) -> int:
 
 
 def check_inputs(p: dict, root: Path) -> tuple[list[dict], list[tuple[str, Path]]]:
+    splits = Splits(root)
+    p["splits"] = splits.resolve(p["splits"], splits.base, "cache_teacher.splits")
+    p["phis_splits"] = splits.resolve(p["phis_splits"], splits.train, "cache_teacher.phis_splits")
     missing = sorted(set(p["phis_splits"]) - set(p["splits"]))
     if missing:
         raise ParamError(f"cache_teacher.phis_splits {missing} are not in cache_teacher.splits")

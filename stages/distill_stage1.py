@@ -9,7 +9,7 @@ from pathlib import Path
 from cgspn.errors import ParamError
 from cgspn.params import Param
 from cgspn.stage import run_stage
-from cgspn.stage_inputs import SHARDS, TEACHERS, check_splits, teacher_entry
+from cgspn.stage_inputs import SHARDS, TEACHERS, Splits, check_splits, teacher_entry
 from cgspn.students import save_student
 from cgspn.train import run_training, train_schema
 
@@ -17,8 +17,8 @@ SCHEMA = {
     **train_schema(),
     "teacher": Param(str),  # a name in models/teachers/teachers.json
     "resolution": Param(int, min=14),
-    "splits": Param(list, item=str),
-    "val_split": Param(str),
+    "splits": Param(list, item=str, auto=True),  # auto: train (+ mosaic_train where the data has it)
+    "val_split": Param(str),  # auto: val (or test)
     "block_weights": Param(list, item=float, min=0.0),  # one per block; [] = all equal
     "cosine_weight": Param(float, min=0.0),
 }
@@ -34,6 +34,9 @@ def main(p: dict, root: Path, run) -> dict:
     if p["block_weights"] and len(p["block_weights"]) != depth:
         raise ParamError(f"distill_stage1.block_weights has {len(p['block_weights'])} entries; the teacher has "
                          f"{depth} blocks (or [] for equal weights)")
+    splits = Splits(root)
+    p["splits"] = splits.resolve(p["splits"], splits.train, "distill_stage1.splits")
+    p["val_split"] = splits.resolve(p["val_split"], splits.val, "distill_stage1.val_split")
     check_splits(root / SHARDS, p["splits"], "distill_stage1.splits")
     check_splits(root / SHARDS, [p["val_split"]], "distill_stage1.val_split")
     teacher_path = root / TEACHERS / teacher["file"]

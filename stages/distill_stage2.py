@@ -10,7 +10,8 @@ from pathlib import Path
 
 from cgspn.params import Param
 from cgspn.stage import run_stage
-from cgspn.stage_inputs import SHARDS, TEACHERS, check_raw_weight, check_splits, feature_names, teachers_config
+from cgspn.stage_inputs import (SHARDS, TEACHERS, Splits, check_raw_weight, check_splits, feature_names,
+                                 teachers_config)
 from cgspn.students import save_student_and_adaptors
 from cgspn.train import run_training, train_schema
 
@@ -19,8 +20,8 @@ SCHEMA = {
     "backbone_lr_scale": Param(float, min=0.0, max=1.0),  # x lr for the inherited backbone; heads get lr
     "head_only_steps": Param(int, min=0),  # the backbone is frozen for these first steps
     "teacher_weights": Param(dict),  # {teacher name: weight}
-    "splits": Param(list, item=str),
-    "val_split": Param(str),
+    "splits": Param(list, item=str, auto=True),  # auto: train (+ mosaic_train where the data has it)
+    "val_split": Param(str),  # auto: val (or test)
     "targets": Param(str, choices=("cache", "online")),
     "spatial_weight": Param(float, min=0.0),
     "summary_weight": Param(float, min=0.0),
@@ -38,6 +39,9 @@ def main(p: dict, root: Path, run) -> dict:
     if not init.exists():
         raise FileNotFoundError(f"{init}: missing (run distill_stage1 first)")
     check_raw_weight(p, teachers, init, "distill_stage2")
+    splits = Splits(root)
+    p["splits"] = splits.resolve(p["splits"], splits.train, "distill_stage2.splits")
+    p["val_split"] = splits.resolve(p["val_split"], splits.val, "distill_stage2.val_split")
     features, names = {t: Path(f) for t, f in teachers["features"].items()}, feature_names(teachers)
     cached = features if p["targets"] == "cache" else None
     check_splits(root / SHARDS, p["splits"], "distill_stage2.splits", cached, names)

@@ -1,14 +1,20 @@
-"""Stage `evaluate`: how good each model's features are, against the teacher.
+"""Stage `evaluate`: how good each model's features are, against the teacher, on whatever the data allows.
 
 Models: the teacher, a randomly initialized student, and the distill_stage1, distill_stage2 and highres
-students. For each: kNN top-1 on the Fashion-MNIST `val` garments against the `train` garments (the model's summary
-vector, the adaptor's summary where there is one, and mean-pooled patch features), a linear segmentation probe (BatchNorm + 1x1 conv, trained on
-`mosaic_train[_x<s>]`, mIoU on `mosaic_val[_x<s>]`) at 1x, 2x and 4x the training resolution, fidelity
-to the teacher (mean cosine of the adapted patch features) at those sizes, and parameter counts. The
-teacher's features at the cache's resolution are read from the feature cache (float16), not recomputed. The
-teacher's intermediate blocks in `teacher_blocks` (the students' block targets) get the segmentation probe
-too, so that a student's figure can be read against every target it learned from. Writes
-reports/metrics/evaluate.json, reports/figures/evaluate_resolution.png and reports/figures/pca_maps.png.
+students. For each:
+- kNN top-1 where the data has labels: the validation images against the training images (the model's
+  summary vector, the adaptor's summary where there is one, and mean-pooled patch features);
+- a linear segmentation probe (BatchNorm + 1x1 conv) where the data has label maps, trained on the training
+  split and scored (mIoU) on the validation split at 1x, 2x and 4x the training resolution: the bigger
+  mosaics `<split>_x<s>` where the embedded data has them, else the same images at s x the resolution,
+  label maps resized and cropped with them; the data's ignore label is not scored;
+- fidelity to the teacher (mean cosine of the adapted patch features) at those sizes, always;
+- parameter counts.
+What the data does not allow is recorded under "not_measured" with the reason. The teacher's features at
+the cache's resolution are read from the feature cache (float16), not recomputed. The teacher's blocks in
+`teacher_blocks` get the segmentation probe too. Writes reports/metrics/evaluate.json,
+reports/figures/evaluate_resolution.png and reports/figures/pca_maps.png (a photo of the `photos` split,
+else the first validation image).
 """
 from __future__ import annotations
 
@@ -22,34 +28,38 @@ import torch
 from cgspn.data.memory import ShardSubset
 from cgspn.data.shards import decode_mask, iter_samples, split_shards
 from cgspn.distill import to_batch
+from cgspn.errors import ParamError
 from cgspn.evaluation import knn_top1, mean_iou, train_seg_probe
 from cgspn.figures import pca_figure, resolution_figure
 from cgspn.models.cgspn import cgspn_from_teacher_config
 from cgspn.models.vit import parameter_count
-from cgspn.errors import ParamError
 from cgspn.outputs import write_json
 from cgspn.params import Param
 from cgspn.phis import PhiS, load_teacher_phis
 from cgspn.stage import run_stage
-from cgspn.stage_inputs import SHARDS, TEACHERS, feature_dir, teacher_entry
+from cgspn.stage_inputs import SHARDS, TEACHERS, Splits, feature_dir, teacher_entry
 from cgspn.students import load_adaptors, load_student
-from cgspn.teachers import load_vit
+from cgspn.teachers import load_vit, preprocess_mask
 
 SCHEMA = {
     "teacher": Param(str),
     "models": Param(list, item=str, choices=("teacher", "random", "distill_stage1", "distill_stage2", "highres")),
-    "knn_bank_split": Param(str),  # memory bank
-    "knn_query_split": Param(str),
+    "knn_bank_split": Param(str),  # memory bank; auto: train where it has labels
+    "knn_query_split": Param(str),  # auto: val (or test) where it has labels
     "knn_k": Param(int, min=1),
     "knn_temperature": Param(float, min=1e-6),
+    "seg_train_split": Param(str),  # auto: mosaic_train, else train, where it has label maps
+    "seg_val_split": Param(str),  # auto: mosaic_val, else val (or test), where it has label maps
     "seg_scales": Param(list, item=int, min=1),
     "seg_steps": Param(int, min=1),  # optimizer steps of each segmentation probe
     "teacher_blocks": Param(list, item=int, min=0),  # teacher blocks to probe too (the block targets)
-    "pca_photo": Param(str),
+    "pca_photo": Param(str),  # a photo of the photos split; without that split, the first validation image
     "pca_sizes": Param(list, item=int, min=14),
     "pca_model": Param(str),
+    "max_images": Param(int, min=0),  # per split (0: all): caps memory and time on a large data set
     "batch_size": Param(int, min=1),
     "threads": Param(int, min=1),
+    "device": Param(str, choices=("auto", "cpu", "cuda")),  # auto: a CUDA GPU when there is one
     "seed": Param(int, min=0),
 }
 METRICS = Path("reports/metrics/evaluate.json")
@@ -57,8 +67,9 @@ FIGURES = Path("reports/figures")
 
 
 class Encoder:
-    """One model under evaluation: images -> (summary [B, D], patch features [B, h, w, D], features in the
-    teacher's space [B, h, w, D_t] for fidelity, the model's own summary [B, D], the patch tokens of
+    """One model under evaluation, on its device: images -> float32 CPU tensors (summary [B, D], patch
+    features [B, h, w, D], features in the teacher's space [B, h, w, D_t] for fidelity, the model's own
+    summary [B, D], the patch tokens of
     `blocks` [B, K, h, w, D] from the same forward pass (the teacher's intermediate blocks; K = 0 for the
     others)). Students with adaptors map into the teacher's space through them (PHI-S de-standardized);
     the others are compared as they are."""
@@ -69,6 +80,7 @@ class Encoder:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor):
+        x = x.to(next(self.model.parameters()).device)
         out = self.model(x, layers=self.blocks) if self.blocks else self.model(x)
         summary, teacher_space = out.summary, out.patch_tokens
         if self.adaptor is not None:
@@ -77,10 +89,10 @@ class Encoder:
             teacher_space = self.phis["spatial"].destandardize(spatial_z)
         blocks = (torch.stack([out.layer_tokens[k] for k in self.blocks], 1) if self.blocks
                   else out.patch_tokens.new_zeros(x.shape[0], 0))
-        return summary, out.patch_tokens, teacher_space, out.summary, blocks
+        return tuple(t.float().cpu() for t in (summary, out.patch_tokens, teacher_space, out.summary, blocks))
 
 
-def load_encoders(p: dict, root: Path) -> dict[str, Encoder]:
+def load_encoders(p: dict, root: Path, device: str) -> dict[str, Encoder]:
     entry = teacher_entry(root, p["teacher"], "evaluate.teacher")
     teacher = load_vit(root / TEACHERS / entry["file"]).eval()
     phis = load_teacher_phis(feature_dir(root, entry))
@@ -101,6 +113,10 @@ def load_encoders(p: dict, root: Path) -> dict[str, Encoder]:
             if (folder / "adaptors.safetensors").exists():
                 adaptor = load_adaptors(folder / "adaptors.safetensors")[p["teacher"]]
             encoders[name] = Encoder(name, student, adaptor, phis)
+    for enc in encoders.values():
+        enc.model.to(device)
+        if enc.adaptor is not None:
+            enc.adaptor.to(device)
     return encoders
 
 
@@ -111,33 +127,86 @@ def encode(encoder: Encoder, images: list[np.ndarray], resolution: int, batch_si
     return [torch.cat(t) for t in zip(*parts)]
 
 
-def cached_outputs(root: Path, folder: Path, split: str, blocks: list[int]):
+def cached_outputs(root: Path, folder: Path, split: str, blocks: list[int], limit: int | None = None):
     """The teacher's outputs on `split` read from its feature cache (float16, at the cache's resolution)
     instead of computed again: the same five items as `encode`."""
     names = ("summary", "spatial", *(f"block{k}" for k in blocks))
-    f = ShardSubset(root / SHARDS, [split], feature_dirs={"teacher": folder}, feature_names=names)
+    f = ShardSubset(root / SHARDS, [split], feature_dirs={"teacher": folder}, feature_names=names, limit=limit)
     f = {n: v.float() for n, v in f.features["teacher"].items()}
     stacked = (torch.stack([f[f"block{k}"] for k in blocks], 1) if blocks
                else f["spatial"].new_zeros(len(f["summary"]), 0))
     return f["summary"], f["spatial"], f["spatial"], f["summary"], stacked
 
 
-def labels_of(root: Path, split: str) -> torch.Tensor:
-    return torch.tensor([int(s["cls"]) for sh in split_shards(root / SHARDS, split) for s in iter_samples(sh)])
+def split_samples(root: Path, split: str, limit: int | None):
+    """The first `limit` samples of a split (all with None), undecoded."""
+    out = []
+    for shard in split_shards(root / SHARDS, split):
+        for sample in iter_samples(shard):
+            if limit and len(out) >= limit:
+                return out
+            out.append((sample, shard))
+    return out
 
 
-def masks_of(root: Path, split: str) -> torch.Tensor:
-    return torch.from_numpy(np.stack([decode_mask(s, sh) for sh in split_shards(root / SHARDS, split)
-                                      for s in iter_samples(sh)]))
+def labels_of(root: Path, split: str, limit: int | None) -> torch.Tensor:
+    return torch.tensor([int(s["cls"]) for s, _ in split_samples(root, split, limit)])
 
 
-def seg_split(kind: str, scale: int) -> str:
-    return f"mosaic_{kind}" if scale == 1 else f"mosaic_{kind}_x{scale}"
+def masks_at(root: Path, split: str, px: int, limit: int | None) -> torch.Tensor:
+    """uint8 [N, px, px]: the split's label maps as `preprocess` frames their images at px."""
+    return torch.stack([preprocess_mask(decode_mask(s, sh), px) for s, sh in split_samples(root, split, limit)])
+
+
+def plan(p: dict, root: Path) -> tuple[dict, dict]:
+    """What can be measured on this data: ({"knn": (bank, query) | None, "seg": (train, val) | None},
+    {metric: why not}). Named splits must exist and hold what the metric needs."""
+    splits, used, missing = Splits(root), {}, {}
+    knn = [p["knn_bank_split"], p["knn_query_split"]]
+    if knn == ["auto", "auto"] and not (splits.has("train", "labels") and
+                                        any(splits.has(s, "labels") for s in ("val", "test"))):
+        used["knn"], missing["knn"] = None, "the data has no labels (kNN needs a labelled train and val split)"
+    else:
+        knn = [splits.resolve(knn[0], lambda _: "train", "evaluate.knn_bank_split"),
+               splits.resolve(knn[1], splits.val, "evaluate.knn_query_split")]
+        for param, split in zip(("knn_bank_split", "knn_query_split"), knn):
+            if not splits.has(split, "labels"):
+                raise ParamError(f"evaluate.{param}={split!r}: no such split with labels (splits: {splits.names})")
+        used["knn"] = tuple(knn)
+    seg = [p["seg_train_split"], p["seg_val_split"]]
+    auto = [splits.with_masks("train"), splits.with_masks("val")]
+    seg = [a if v == "auto" else v for v, a in zip(seg, auto)]
+    if None in seg:
+        used["seg"], missing["seg"] = None, "the data has no masks (the segmentation probe needs label maps)"
+    else:
+        for param, split in zip(("seg_train_split", "seg_val_split"), seg):
+            if not splits.has(split, "masks"):
+                raise ParamError(f"evaluate.{param}={split!r}: no such split with masks (splits: {splits.names})")
+        used["seg"] = tuple(seg)
+    return used, missing
+
+
+def pca_image(p: dict, root: Path, val_split: str) -> dict:
+    """The sample shown in the PCA figure: `pca_photo` of the photos split, else the first validation image."""
+    splits = Splits(root)
+    if splits.has("photos"):
+        photo = next((s for s, _ in split_samples(root, "photos", None)
+                      if s.get("txt", b"").decode() == p["pca_photo"]), None)
+        if photo is None:
+            raise ParamError(f"evaluate.pca_photo={p['pca_photo']!r}: no such photo in the photos split")
+        return photo
+    sample = split_samples(root, val_split, 1)[0][0]
+    print(f"evaluate: no photos split: the PCA figure shows {val_split}'s first image "
+          f"({sample.get('source.txt', sample['__key__'].encode()).decode()})", flush=True)
+    return {**sample, "txt": sample.get("source.txt", sample["__key__"].encode())}
 
 
 def main(p: dict, root: Path, run) -> dict:
     """Evaluate every model."""
     torch.set_num_threads(p["threads"])
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if p["device"] == "auto" else p["device"]
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ParamError("evaluate.device=cuda, but torch sees no CUDA GPU here")
     entry = teacher_entry(root, p["teacher"], "evaluate.teacher")
     if p["pca_model"] not in p["models"]:
         raise ParamError(f"evaluate.pca_model={p['pca_model']!r} is not in evaluate.models {p['models']}")
@@ -145,59 +214,76 @@ def main(p: dict, root: Path, run) -> dict:
     if not (features / "meta.json").exists():
         raise FileNotFoundError(f"{features / 'meta.json'}: missing (run the cache_teacher stage first)")
     meta = json.loads((features / "meta.json").read_text())
-    base = meta["resolution"]
-    photo = next((s for sh in split_shards(root / SHARDS, "photos") for s in iter_samples(sh)
-                  if s.get("txt", b"").decode() == p["pca_photo"]), None)
-    if photo is None:
-        raise ParamError(f"evaluate.pca_photo={p['pca_photo']!r}: no such photo in the photos split")
-    encoders = load_encoders(p, root)
+    base, limit = meta["resolution"], p["max_images"] or None
+    used, not_measured = plan(p, root)
+    for what, why in not_measured.items():
+        print(f"evaluate: {'kNN' if what == 'knn' else 'segmentation'} not measured: {why}", flush=True)
+    splits = Splits(root)
+    fidelity_split = used["seg"][1] if used["seg"] else splits.val("evaluate (fidelity)")
+    photo = pca_image(p, root, fidelity_split)
+    dataset = splits.info
+    encoders = load_encoders(p, root, device)
     depth = len(encoders["teacher"].model.blocks)
     if any(k >= depth for k in p["teacher_blocks"]):
-        raise ParamError(f"evaluate.teacher_blocks={p['teacher_blocks']}: the teacher has blocks "
-                         f"0..{depth - 1}")
-    classes = len(json.loads((root / SHARDS / "dataset.json").read_text())["mask_classes"])
-    bank = ShardSubset(root / SHARDS, [p["knn_bank_split"]])
-    queries = ShardSubset(root / SHARDS, [p["knn_query_split"]])
-    bank_labels, query_labels = labels_of(root, p["knn_bank_split"]), labels_of(root, p["knn_query_split"])
-    seg = {s: {kind: (ShardSubset(root / SHARDS, [seg_split(kind, s)]).images, masks_of(root, seg_split(kind, s)))
-               for kind in ("train", "val")} for s in p["seg_scales"]}
+        raise ParamError(f"evaluate.teacher_blocks={p['teacher_blocks']}: the teacher has blocks 0..{depth - 1}")
+    if used["knn"]:
+        bank = ShardSubset(root / SHARDS, [used["knn"][0]], limit=limit)
+        queries = ShardSubset(root / SHARDS, [used["knn"][1]], limit=limit)
+        bank_labels, query_labels = (labels_of(root, s, limit) for s in used["knn"])
+    # per scale: (train images, train masks, val images, val masks) for the probe, or the fidelity images alone
+    classes, ignore = len(dataset["mask_classes"] or []), dataset.get("ignore_label")
+    scaled = {}
+    for s in p["seg_scales"]:
+        px = base * s
+        if used["seg"]:
+            tr, va = (splits.at_scale(x, s) for x in used["seg"])
+            scaled[s] = {"train": (tr, ShardSubset(root / SHARDS, [tr], limit=limit).images, masks_at(root, tr, px, limit)),
+                         "val": (va, ShardSubset(root / SHARDS, [va], limit=limit).images, masks_at(root, va, px, limit))}
+        else:
+            va = splits.at_scale(fidelity_split, s)
+            scaled[s] = {"val": (va, ShardSubset(root / SHARDS, [va], limit=limit).images, None)}
     results, teacher_val = {}, {}
 
     def outputs(enc: Encoder, split: str, images: list[np.ndarray], px: int):
         """`encode`, except that the teacher's outputs at the cache's resolution come from the cache."""
         if (enc.name == "teacher" and px == base and split in meta["splits"]
                 and set(enc.blocks) <= set(meta.get("layers", []))):
-            return cached_outputs(root, features, split, enc.blocks)
+            return cached_outputs(root, features, split, enc.blocks, limit)
         return encode(enc, images, px, p["batch_size"])
 
-    for name, enc in encoders.items():
+    for n, (name, enc) in enumerate(encoders.items(), 1):
         start = time.perf_counter()
-        r = {"parameters": parameter_count(enc.model)}
-        b_sum, b_patch, _, b_own, _ = outputs(enc, p["knn_bank_split"], bank.images, base)
-        q_sum, q_patch, _, q_own, _ = outputs(enc, p["knn_query_split"], queries.images, base)
-        knn = lambda a, b: knn_top1(a, bank_labels, b, query_labels, p["knn_k"], p["knn_temperature"])  # noqa: E731
-        # The model's own summary vector, the one every model has; and, for students with an adaptor, the
-        # adaptor's prediction of the teacher's summary.
-        r["knn_summary"] = knn(b_own, q_own)
-        r["knn_summary_adapted"] = knn(b_sum, q_sum) if enc.adaptor is not None else None
-        r["knn_mean_patch"] = knn(b_patch.mean((1, 2)), q_patch.mean((1, 2)))
-        r["seg_miou"], r["seg_miou_adapted"], r["fidelity"] = {}, {}, {}
-        for s, data in seg.items():
+        print(f"evaluate: [{n}/{len(encoders)}] {name} ...", flush=True)
+        r = {"parameters": parameter_count(enc.model), "knn_summary": None, "knn_summary_adapted": None,
+             "knn_mean_patch": None, "seg_miou": {}, "seg_miou_adapted": {}, "fidelity": {}}
+        if used["knn"]:
+            b_sum, b_patch, _, b_own, _ = outputs(enc, used["knn"][0], bank.images, base)
+            q_sum, q_patch, _, q_own, _ = outputs(enc, used["knn"][1], queries.images, base)
+            knn = lambda a, b: knn_top1(a, bank_labels, b, query_labels, p["knn_k"], p["knn_temperature"])  # noqa: E731
+            # The model's own summary vector, the one every model has; and, for students with an adaptor, the
+            # adaptor's prediction of the teacher's summary.
+            r["knn_summary"] = knn(b_own, q_own)
+            r["knn_summary_adapted"] = knn(b_sum, q_sum) if enc.adaptor is not None else None
+            r["knn_mean_patch"] = knn(b_patch.mean((1, 2)), q_patch.mean((1, 2)))
+        for s, data in scaled.items():
             px = base * s
-            _, tr_patch, tr_teacher_space, _, tr_blocks = outputs(enc, seg_split("train", s), data["train"][0], px)
-            _, va_patch, va_teacher_space, _, va_blocks = outputs(enc, seg_split("val", s), data["val"][0], px)
-            # The probe reads the model's own patch features (what every model has), and for students with
-            # an adaptor also the adaptor's prediction of the teacher's features.
-            probes = [("seg_miou", tr_patch, va_patch)]
-            if enc.adaptor is not None:
-                probes.append(("seg_miou_adapted", tr_teacher_space, va_teacher_space))
-            for key, train_f, val_f in probes:
-                probe = train_seg_probe(train_f, data["train"][1], classes, p["seg_steps"], seed=p["seed"])
-                r[key][str(px)] = mean_iou(probe, val_f, data["val"][1], classes)
-            for j, k in enumerate(enc.blocks):  # the teacher's intermediate blocks
-                probe = train_seg_probe(tr_blocks[:, j], data["train"][1], classes, p["seg_steps"], seed=p["seed"])
-                r.setdefault("seg_miou_blocks", {}).setdefault(str(k), {})[str(px)] = mean_iou(
-                    probe, va_blocks[:, j], data["val"][1], classes)
+            va_split, va_images, va_masks = data["val"]
+            _, va_patch, va_teacher_space, _, va_blocks = outputs(enc, va_split, va_images, px)
+            if "train" in data:
+                tr_split, tr_images, tr_masks = data["train"]
+                _, tr_patch, tr_teacher_space, _, tr_blocks = outputs(enc, tr_split, tr_images, px)
+                # The probe reads the model's own patch features (what every model has), and for students with
+                # an adaptor also the adaptor's prediction of the teacher's features.
+                probes = [("seg_miou", tr_patch, va_patch)]
+                if enc.adaptor is not None:
+                    probes.append(("seg_miou_adapted", tr_teacher_space, va_teacher_space))
+                for j, k in enumerate(enc.blocks):  # the teacher's intermediate blocks
+                    probes.append((("seg_miou_blocks", str(k)), tr_blocks[:, j], va_blocks[:, j]))
+                for key, train_f, val_f in probes:
+                    probe = train_seg_probe(train_f, tr_masks, classes, p["seg_steps"], seed=p["seed"], ignore=ignore)
+                    score = mean_iou(probe, val_f, va_masks, classes, ignore=ignore)
+                    target = r[key] if isinstance(key, str) else r.setdefault(key[0], {}).setdefault(key[1], {})
+                    target[str(px)] = score
             if name == "teacher":
                 teacher_val[s] = va_patch
             if s in teacher_val and va_teacher_space.shape[-1] == teacher_val[s].shape[-1]:
@@ -205,23 +291,30 @@ def main(p: dict, root: Path, run) -> dict:
                 r["fidelity"][str(px)] = cos.mean().item()
         r["seconds"] = round(time.perf_counter() - start, 1)
         results[name] = r
-        adapted = f" (adapted {r['knn_summary_adapted']:.3f})" if enc.adaptor is not None else ""
-        print(f"evaluate: {name}: kNN summary {r['knn_summary']:.3f}{adapted}, mean-patch {r['knn_mean_patch']:.3f}; "
-              f"seg mIoU {', '.join(f'{k}px {v:.3f}' for k, v in r['seg_miou'].items())}; "
-              f"fidelity {', '.join(f'{k}px {v:.3f}' for k, v in r['fidelity'].items())} ({r['seconds']} s)",
-              flush=True)
-        for k, seg_k in r.get("seg_miou_blocks", {}).items():
-            print(f"evaluate: {name} block {k}: seg mIoU {', '.join(f'{s}px {v:.3f}' for s, v in seg_k.items())}",
-                  flush=True)
-    metrics = {"resolution": base, "models": results}
-    resolution_figure(results, root / FIGURES / "evaluate_resolution.png")
-    pca_figure(photo, encoders["teacher"], encoders[p["pca_model"]], p["pca_sizes"],
-               root / FIGURES / "pca_maps.png")
+        print(f"evaluate: {name}: {summary_line(r)} ({r['seconds']} s)", flush=True)
+    metrics = {"resolution": base, "device": device, "splits": {k: list(v) if v else None for k, v in used.items()},
+               "knn_k": p["knn_k"], "knn_temperature": p["knn_temperature"], "seg_steps": p["seg_steps"],
+               "not_measured": not_measured, "models": results}
+    resolution_figure(results, root / FIGURES / "evaluate_resolution.png", p["knn_k"])
+    pca_figure(photo, encoders["teacher"], encoders[p["pca_model"]], p["pca_sizes"], root / FIGURES / "pca_maps.png")
     write_json(root / METRICS, metrics)  # last: the metrics file and the figures are of the same run
     run.log_metrics(metrics)
     for f in sorted((root / FIGURES).glob("*.png")):
         run.log_artifact(f, "figures")
     return metrics
+
+
+def summary_line(r: dict) -> str:
+    parts = []
+    if r["knn_summary"] is not None:
+        adapted = f" (adapted {r['knn_summary_adapted']:.3f})" if r["knn_summary_adapted"] is not None else ""
+        parts.append(f"kNN summary {r['knn_summary']:.3f}{adapted}, mean-patch {r['knn_mean_patch']:.3f}")
+    if r["seg_miou"]:
+        parts.append("seg mIoU " + ", ".join(f"{k}px {v:.3f}" for k, v in r["seg_miou"].items()))
+    for k, seg_k in r.get("seg_miou_blocks", {}).items():
+        parts.append(f"block {k} seg mIoU " + ", ".join(f"{s}px {v:.3f}" for s, v in seg_k.items()))
+    parts.append("fidelity " + ", ".join(f"{k}px {v:.3f}" for k, v in r["fidelity"].items()))
+    return "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 from cgspn.errors import ParamError
 from cgspn.params import Param
 from cgspn.stage import run_stage
-from cgspn.stage_inputs import SHARDS, TEACHERS, check_raw_weight, check_splits, teachers_config
+from cgspn.stage_inputs import SHARDS, TEACHERS, Splits, check_raw_weight, check_splits, teachers_config
 from cgspn.students import load_adaptors, save_student_and_adaptors
 from cgspn.train import run_training, train_schema
 
@@ -19,8 +19,8 @@ SCHEMA = {
     "head_only_steps": Param(int, min=0),  # the backbone is frozen for these first steps
     "teacher_weights": Param(dict),
     "scales": Param(list, item=int, min=1),  # resolutions: scale x the resolution of the feature cache
-    "splits": Param(list, item=str),  # one training split per scale
-    "val_splits": Param(list, item=str),  # one validation split per scale
+    "splits": Param(list, item=str, auto=True),  # one training split per scale; auto: mosaic_train_x<s>, else train
+    "val_splits": Param(list, item=str, auto=True),  # one validation split per scale; auto: mosaic_val_x<s>, else val
     "batch_sizes": Param(list, item=int, min=1),  # per worker, one per scale
     "spatial_weight": Param(float, min=0.0),
     "summary_weight": Param(float, min=0.0),
@@ -33,6 +33,11 @@ SCHEMA = {
 def main(p: dict, root: Path, run) -> dict:
     """Train the student at high resolution."""
     n = len(p["scales"])
+    splits = Splits(root)
+    p["splits"] = splits.resolve(p["splits"], lambda param: [splits.at_scale(splits.train(param)[-1], s)
+                                                             for s in p["scales"]], "highres.splits")
+    p["val_splits"] = splits.resolve(p["val_splits"], lambda param: [splits.at_scale(
+        "mosaic_val" if splits.has("mosaic_val") else splits.val(param), s) for s in p["scales"]], "highres.val_splits")
     for key in ("splits", "val_splits", "batch_sizes"):
         if len(p[key]) != n:
             raise ParamError(f"highres.{key} needs one entry per scale ({n}), got {p[key]}")

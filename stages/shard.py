@@ -1,8 +1,11 @@
 """Stage `shard`: an image source -> webdataset shards in data/shards/, a wids index per split, metrics.
 
-Sources (params `shard.source`): `fashion_mnist` (the embedded default: garments, mosaics with label
-maps, natural photos), `folder` (`shard.path`/<class>/<image>), `table` (`shard.path`, a CSV or parquet
-with `path` and optional `label`, `caption`, `split`). The new tree replaces data/shards only when whole.
+Sources (params `shard.source`, at `shard.path`, which dvc.yaml tracks as a dependency): `fashion_mnist`
+(the embedded default: garments, mosaics with label maps, natural photos; `path` is the folder of its IDX
+files), `folder` (<class>/<image>, or <split>/<class>/<image>), `table` (a CSV or parquet with `path` and
+optional `label`, `caption`, `split`, `mask`), `segmentation` (images/<split>/ with annotations/<split>/,
+as ADE20K and mmseg lay it out); see cgspn.data.own_data. dataset.json says what each split holds (labels,
+masks), so later stages pick their splits from it. The new tree replaces data/shards only when whole.
 """
 from __future__ import annotations
 
@@ -14,16 +17,16 @@ from tqdm import tqdm
 
 from cgspn.data.preview import sample_grid
 from cgspn.data.shards import write_split
-from cgspn.data.sources import fashion_mnist_splits, folder_splits, table_splits
+from cgspn.data.own_data import folder_data, segmentation_data, table_data
+from cgspn.data.sources import fashion_mnist_splits
 from cgspn.errors import ParamError
 from cgspn.outputs import replace_dir, write_json
 from cgspn.params import Param
 from cgspn.stage import run_stage
 
 SCHEMA = {
-    "source": Param(str, choices=("fashion_mnist", "folder", "table")),
-    "path": Param(str),  # folder or table, for those sources
-    "fashion_mnist_dir": Param(str),
+    "source": Param(str, choices=("fashion_mnist", "folder", "table", "segmentation")),
+    "path": Param(str),  # the data: Fashion-MNIST's folder, the image folder, the table, the segmentation root
     "train_count": Param(int, min=1),
     "val_count": Param(int, min=1),
     "mosaic_train_count": Param(int, min=0),
@@ -35,7 +38,8 @@ SCHEMA = {
     "mosaic_scaled_train_count": Param(int, min=0),
     "mosaic_eval_count": Param(int, min=0),
     "photos": Param(bool),
-    "val_fraction": Param(float, min=0.0, max=1.0),
+    "val_fraction": Param(float, min=0.0, max=1.0),  # own data without splits: this share goes to val
+    "ignore_label": Param(int, min=0, max=255, optional=True),  # own masks: this value is not scored (null: none)
     "max_per_shard": Param(int, min=1),
     "seed": Param(int, min=0),
 }
@@ -48,27 +52,33 @@ def load_source(p: dict, root: Path):
         lo, hi = p[key]
         if lo > hi:
             raise ParamError(f"shard.{key} must be [low, high] with low <= high, got {p[key]}")
+    if not p["path"]:
+        raise ParamError(f"shard.path must name the data of source {p['source']!r}")
+    path = Path(p["path"])
     if p["source"] == "fashion_mnist":
         return fashion_mnist_splits(p, root / "data" / "raw" / "fashion-mnist")
-    if not p["path"]:
-        raise ParamError(f"shard.path must name the {p['source']} for source {p['source']!r}")
     if p["source"] == "folder":
-        return folder_splits(p["path"], p["val_fraction"], p["seed"])
-    return table_splits(p["path"], p["val_fraction"], p["seed"])
+        return folder_data(path, p["val_fraction"], p["seed"])
+    if p["source"] == "segmentation":
+        return segmentation_data(path)
+    return table_data(path, p["val_fraction"], p["seed"])
 
 
 def main(p: dict, root: Path, run) -> dict:
     """Write the image shards."""
     start = time.perf_counter()
-    dataset = load_source(p, root)
+    data = load_source(p, root)
     splits = {}
     with replace_dir(root / OUT) as staging:
-        for split, samples in dataset.splits.items():
+        for split, samples in data.splits().items():
             info = write_split(staging, split, tqdm(samples, desc=f"shard {split}", unit="img", mininterval=2),
                                p["max_per_shard"])
-            splits[split] = {"count": info.count, "shards": len(info.shards), "bytes": info.bytes}
+            splits[split] = {"count": info.count, "shards": len(info.shards), "bytes": info.bytes,
+                             "labels": info.labels, "masks": info.masks}
+        mask_classes = data.mask_classes
         write_json(staging / "dataset.json", {
-            "source": p["source"], "classes": dataset.classes, "mask_classes": dataset.mask_classes,
+            "source": p["source"], "path": p["path"], "classes": data.classes, "mask_classes": mask_classes,
+            "ignore_label": None if p["source"] == "fashion_mnist" or mask_classes is None else p["ignore_label"],
             "splits": {s: {**v, "index": f"{s}.json"} for s, v in splits.items()},
         })
     seconds = time.perf_counter() - start
@@ -76,14 +86,20 @@ def main(p: dict, root: Path, run) -> dict:
     nbytes = sum(s["bytes"] for s in splits.values())
     metrics = {"images": images, "bytes": nbytes, "seconds": round(seconds, 2),
                "images_per_s": round(images / seconds, 1), "bytes_per_image": round(nbytes / max(images, 1)),
-               "splits": splits}
+               "converted_to_8bit": len(data.converted), "splits": splits,
+               "data": {"source": p["source"], "path": p["path"]}}
     write_json(root / METRICS, metrics)
     run.log_metrics(metrics)
     with tempfile.TemporaryDirectory() as tmp:
         grid = Path(tmp) / "shard_samples.png"
         sample_grid(root / OUT, [s for s, v in splits.items() if v["count"]]).save(grid)
         run.log_artifact(grid)
-    print(f"shard: {images} images in {len(splits)} splits, {nbytes / 1e6:.1f} MB, {metrics['images_per_s']} img/s")
+    counts = ", ".join(f"{s} {v['count']}" for s, v in splits.items())
+    print(f"shard: {images} images in {len(splits)} splits ({counts}), {nbytes / 1e6:.1f} MB, "
+          f"{metrics['images_per_s']} img/s")
+    if data.converted:
+        shown = ", ".join(data.converted[:3]) + (", ..." if len(data.converted) > 3 else "")
+        print(f"shard: note: {len(data.converted)} image(s) in 16-bit or float modes were scaled to 8 bit ({shown})")
     return metrics
 
 

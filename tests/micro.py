@@ -19,36 +19,36 @@ TRAIN_COMMON = {
 }
 MICRO = {
     "shard": {
-        "source": "fashion_mnist", "path": "", "fashion_mnist_dir": "/usr/share/datasets/fashion-mnist",
+        "source": "fashion_mnist", "path": "/usr/share/datasets/fashion-mnist", "ignore_label": 0,
         "train_count": 40, "val_count": 20, "mosaic_train_count": 8, "mosaic_val_count": 4, "mosaic_canvas": 28,
         "garments_per_mosaic": [1, 2], "garment_size": [10, 20], "mosaic_scales": [2], "mosaic_scaled_train_count": 4,
         "mosaic_eval_count": 2, "photos": True, "val_fraction": 0.25, "max_per_shard": 16, "seed": 0,
     },
     "teacher": {"names": ["dinov2_vits14_imgfocus"]},
     "cache_teacher": {
-        "resolution": 28, "splits": ["train", "val", "mosaic_train"], "layers": [5], "phis_splits": ["train"],
+        "resolution": 28, "splits": "auto", "layers": [5], "phis_splits": ["train"],
         "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 8,
     },
     "distill_stage1": {**TRAIN_COMMON, "teacher": "dinov2_vits14_imgfocus", "resolution": 28,
-                       "splits": ["train", "mosaic_train"], "val_split": "val", "block_weights": [],
+                       "splits": "auto", "val_split": "auto", "block_weights": [],
                        "cosine_weight": 1.0},
     "distill_stage2": {**TRAIN_COMMON, "teacher_weights": {"dinov2_vits14_imgfocus": 1.0},
-                       "splits": ["train", "mosaic_train"], "val_split": "val", "targets": "cache",
+                       "splits": "auto", "val_split": "auto", "targets": "cache",
                        "spatial_weight": 1.0, "summary_weight": 1.0, "raw_weight": 1.0, "adaptor_hidden": 0,
                        "block_targets": {"dinov2_vits14_imgfocus": [5]}, "block_weight": 1.0,
                        "backbone_lr_scale": 0.5, "head_only_steps": 2},
     "highres": {**{k: v for k, v in TRAIN_COMMON.items() if k != "batch_size"}, "steps": 2, "checkpoint_every": 2,
-                "teacher_weights": {"dinov2_vits14_imgfocus": 1.0}, "scales": [2], "splits": ["mosaic_train_x2"],
-                "val_splits": ["mosaic_val_x2"], "batch_sizes": [2], "val_count": 2, "spatial_weight": 1.0,
+                "teacher_weights": {"dinov2_vits14_imgfocus": 1.0}, "scales": [2], "splits": "auto",
+                "val_splits": "auto", "batch_sizes": [2], "val_count": 2, "spatial_weight": 1.0,
                 "summary_weight": 1.0, "raw_weight": 0.0, "block_targets": {"dinov2_vits14_imgfocus": [5]},
                 "block_weight": 1.0, "backbone_lr_scale": 0.5, "head_only_steps": 2},  # every step head-only: the backbone stays put
 }
 MICRO.update({
     "evaluate": {"teacher": "dinov2_vits14_imgfocus",
                  "models": ["teacher", "random", "distill_stage1", "distill_stage2", "highres"],
-                 "knn_bank_split": "train", "knn_query_split": "val", "knn_k": 5, "knn_temperature": 0.07,
-                 "seg_scales": [1, 2], "seg_steps": 4, "teacher_blocks": [5], "pca_photo": "astronaut", "pca_sizes": [56, 112],
-                 "pca_model": "highres", "batch_size": 16, "threads": 2, "seed": 0},
+                 "knn_bank_split": "auto", "knn_query_split": "auto", "knn_k": 5, "knn_temperature": 0.07,
+                 "seg_train_split": "auto", "seg_val_split": "auto", "seg_scales": [1, 2], "seg_steps": 4, "teacher_blocks": [5], "pca_photo": "astronaut", "pca_sizes": [56, 112],
+                 "pca_model": "highres", "max_images": 0, "batch_size": 16, "threads": 2, "device": "auto", "seed": 0},
     "benchmark": {"reps": 1, "kernel": False, "blocks": True, "cpu_sides": [64], "cpu_model_sides": [56]},
     "report": {"title_note": "micro test run"},
 })

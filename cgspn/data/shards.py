@@ -2,7 +2,8 @@
 
 Layout of a shard directory (what the `shard` stage writes):
 
-    <dir>/<split>-000000.tar ...   samples `<key>.png|jpg` image, `.cls` label, `.mask.png`, `.txt` caption
+    <dir>/<split>-000000.tar ...   samples `<key>.png|jpg` image, `.cls` label, `.mask.png`, `.txt` caption,
+                                   `.source.txt` the source file
     <dir>/<split>.json             wids descriptor: {"wids_version": 1, "shardlist": [{"url", "nsamples"}]}
     <dir>/dataset.json             splits, counts, class names, the source
 
@@ -40,6 +41,7 @@ class Sample:
     label: int | None = None
     mask: bytes | None = None  # PNG, one channel, class index per pixel
     caption: str | None = None
+    source: str | None = None  # where the image came from (a path relative to the source), kept as source.txt
 
     def to_webdataset(self) -> dict:
         record = {"__key__": self.key, self.ext: self.image}
@@ -49,6 +51,8 @@ class Sample:
             record["mask.png"] = self.mask
         if self.caption is not None:
             record["txt"] = self.caption.encode()
+        if self.source is not None:
+            record["source.txt"] = self.source.encode()
         return record
 
 
@@ -64,6 +68,8 @@ class SplitInfo:
     count: int
     shards: list[str]
     bytes: int
+    labels: bool = False  # every sample has a label
+    masks: bool = False  # every sample has a label map
 
 
 def write_split(out_dir: Path, split: str, samples: Iterable[Sample], max_per_shard: int) -> SplitInfo:
@@ -71,11 +77,13 @@ def write_split(out_dir: Path, split: str, samples: Iterable[Sample], max_per_sh
     import webdataset as wds
 
     pattern = str(out_dir / f"{split}-%06d.tar")
-    count = 0
+    count = labels = masks = 0
     with wds.ShardWriter(pattern, maxcount=max_per_shard, verbose=0, mtime=TAR_MTIME) as sink:
         for sample in samples:
             sink.write(sample.to_webdataset())
             count += 1
+            labels += sample.label is not None
+            masks += sample.mask is not None
     shards = sorted(out_dir.glob(f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
     if count == 0:
         for s in shards:
@@ -88,7 +96,8 @@ def write_split(out_dir: Path, split: str, samples: Iterable[Sample], max_per_sh
         "shardlist": [{"url": s.name, "nsamples": n, "filesize": s.stat().st_size} for s, n in zip(shards, lengths)],
     }
     (out_dir / f"{split}.json").write_text(json.dumps(index, indent=1) + "\n")
-    return SplitInfo(count, [s.name for s in shards], sum(s.stat().st_size for s in shards))
+    return SplitInfo(count, [s.name for s in shards], sum(s.stat().st_size for s in shards),
+                     count > 0 and labels == count, count > 0 and masks == count)
 
 
 def split_shards(shard_dir: str | Path, split: str) -> list[Path]:

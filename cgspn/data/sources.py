@@ -3,13 +3,11 @@
 - `fashion_mnist_splits`: the embedded default, real data that works offline. Single garments (kNN
   evaluation, training), mosaics of garments with a per-pixel label map (segmentation probe) at the base
   canvas and at bigger canvases, and the natural photos that ship with scikit-image and scikit-learn.
-- `folder_splits`: `<root>/<class>/<image>`, one subfolder per class.
-- `table_splits`: a CSV or parquet file with a `path` column and optional `label`, `caption`, `split`.
+- the researcher's own data (an image folder, a table, the ADE20K/mmseg segmentation layout): own_data.py.
 """
 from __future__ import annotations
 
 import gzip
-import io
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError
+from ..errors import InputError, ParamError
 from .shards import Sample, encode_png
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -35,11 +33,15 @@ SplitSamples = dict[str, Iterator[Sample]]
 
 @dataclass
 class Dataset:
-    """What a source yields: samples per split, plus names for labels and mask values."""
+    """What the embedded source yields: samples per split, plus names for labels and mask values."""
 
-    splits: SplitSamples
+    samples: SplitSamples
     classes: list[str]
     mask_classes: list[str] | None = None
+    converted: tuple = ()  # no image needs converting to 8 bit
+
+    def splits(self) -> SplitSamples:
+        return self.samples
 
 
 # --- Fashion-MNIST --------------------------------------------------------------------------------
@@ -60,7 +62,7 @@ def _find_or_fetch(name: str, dirs: list[Path]) -> Path:
         raise InputError(
             f"Fashion-MNIST file {name} not found in {', '.join(map(str, dirs))} and the download failed ({e}). "
             "Install it with `apt-get install dataset-fashion-mnist` (Debian), or put the official IDX .gz "
-            f"files from {FASHION_URL} into {dirs[0]} (params: shard.fashion_mnist_dir)"
+            f"files from {FASHION_URL} into {dirs[0]} (params: shard.path)"
         ) from None
 
 
@@ -77,10 +79,12 @@ def load_fashion_mnist(split: str, directory: str | Path, download_dir: str | Pa
     return images, labels
 
 
-def garment_samples(prefix: str, images: np.ndarray, labels: np.ndarray) -> Iterator[Sample]:
+def garment_samples(prefix: str, images: np.ndarray, labels: np.ndarray, sources=None) -> Iterator[Sample]:
+    """Single garments; `sources`: where each came from (`<IDX file>:<index>`), kept in the shard."""
     for i, (img, label) in enumerate(zip(images, labels)):
         rgb = np.repeat(img[:, :, None], 3, axis=2)
-        yield Sample(f"{prefix}_{i:06d}", encode_png(rgb), label=int(label), caption=FASHION_CLASSES[label])
+        yield Sample(f"{prefix}_{i:06d}", encode_png(rgb), label=int(label), caption=FASHION_CLASSES[label],
+                     source=None if sources is None else sources[i])
 
 
 def make_mosaic(
@@ -144,19 +148,20 @@ def fashion_mnist_splits(p: dict, download_dir: Path) -> Dataset:
     mosaic_val, mosaic_train_x<s> and mosaic_val_x<s> for each bigger scale s (canvas x s, garments x s^2),
     photos."""
     rng = np.random.default_rng(p["seed"])
-    tr_img, tr_lab = load_fashion_mnist("train", p["fashion_mnist_dir"], download_dir)
-    te_img, te_lab = load_fashion_mnist("test", p["fashion_mnist_dir"], download_dir)
+    tr_img, tr_lab = load_fashion_mnist("train", p["path"], download_dir)
+    te_img, te_lab = load_fashion_mnist("test", p["path"], download_dir)
     for name, n, have in [("train_count", p["train_count"], len(tr_img)), ("val_count", p["val_count"], len(te_img))]:
         if n > have:
-            raise InputError(f"params: shard.{name}={n} but Fashion-MNIST has only {have} images there")
+            raise ParamError(f"shard.{name}={n} but Fashion-MNIST has only {have} images there")
     tr_order, te_order = rng.permutation(len(tr_img)), rng.permutation(len(te_img))
     train, val = tr_order[: p["train_count"]], te_order[: p["val_count"]]
     # Mosaics draw from the garments that the single-garment splits do not use.
     mtrain, mval = tr_order[p["train_count"] :], te_order[p["val_count"] :]
     canvas, per, sizes, seed = p["mosaic_canvas"], p["garments_per_mosaic"], p["garment_size"], p["seed"]
     splits: SplitSamples = {
-        "train": garment_samples("train", tr_img[train], tr_lab[train]),
-        "val": garment_samples("val", te_img[val], te_lab[val]),
+        "train": garment_samples("train", tr_img[train], tr_lab[train],
+                                 [f"{FASHION_FILES['train'][0]}:{i}" for i in train]),
+        "val": garment_samples("val", te_img[val], te_lab[val], [f"{FASHION_FILES['test'][0]}:{i}" for i in val]),
         "mosaic_train": mosaic_samples("mosaic_train", tr_img[mtrain], tr_lab[mtrain], p["mosaic_train_count"],
                                        canvas, per, sizes, seed + 1),
         "mosaic_val": mosaic_samples("mosaic_val", te_img[mval], te_lab[mval], p["mosaic_val_count"], canvas, per,
@@ -171,111 +176,3 @@ def fashion_mnist_splits(p: dict, download_dir: Path) -> Dataset:
     if p["photos"]:
         splits["photos"] = photo_samples()
     return Dataset(splits, FASHION_CLASSES, ["background"] + FASHION_CLASSES)
-
-
-# --- image folder and table -----------------------------------------------------------------------
-
-
-def _read_checked(path: Path, where: str) -> tuple[bytes, str]:
-    """The file's bytes and image extension, after checking that it decodes."""
-    if not path.exists():
-        raise InputError(f"{where}: image file {path} does not exist")
-    data = path.read_bytes()
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            fmt = (im.format or "").lower()
-    except Exception as e:
-        raise InputError(f"{where}: image file {path} does not decode ({e})") from None
-    ext = {"jpeg": "jpg", "mpo": "jpg"}.get(fmt, fmt)
-    if ext not in ("png", "jpg", "webp", "bmp"):
-        # Unusual formats are stored as PNG so that every reader can open them.
-        with Image.open(io.BytesIO(data)) as im:
-            return encode_png(np.asarray(im.convert("RGB"))), "png"
-    return data, ext
-
-
-def _assign_splits(n: int, val_fraction: float, seed: int) -> list[str]:
-    order = np.random.default_rng(seed).permutation(n)
-    n_val = int(round(n * val_fraction))
-    split = ["train"] * n
-    for i in order[:n_val]:
-        split[i] = "val"
-    return split
-
-
-def _records_to_splits(records: list[dict], val_fraction: float, seed: int, classes: list[str]) -> SplitSamples:
-    """records: {"path", "where", "label", "caption", "split"?} -> lazily read samples per split."""
-    if any(r.get("split") is None for r in records):
-        for r, s in zip(records, _assign_splits(len(records), val_fraction, seed)):
-            r["split"] = r.get("split") or s
-
-    def samples(split: str) -> Iterator[Sample]:
-        for i, r in enumerate(x for x in records if x["split"] == split):
-            data, ext = _read_checked(r["path"], r["where"])
-            yield Sample(f"{split}_{i:06d}", data, ext, r.get("label"), caption=r.get("caption"))
-
-    return {s: samples(s) for s in sorted({r["split"] for r in records})}
-
-
-def folder_splits(root: str | Path, val_fraction: float, seed: int) -> Dataset:
-    """`root/<class>/<image>`: class names are the sorted subfolder names."""
-    root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"params: shard.path={str(root)!r} is not a directory")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise InputError(f"{root}: no class subfolders (expected {root}/<class>/<image>)")
-    records = [
-        {"path": f, "where": str(f), "label": ci, "caption": c}
-        for ci, c in enumerate(classes)
-        for f in sorted((root / c).iterdir())
-        if f.is_file() and not f.name.startswith(".")
-    ]
-    if not records:
-        raise InputError(f"{root}: the class subfolders hold no files")
-    return Dataset(_records_to_splits(records, val_fraction, seed, classes), classes)
-
-
-def table_splits(table: str | Path, val_fraction: float, seed: int) -> Dataset:
-    """A CSV or parquet file: `path` (relative to the table's folder or absolute), optional `label`
-    (class name or integer), `caption`, `split` (train/val/...)."""
-    import pandas as pd
-
-    table = Path(table)
-    if not table.exists():
-        raise InputError(f"params: shard.path={str(table)!r} does not exist")
-    try:
-        df = pd.read_parquet(table) if table.suffix == ".parquet" else pd.read_csv(table)
-    except Exception as e:
-        raise InputError(f"{table}: not a readable {'parquet' if table.suffix == '.parquet' else 'CSV'} file ({e})")
-    if "path" not in df.columns:
-        raise InputError(f"{table}: no 'path' column (columns: {list(df.columns)})")
-    classes: list[str] = []
-    labels = [None] * len(df)
-    if "label" in df.columns:
-        raw = df["label"].tolist()
-        if all(isinstance(v, (int, np.integer)) for v in raw):
-            labels = [int(v) for v in raw]
-            classes = [str(c) for c in range(max(labels) + 1)]
-        else:
-            classes = sorted({str(v) for v in raw})
-            labels = [classes.index(str(v)) for v in raw]
-    captions = df["caption"].tolist() if "caption" in df.columns else [None] * len(df)
-    splits = [str(v) for v in df["split"]] if "split" in df.columns else [None] * len(df)
-    csv = table.suffix != ".parquet"
-    records = []
-    for i, path in enumerate(df["path"].tolist()):
-        p = Path(str(path))
-        records.append({
-            "path": p if p.is_absolute() else table.parent / p,
-            "where": f"{table} line {i + 2}" if csv else f"{table} row {i}",  # CSV line 1 is the header
-            "label": labels[i],
-            "caption": None if captions[i] is None or pd.isna(captions[i]) else str(captions[i]),
-            "split": splits[i],
-        })
-    # Check every file exists before any shard is written: a missing file is named at once.
-    for r in records:
-        if not r["path"].exists():
-            raise InputError(f"{r['where']}: image file {r['path']} does not exist")
-    return Dataset(_records_to_splits(records, val_fraction, seed, classes), classes)
