@@ -238,7 +238,7 @@ def _resize_crop(H: int, W: int, size: int) -> tuple[tuple[int, int], int, int]:
 def preprocess_mask(mask, size: int) -> torch.Tensor:
     """A label map uint8 [H, W] -> uint8 [size, size] aligned with `preprocess(image, size)` of its image
     (the same resize, nearest neighbour, and the same centre crop)."""
-    m = torch.as_tensor(np.asarray(mask))
+    m = torch.as_tensor(np.array(mask))  # a copy: decoded masks are read-only
     new, top, left = _resize_crop(*m.shape, size)
     m = F.interpolate(m[None, None].float(), size=new, mode="nearest")[0, 0]
     return m[top : top + size, left : left + size].to(torch.uint8)

@@ -55,3 +55,38 @@ def test_the_probe_takes_exactly_its_steps_and_learns_a_separable_map(monkeypatc
     assert len(calls) == 130  # 4 batches a pass (3+3+3+1 images)
     monkeypatch.setattr(LinearSegProbe, "forward", forward)
     assert mean_iou(probe, features, masks, classes) > 0.9
+
+
+def test_mean_iou_leaves_the_ignore_label_out():
+    """Pixels labelled `ignore` are not scored (whatever the prediction there) and `ignore` is no class."""
+    g = torch.Generator().manual_seed(3)
+    probe = LinearSegProbe(8, 4).eval()
+    features, masks = torch.randn(4, 3, 3, 8, generator=g), torch.randint(0, 4, (4, 12, 12), generator=g)
+    pred = probe(features, (12, 12)).argmax(1)
+    keep = masks != 0
+    ious = []
+    for c in range(1, 4):
+        tp = ((pred == c) & (masks == c) & keep).sum().item()
+        union = (((pred == c) | (masks == c)) & keep).sum().item()
+        if union:
+            ious.append(tp / union)
+    assert mean_iou(probe, features, masks, 4, ignore=0) == pytest.approx(float(np.mean(ious)))
+    relabelled = masks.clone()
+    relabelled[~keep] = 0
+    assert mean_iou(probe, features, relabelled, 4, ignore=0) == mean_iou(probe, features, masks, 4, ignore=0)
+
+
+def test_a_label_map_is_framed_like_its_image():
+    """preprocess_mask resizes and crops a label map exactly as preprocess frames its image: on an image whose
+    right part is white and its map 1 there, the two agree away from the edge, at any size and aspect."""
+    from cgspn.teachers import preprocess, preprocess_mask
+
+    for h, w, size in [(60, 90, 28), (90, 60, 56), (37, 41, 112)]:
+        mask = np.zeros((h, w), np.uint8)
+        mask[:, int(w * 0.6):] = 1
+        image = np.repeat(mask[:, :, None] * 255, 3, axis=2).astype(np.uint8)
+        bright = preprocess(image, size)[0].mean(0) > 0  # normalized: white > 0 > black
+        framed = preprocess_mask(mask, size)
+        assert framed.shape == (size, size) and framed.dtype == torch.uint8
+        disagree = (bright != framed.bool()).sum(0)  # per column: only the edge column may differ
+        assert (disagree > 0).sum() <= 1, (h, w, size)
