@@ -21,7 +21,8 @@ from cgspn.data.shards import (
     write_split,
     zip_samples,
 )
-from cgspn.data.sources import FASHION_CLASSES, FOREGROUND_THRESHOLD, garment_samples, table_splits
+from cgspn.data.own_data import table_data
+from cgspn.data.sources import FASHION_CLASSES, FOREGROUND_THRESHOLD, garment_samples
 from cgspn.errors import InputError, ShardError
 from cgspn.feature_cache import teacher_features
 from cgspn.outputs import replace_dir
@@ -88,9 +89,9 @@ def test_table_source_reads_csv_and_parquet(tmp_path):
                        "caption": [f"picture {i}" for i in range(4)], "split": ["train", "train", "val", "val"]})
     for table in [tmp_path / "t.csv", tmp_path / "t.parquet"]:
         df.to_csv(table, index=False) if table.suffix == ".csv" else df.to_parquet(table)
-        ds = table_splits(table, 0.5, 0)
+        ds = table_data(table, 0.5, 0)
         assert ds.classes == ["cat", "dog"]
-        val = list(ds.splits["val"])
+        val = list(ds.splits()["val"])
         assert [s.label for s in val] == [0, 1] and val[1].caption == "picture 3"
 
 
@@ -221,8 +222,8 @@ def test_undecodable_image_is_named(micro, tmp_path, capsys):
 
 def test_csv_row_with_a_missing_file_is_named(tmp_path):
     (tmp_path / "t.csv").write_text("path,caption\nmissing.png,a photo\n")
-    with pytest.raises(InputError, match=r"t.csv line 2: image file .*missing.png does not exist"):
-        table_splits(tmp_path / "t.csv", 0.1, 0)
+    with pytest.raises(InputError, match=r"t.csv line 2, column 'path': image file .*missing.png does not exist"):
+        table_data(tmp_path / "t.csv", 0.1, 0)
 
 
 @pytest.mark.parametrize("change", ["missing", "extra", "renamed"])

@@ -86,7 +86,7 @@ def test_the_raw_term_matches_the_students_own_tokens_to_the_teachers(trained):
     from cgspn.data.memory import ShardSubset
     from cgspn.distill import AdaptedObjective, Stage2Task, cached_targets, to_batch
     from cgspn.losses import spatial_loss
-    from stages.distill_stage2 import teachers_config
+    from cgspn.stage_inputs import teachers_config
 
     root, t = trained["root"], "dinov2_vits14_imgfocus"
     p = {**MICRO["distill_stage2"]}
