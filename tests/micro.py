@@ -116,6 +116,9 @@ def error_line(output: str, stage: str) -> str:
     # In-process runs only: Ray's log handler may still hold a stream an earlier test's capture closed, and
     # the logging module then prints "--- Logging error ---", a traceback of its own, and "Arguments: ...".
     own = re.sub(r"--- Logging error ---\n.*?\nArguments: [^\n]*\n", "", output, flags=re.S)
+    # Lines a Ray worker or actor printed (prefixed "(Name pid=N)") are Ray's, not the stage's: Ray Train's
+    # PlacementGroupCleaner prints a traceback when another Ray instance runs on the machine.
+    own = "\n".join(line for line in own.splitlines() if not re.match(r"(\x1b\[\d+m)?\(\w+ pid=\d+", line))
     lines = [line for line in own.splitlines() if line.startswith(f"stage {stage}: error: ")]
     assert len(lines) == 1 and "Traceback" not in own, output[-3000:]
     return lines[0]

@@ -116,9 +116,9 @@ def test_feature_shards_mirror_the_image_shards_and_hold_the_teachers_features(m
     root = micro["root"]
     features = root / "data/features/dinov2_vits14_imgfocus"
     meta = json.loads((features / "meta.json").read_text())
-    assert meta["grid"] == [2, 2] and meta["splits"] == {"train": 40, "val": 20, "mosaic_train": 8}
+    assert meta["grid"] == [2, 2] and meta["splits"] == {"train": 40, "val": 20, "mosaic_train": 8, "mosaic_val": 4}
     model = load_vit(root / "models/teachers/dinov2_vits14_imgfocus.safetensors")
-    for split in MICRO["cache_teacher"]["splits"]:
+    for split in meta["splits"]:  # cache_teacher.splits is auto: every split at the training resolution
         for path in split_shards(root / "data/shards", split):
             pairs = list(zip_samples(path, features / path.name))
             assert len(pairs) == sum(1 for _ in iter_samples(path))
@@ -131,7 +131,7 @@ def test_feature_shards_mirror_the_image_shards_and_hold_the_teachers_features(m
         assert cached.shape == fresh[name].shape
         torch.testing.assert_close(cached, fresh[name], atol=2e-2, rtol=1e-2)
     m = micro["metrics"]["cache_teacher"]["dinov2_vits14_imgfocus"]
-    assert m["images"] == 68 and m["workers"] == 2 and m["bytes_per_image"] > 0
+    assert m["images"] == 72 and m["workers"] == 2 and m["bytes_per_image"] > 0
 
 
 @pytest.mark.parametrize("kind", ["spatial", "summary", "block5"])
