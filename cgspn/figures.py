@@ -43,7 +43,6 @@ def resolution_figure(results: dict, path: Path, knn_k: int) -> Path:
         ax.set(xlabel="image side (px)", ylabel=titles[key][0], title=titles[key][1], xscale="log")
         ax.minorticks_off()  # only the measured sides as ticks: no overlapping log-scale labels
         ax.set_xticks(sides, [str(s) for s in sides])
-        ax.legend(fontsize=8)
     if has_knn:
         ax, names = axes["knn"], [n for n, r in results.items() if r["knn_summary"] is not None]
         x = np.arange(len(names))
@@ -55,8 +54,10 @@ def resolution_figure(results: dict, path: Path, knn_k: int) -> Path:
         ax.set_ylim(max(0.0, low - 10), min(100.0, high + 5))
         ax.set_xticks(x, names, rotation=20, fontsize=8)
         ax.set(ylabel="top-1 (%)", title=f"kNN (k={knn_k}) on the validation split")
-        ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+        ax.legend(fontsize=8, loc="upper left")
+    handles, labels = axes["fidelity"].get_legend_handles_labels()  # one legend for the curves, below them
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return _save(fig, path)
 
 
