@@ -56,7 +56,7 @@ def make_folder(root: Path, n: int = 32, seed: int = 0) -> Path:
 
 
 def make_table(root: Path, fmt: str = "csv", n: int = 32, seed: int = 1, masks: bool = False) -> Path:
-    """root/images/<i>.png and root/photos.<fmt>: path, label (class names), caption, split (every 4th val),
+    """root/images/<i>.png and root/photos.<fmt>: path, label (class names), caption, split (every 5th val),
     and a mask column with root/masks/<i>.png when `masks`."""
     import pandas as pd
 
@@ -67,7 +67,7 @@ def make_table(root: Path, fmt: str = "csv", n: int = 32, seed: int = 1, masks: 
     for i, (name, img) in enumerate(crops(n, seed)):
         Image.fromarray(img).save(root / "images" / f"{i:03d}.png")
         row = {"path": f"images/{i:03d}.png", "label": name, "caption": f"a crop of the {name} photo",
-               "split": "val" if i % 4 == 0 else "train"}
+               "split": "val" if i % 5 == 0 else "train"}  # every class in both splits (classes cycle by 4)
         if masks:
             Image.fromarray(label_map(img)).save(root / "masks" / f"{i:03d}.png")
             row["mask"] = f"masks/{i:03d}.png"

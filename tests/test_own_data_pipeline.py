@@ -77,8 +77,8 @@ def test_what_the_data_allows_is_measured_and_the_rest_is_named(own_runs):
         assert ("kNN: not measured: the data has no labels" in report) == (not knn), name
         assert ("Segmentation: not measured: the data has no masks" in report) == (not seg), name
         assert set(ev["not_measured"]) == ({"knn"} if not knn else set()) | ({"seg"} if not seg else set())
-        if knn:
-            assert 0.0 <= teacher["knn_summary"] <= 1.0 and "kNN top-1, summary (%)" in report
+        if knn:  # four photos, each crop labelled by its photo: the teacher tells them apart
+            assert teacher["knn_summary"] > 0.5 and "kNN top-1, summary (%)" in report
         if seg:  # on the data's own label maps at 1x and 2x, the ignore label (0) not scored
             assert ev["splits"]["seg"] == ["train", "val"] and len(teacher["seg_miou"]) == 2
             assert all(0.0 <= v <= 1.0 for v in teacher["seg_miou"].values())
