@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 
-from flows.pipeline import pipeline
+from flows.pipeline import REPO, STAGES, pipeline
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cron", default="0 3 * * *", help="schedule (default: every day at 03:00)")
     parser.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
+    parser.add_argument("--root", default=str(REPO), help="the DVC repository to run (default: this one)")
+    parser.add_argument("--stages", nargs="+", default=None, help=f"a subset of {STAGES} (default: all)")
     args = parser.parse_args(argv)
-    pipeline.serve(name=args.name, cron=args.cron, tags=["cgspn"],
+    parameters = {"root": args.root, **({"stages": args.stages} if args.stages else {})}
+    pipeline.serve(name=args.name, cron=args.cron, tags=["cgspn"], parameters=parameters,
                    description="The C-GSPN pipeline: every DVC stage in order, one MLflow parent run.")
 
 
