@@ -256,3 +256,33 @@ def build_report(root: Path, commit: str | None, params_text: str, when: str) ->
     parts += training_section(root) + data_section(root) + benchmark_section(root) + traffic_section(root)
     parts += ["## Parameters", "", "```yaml", params_text.strip(), "```", ""]
     return "\n".join(parts)
+
+
+def headline(root: Path) -> dict[str, float]:
+    """The figures a pipeline run is compared by (the MLflow parent run's metrics, the flow's table): kNN
+    top-1 and segmentation mIoU per scale of the teacher, the stage-2 and high-res students (what the data
+    allowed), the high-res student's fidelity, parameter counts, and the block speedup over attention at the
+    largest side benchmarked on this run's device (forward). Percentages as fractions, as the stages write."""
+    out: dict[str, float] = {}
+    ev = _load(root / "reports/metrics/evaluate.json")
+    if ev:
+        for name in ("teacher", "distill_stage2", "highres", "random"):
+            r = ev["models"].get(name)
+            if not r:
+                continue
+            if r.get("knn_summary") is not None:
+                out[f"knn/{name}"] = r["knn_summary"]
+            if name != "random":
+                out.update({f"miou_{px}px/{name}": v for px, v in r["seg_miou"].items()})
+        hr = ev["models"].get("highres", {})
+        out.update({f"fidelity_{px}px/highres": v for px, v in hr.get("fidelity", {}).items()})
+        for name in ("teacher", "highres"):
+            if name in ev["models"]:
+                out[f"parameters_M/{name}"] = round(ev["models"][name]["parameters"] / 1e6, 2)
+    blocks = _load(root / "reports/benchmarks/blocks.json")
+    if blocks and blocks.get("speedups"):
+        forward = [s for s in blocks["speedups"] if s["mode"] == "fwd"]
+        top = max(forward, key=lambda s: (s["side"], s["width"], -s["batch"]), default=None)
+        if top:
+            out[f"block_speedup/w{top['width']}_b{top['batch']}_{top['side']}px_{blocks['info']['kind']}"] = top["speedup"]
+    return out

@@ -28,6 +28,27 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside the database for a `sqlite:///` store
+    (`<folder of the .db>/mlartifacts/`), so that a run tracked into a temporary database never writes into
+    the current directory's `mlruns/` (MLflow's default); None (the server's choice) for a tracking server."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def experiment_id(name: str) -> str:
+    """The id of the experiment `name` at the current tracking URI, created (artifacts per `artifact_root`)
+    when it does not exist yet."""
+    import mlflow
+
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    root = artifact_root(mlflow.get_tracking_uri())
+    return mlflow.create_experiment(name, artifact_location=f"{root}/{name}" if root else None)
+
+
 def metric_name(name: str) -> str:
     """MLflow accepts letters, digits, '_', '-', '.', ' ', ':' and '/' in metric names; others become '_'."""
     return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)
@@ -117,12 +138,12 @@ def stage_run(stage: str, params: dict, extra_tags: dict | None = None) -> Itera
     if commit := git_commit():
         tags["mlflow.source.git.commit"] = commit
     if parent:
-        experiment_id = mlflow.MlflowClient().get_run(parent).info.experiment_id
+        experiment = mlflow.MlflowClient().get_run(parent).info.experiment_id
         tags["mlflow.parentRunId"] = parent
     else:
         name = os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
-        experiment_id = mlflow.set_experiment(name).experiment_id
-    with mlflow.start_run(run_name=stage, experiment_id=experiment_id, tags=tags) as run:
+        experiment = experiment_id(name)
+    with mlflow.start_run(run_name=stage, experiment_id=experiment, tags=tags) as run:
         handle = StageRun(run)
         mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
         handle.log_dict(params, "config.json")

@@ -60,7 +60,9 @@ def micro(request, tmp_path_factory):
                 "parent": flow["first"]["mlflow_parent_run"], "experiment": flow["experiment"],
                 "tracking_uri": flow["tracking_uri"], "stages": STAGES}
     else:
-        experiment = mlflow.set_experiment("micro").experiment_id
+        from cgspn.tracking import experiment_id
+
+        experiment = experiment_id("micro")
         parent = mlflow.MlflowClient().create_run(experiment, run_name="pipeline").info.run_id
         os.environ["CGSPN_PARENT_RUN_ID"] = parent
         params = write_params(root / "params.yaml")
@@ -111,3 +113,17 @@ def flow_run(tmp_path_factory, prefect_harness):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_written_into_the_checkout():
+    """Tests write only into temporary folders: no MLflow artifact store (mlruns/, mlartifacts/) or database
+    appears in the checkout during the session (MLflow's default artifact root is the working directory)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    watched = [repo / name for name in ("mlruns", "mlartifacts", "mlflow.db")]
+    before = {p for p in watched if p.exists()}
+    yield
+    appeared = sorted(str(p) for p in watched if p.exists() and p not in before)
+    assert not appeared, f"the test session wrote into the checkout: {appeared}"

@@ -1,9 +1,12 @@
 """The Prefect flow over the DVC stages, on the micro configuration in a fresh git + DVC repository
 (conftest.flow_run), under Prefect's test harness: every stage runs and writes its outputs, a second run
-skips them all, MLflow holds one parent run with a child per stage, and a failing stage is retried and
-fails the flow with its own error."""
+skips them all (tasks in a state named Skipped, no MLflow parent run left), MLflow holds one parent run per
+run that ran something, named after the flow run, with a child per stage, the headline figures and the
+student as a logged model; a run with overrides is one DVC experiment and leaves params.yaml as it was; a
+failing stage is retried and fails the flow with its own error."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -28,20 +31,36 @@ def test_first_run_runs_every_stage_and_writes_its_outputs(flow_run):
 
 
 def test_second_run_skips_every_stage(flow_run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
     assert flow_run["second"]["stages"] == {s: "skipped" for s in STAGES}
+    assert flow_run["second"]["mlflow_parent_run"] is None  # nothing ran: no empty parent run
+    with get_client(sync_client=True) as client:
+        flow_runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[flow_run["second"]["flow_run"]])))
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [flow_runs[0].id]}))
+    assert sorted(t.state.name for t in tasks) == ["Skipped"] * len(STAGES)  # not plain "Completed" bars
 
 
-def test_mlflow_has_one_parent_run_with_a_child_per_stage(flow_run):
+def test_mlflow_has_one_parent_run_per_run_that_ran_with_a_child_per_stage(flow_run):
     import mlflow
 
     client = mlflow.MlflowClient(flow_run["tracking_uri"])
-    parent = flow_run["first"]["mlflow_parent_run"]
-    children = client.search_runs([flow_run["experiment"]], f"tags.mlflow.parentRunId = '{parent}'")
+    parent = client.get_run(flow_run["first"]["mlflow_parent_run"])
+    children = client.search_runs([flow_run["experiment"]], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in children)
-    assert client.get_run(parent).info.status == "FINISHED"
-    skipped_parent = flow_run["second"]["mlflow_parent_run"]
-    assert client.search_runs([flow_run["experiment"]], f"tags.mlflow.parentRunId = '{skipped_parent}'") == []
+    assert parent.info.status == "FINISHED" and parent.info.run_name == flow_run["first"]["flow_run"]
+    assert parent.data.tags["cgspn.prefect_flow_run"] == flow_run["first"]["flow_run"]
+    assert parent.data.tags["cgspn.prefect_flow_run_id"] and parent.data.tags["mlflow.source.git.commit"]
+    # the headline figures, comparable across pipeline runs in the runs view
+    assert 0 <= parent.data.metrics["knn/distill_stage2"] <= 1 and "knn/teacher" in parent.data.metrics
+    assert any(k.startswith("miou_") and k.endswith("/highres") for k in parent.data.metrics)
+    models = client.search_logged_models([flow_run["experiment"]])
+    assert any(m.source_run_id == parent.info.run_id and m.name == "student" for m in models)
+    deleted = client.search_runs([flow_run["experiment"]], "attributes.run_name != ''", run_view_type=2)
+    assert all(r.info.run_id != flow_run["second"]["mlflow_parent_run"] for r in deleted)
 
 
 def test_a_failing_stage_is_retried_and_fails_the_flow_with_its_error(flow_run, tmp_path, monkeypatch):
@@ -56,8 +75,10 @@ def test_a_failing_stage_is_retried_and_fails_the_flow_with_its_error(flow_run, 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", flow_run["tracking_uri"])
     monkeypatch.setenv("CGSPN_EXPERIMENT", "flow")
     override = "teacher.names=[no_such_teacher]"
+    params_before = (repo / "params.yaml").read_bytes()
     with pytest.raises(flow_module.StageFailed, match=r"(?s)stage teacher failed.*no_such_teacher"):
         pipeline(root=str(repo), overrides=[override], stages=["teacher"])
+    assert (repo / "params.yaml").read_bytes() == params_before  # the override lasted the run only
     client = mlflow.MlflowClient(flow_run["tracking_uri"])
     parents = client.search_runs([flow_run["experiment"]], f"tags.`cgspn.overrides` = '{override}'")
     assert len(parents) == 1 and parents[0].info.status == "FAILED"
@@ -90,3 +111,34 @@ def test_a_stage_that_fails_under_dvc_repro_loses_no_earlier_output(flow_run, tm
     assert done.returncode != 0
     assert "params.yaml: distill_stage2.lr must be a finite number, got nan" in done.stdout + done.stderr
     assert {part: digest(repo / part) for part in ("models", "reports", "data")} == before
+
+
+def test_a_run_with_overrides_is_one_dvc_experiment_and_leaves_the_workspace_as_it_was(flow_run, tmp_path,
+                                                                                         monkeypatch):
+    """Two override runs of the report stage: `dvc exp show` has one row per run, named after its flow run,
+    holding its parameters; params.yaml, dvc.lock and the report are byte-identical afterwards."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from micro import digest
+
+    repo = copy_tree(flow_run["root"], tmp_path / "repo", skip=("runs",))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    before = {p: (repo / p).read_bytes() for p in ("params.yaml", "dvc.lock", "reports/REPORT.md")}
+    outputs = digest(repo / "models")
+    results = [pipeline(root=str(repo), overrides=[f"report.title_note=run {i}"], stages=["report"]) for i in (1, 2)]
+    assert {p: (repo / p).read_bytes() for p in before} == before and digest(repo / "models") == outputs
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    shown = subprocess.run([dvc, "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    experiments = {e["name"]: e["revs"][0] for base in json.loads(shown) for e in base["experiments"] or []}
+    assert sorted(experiments) == sorted(r["dvc_experiment"] for r in results)
+    assert [r["dvc_experiment"] for r in results] == [r["flow_run"] for r in results]
+    for i, r in enumerate(results, 1):
+        exp = experiments[r["dvc_experiment"]]
+        assert exp["data"]["params"]["params.yaml"]["data"]["report"]["title_note"] == f"run {i}"
+        note = subprocess.run(["git", "show", f"{exp['rev']}:reports/REPORT.md"], cwd=repo, capture_output=True,
+                              text=True, check=True).stdout
+        assert f"run {i}" in note  # the experiment holds the report that run wrote
+    assert yaml.safe_load(before["params.yaml"])["report"]["title_note"] == "micro test run"

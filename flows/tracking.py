@@ -1,0 +1,125 @@
+"""The MLflow parent run of one pipeline run (a Prefect flow run): what the MLflow runs view compares.
+
+    with ParentRun("granite-hyena", ["distill_stage2.steps=300"], root) as parent:
+        ... stages log their own runs as children of parent.id ...
+        parent.finish(dvc_experiment, prefect_flow_run_id)   # headline metrics, tags, the student as a model
+    # or parent.discard() when DVC skipped every stage: no empty parent run is left behind
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cgspn.report import headline
+from cgspn.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, experiment_id, git_commit, metric_name, tracking_uri
+
+RUNS_VIEW = "#/experiments/{experiment}/runs?workflowType=machine_learning"  # MLflow 3 opens GenAI traces otherwise
+
+
+def ui_base() -> str | None:
+    """The MLflow UI's address: the tracking server itself when it is one (http), else None."""
+    uri = tracking_uri()
+    return uri.rstrip("/") if uri.startswith("http") else None
+
+
+def runs_hint(parent_id: str | None) -> str:
+    uri = tracking_uri()
+    if ui_base():
+        return f"MLflow:   {ui_base()}/{RUNS_VIEW.format(experiment=ParentRun.experiment())}"
+    return (f"MLflow:   {uri}" + (f"  (parent run {parent_id})" if parent_id else "") +
+            f"\n  see it: .venv/bin/mlflow ui --backend-store-uri {uri}   then open "
+            f"http://127.0.0.1:5000/{RUNS_VIEW.format(experiment=ParentRun.experiment())}")
+
+
+class ParentRun:
+    def __init__(self, name: str, overrides: list[str], root: Path):
+        self.name, self.overrides, self.root = name, overrides, Path(root)
+        self.id: str | None = None
+        self.figures: dict[str, float] | None = None
+
+    @staticmethod
+    def experiment() -> str:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri())
+        return experiment_id(os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT)
+
+    def __enter__(self) -> "ParentRun":
+        import mlflow
+
+        self.client = mlflow.MlflowClient(tracking_uri())
+        tags = {"cgspn.overrides": " ".join(self.overrides) or "(none)", "cgspn.prefect_flow_run": self.name}
+        if commit := git_commit():
+            tags["mlflow.source.git.commit"] = commit
+        run = self.client.create_run(self.experiment(), run_name=self.name, tags=tags)
+        self.id = run.info.run_id
+        for text in self.overrides:
+            key, _, value = text.partition("=")
+            self.client.log_param(self.id, key.strip(), value.strip()[:6000])
+        return self
+
+    def finish(self, dvc_experiment: str | None, prefect_flow_run_id: str | None) -> None:
+        """Tags, the headline figures as metrics, and the final student as an MLflow logged model."""
+        from mlflow.entities import Metric
+
+        if dvc_experiment:
+            self.client.set_tag(self.id, "cgspn.dvc_experiment", dvc_experiment)
+        if prefect_flow_run_id:
+            from prefect.settings import PREFECT_UI_URL
+
+            ui = PREFECT_UI_URL.value()
+            self.client.set_tag(self.id, "cgspn.prefect_flow_run_id", prefect_flow_run_id)
+            if ui:
+                self.client.set_tag(self.id, "cgspn.prefect_flow_run_url", f"{ui}/runs/flow-run/{prefect_flow_run_id}")
+        self.figures = headline(self.root)
+        if self.figures:
+            self.client.log_batch(self.id, metrics=[Metric(metric_name(k), float(v), 0, 0)
+                                                    for k, v in self.figures.items()])
+        self.log_student()
+
+    def log_student(self) -> None:
+        """The final student (the last training stage that wrote one) as a logged model of this run."""
+        for stage in ("highres", "distill_stage2", "distill_stage1"):
+            weights = self.root / "models" / stage / "student.safetensors"
+            if weights.exists():
+                break
+        else:
+            return
+        import mlflow
+
+        from cgspn.students import load_student
+
+        with mlflow.start_run(run_id=self.id):
+            # pickle, not MLflow 3's default torch.export format (the student's scan is a custom op); the code
+            # that unpickles it goes with it, and the requirements are given (inferring them loads the model)
+            mlflow.pytorch.log_model(load_student(weights).eval(), name="student", serialization_format="pickle",
+                                     code_paths=[str(self.root / "cgspn"), str(self.root / "kernels")],
+                                     pip_requirements=["torch", "triton", "numpy", "safetensors"])
+            mlflow.set_tag("cgspn.student_from", stage)
+
+    def discard(self) -> None:
+        """Nothing ran: the parent run would be an empty row in the runs view."""
+        self.client.delete_run(self.id)
+
+    def __exit__(self, kind, error, trace) -> None:
+        run = self.client.get_run(self.id) if self.id else None
+        if run is not None and run.info.lifecycle_stage != "deleted":
+            self.client.set_terminated(self.id, "FAILED" if kind else "FINISHED")
+
+    def summary_markdown(self, outcome: dict[str, str], dvc_experiment: str | None) -> str:
+        """Stages and what became of them, the headline figures, and where to look."""
+        figures = self.figures if self.figures is not None else headline(self.root)
+        lines = ["| stage | status |", "| --- | --- |"] + [f"| {s} | {v} |" for s, v in outcome.items()]
+        if figures:
+            lines += ["", "| figure | value |", "| --- | --- |"]
+            lines += [f"| {k} | {100 * v:.1f}% |" if k.startswith(("knn", "miou")) else f"| {k} | {v:.3f} |"
+                      for k, v in figures.items()]
+        lines += ["", f"Report: `{self.root / 'reports/REPORT.md'}`"]
+        if dvc_experiment:
+            lines.append(f"DVC experiment: `{dvc_experiment}` (`dvc exp show`, `dvc exp apply {dvc_experiment}`)")
+        base = ui_base()
+        view = RUNS_VIEW.format(experiment=self.experiment())
+        lines.append(f"MLflow: [{base}/{view}]({base}/{view})" if base else
+                     f"MLflow: `mlflow ui --backend-store-uri {tracking_uri()}`, then "
+                     f"http://127.0.0.1:5000/{view}")
+        return "\n".join(lines)
