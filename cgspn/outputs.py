@@ -4,6 +4,7 @@
         ...
     # on success `data/shards` is swapped for the new tree; on error the old one is untouched
     write_json("reports/metrics/shard.json", metrics)
+    write_timings(".", "shard", {"seconds": 12.3})          # reports/timings/shard.json, untracked
 """
 from __future__ import annotations
 
@@ -31,6 +32,20 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
 
 def write_json(path: str | Path, data) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+TIMINGS = Path("reports/timings")  # untracked (.gitignore) and no DVC output: a rerun's times change nothing tracked
+
+
+def write_timings(root: Path, stage: str, timings: dict) -> Path:
+    """A stage's wall times and rates (they differ run to run on the same results) apart from its science
+    metrics: reports/timings/<stage>.json. The report reads them when it runs; MLflow has them too."""
+    return write_json(Path(root) / TIMINGS / f"{stage}.json", timings)
+
+
+def read_timings(root: Path, stage: str) -> dict:
+    path = Path(root) / TIMINGS / f"{stage}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def remove_tree(path: Path, attempts: int = 10) -> None:

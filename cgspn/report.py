@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .outputs import read_timings
+
 MODEL_NAMES = {"teacher": "teacher (DINOv2 ViT-S/14, attention)", "random": "student, random init",
                "distill_stage1": "student after stage 1", "distill_stage2": "student after stage 2",
                "highres": "student after high-res"}
@@ -90,29 +92,40 @@ def evaluation_section(ev: dict) -> list[str]:
     return out
 
 
+def _timing(root: Path, stage: str, key: str, fmt: str = "{}") -> str:
+    """A figure of reports/timings/<stage>.json (not tracked: the machine's, of the run that made this page)."""
+    value = read_timings(root, stage).get(key)
+    return "-" if value is None else fmt.format(value)
+
+
 def training_section(root: Path) -> list[str]:
     out = ["## Distillation", ""]
     s1 = _load(root / "reports/metrics/distill_stage1.json")
     s2 = _load(root / "reports/metrics/distill_stage2.json")
     hr = _load(root / "reports/metrics/highres.json")
     rows = []
+
+    def times(stage: str) -> list[str]:
+        return [_timing(root, stage, "images_per_s"), _timing(root, stage, "seconds")]
+
     if s1:
         rows.append(["stage 1 (module-wise)", "mean per-block validation loss",
                      f"{s1['val_start']['loss']:.3f} -> {s1['val_end']['loss']:.3f} "
-                     f"({s1['val_start']['loss'] / s1['val_end']['loss']:.1f}x lower)", s1["steps"], s1["images_per_s"],
-                     s1["seconds"]])
+                     f"({s1['val_start']['loss'] / s1['val_end']['loss']:.1f}x lower)", s1["steps"],
+                     *times("distill_stage1")])
     if s2:
         for k in [k for k in s2["val_end"] if k.endswith("/patch_cosine")]:
             t = k.split("/")[0]
             rows.append(["stage 2 (end to end)", f"{t}: mean patch cosine on val",
                          f"stage-1 student {s2['val_start'][t + '/patch_cosine_raw']:.3f} -> stage-2 student "
-                         f"{s2['val_end'][k]:.3f}", s2["steps"], s2["images_per_s"], s2["seconds"]])
+                         f"{s2['val_end'][k]:.3f}", s2["steps"], *times("distill_stage2")])
     if hr:
         for k in [k for k in hr["val_end"] if "/patch_cosine/" in k]:
             rows.append(["high resolution", k.replace("/patch_cosine/", ": mean patch cosine at "),
-                         f"{hr['val_start'][k]:.3f} -> {hr['val_end'][k]:.3f}", hr["steps"], hr["images_per_s"],
-                         hr["seconds"]])
-    out += [_table(["stage", "figure", "start -> end", "steps", "images/s", "seconds"], rows), ""]
+                         f"{hr['val_start'][k]:.3f} -> {hr['val_end'][k]:.3f}", hr["steps"], *times("highres")])
+    out += [_table(["stage", "figure", "start -> end", "steps", "images/s (median step)", "seconds"], rows), "",
+            "images/s is the median over a stage's steps, seconds the stage's wall time including Ray's start; "
+            "both are this machine's, in the run that wrote this page (they vary run to run; the losses do not).", ""]
     out += [f"![{s} curves](plots/{s}.png)" for s in ("distill_stage1", "distill_stage2", "highres")
             if (root / "reports/plots" / f"{s}.png").exists()]
     return out + [""]
@@ -124,11 +137,13 @@ def data_section(root: Path) -> list[str]:
     if shard:
         out += [_table(["split", "images", "shards", "MB"], [[s, v["count"], v["shards"], f"{v['bytes'] / 1e6:.1f}"]
                                                              for s, v in shard["splits"].items()]), "",
-                f"Sharding: {shard['images']} images at {shard['images_per_s']} images/s."]
+                f"Sharding: {shard['images']} images at {_timing(root, 'shard', 'images_per_s')} images/s."]
     if cache:
+        cache_times = read_timings(root, "cache_teacher")
         for t, m in cache.items():
-            out.append(f"Teacher-feature cache ({t}): {m['images']} images at {m['images_per_s']} images/s with "
-                       f"{m['workers']} Ray workers ({m['images_per_s_per_worker']} per worker), "
+            tm = cache_times.get(t, {})
+            out.append(f"Teacher-feature cache ({t}): {m['images']} images at {tm.get('images_per_s', '-')} images/s "
+                       f"with {m['workers']} Ray workers ({tm.get('images_per_s_per_worker', '-')} per worker), "
                        f"{m['bytes_per_image'] / 1e3:.1f} kB per image.")
     return out + [""]
 

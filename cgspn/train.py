@@ -299,7 +299,7 @@ def run_training(stage: str, p: dict, root: Path, run, task_cfg: dict, inputs: l
     """Train on Ray, export the final model with `export(model, folder)` into models/<stage>/ (replaced
     whole), write reports/metrics/<stage>.json and reports/plots/<stage>.{csv,png}, log to MLflow."""
     from .distill import TASKS
-    from .outputs import replace_dir, write_json
+    from .outputs import replace_dir, write_json, write_timings
     from .plots import plot_history, write_csv
     from .tracking import supersede_attempts, tracking_uri
 
@@ -327,20 +327,22 @@ def run_training(stage: str, p: dict, root: Path, run, task_cfg: dict, inputs: l
     with replace_dir(root / "models" / stage) as staging:
         files = export(model, staging)
     history, val = state["history"], state["val_history"]
-    write_csv(root / "reports" / "plots" / f"{stage}.csv", history)
-    plot_history(history, val, root / "reports" / "plots" / f"{stage}.png", stage)
+    # the tracked curves and metrics hold what training computed; the rates (which differ run to run for the
+    # same weights) go to the timings file and MLflow
+    curves = [{k: v for k, v in r.items() if k != "images_per_s"} for r in history]
+    write_csv(root / "reports" / "plots" / f"{stage}.csv", curves)
+    plot_history(curves, val, root / "reports" / "plots" / f"{stage}.png", stage)
     rates = sorted(r["images_per_s"] for r in history)
-    last = history[-min(len(history), 10):]
+    timings = {"seconds": round(seconds, 1), "images_per_s": round(rates[len(rates) // 2], 2)}  # median over steps
     metrics = {
-        "steps": state["step"], "seconds": round(seconds, 1), "workers": p["workers"],
+        "steps": state["step"], "workers": p["workers"],
         "nodes": len(state.get("nodes", [])),  # Ray nodes the workers ran on
-        "images_per_s": round(rates[len(rates) // 2], 2),  # median over steps
-        "train_last10": mean_rows(last),
+        "train_last10": mean_rows(curves[-min(len(curves), 10):]),
         "val_start": val[0], "val_end": val[-1],
     }
     write_json(root / "reports" / "metrics" / f"{stage}.json", metrics)
-    run.log_metrics({"final": metrics["train_last10"], "val_start": val[0], "val_end": val[-1],
-                     "images_per_s": metrics["images_per_s"], "seconds": metrics["seconds"]})
+    write_timings(root, stage, timings)
+    run.log_metrics({"final": metrics["train_last10"], "val_start": val[0], "val_end": val[-1], **timings})
     for f in files:
         run.log_artifact(root / "models" / stage / f, "model")
     run.log_artifact(root / "reports" / "plots" / f"{stage}.png")

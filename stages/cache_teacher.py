@@ -23,7 +23,7 @@ from cgspn.cluster import start_ray
 from cgspn.data.shards import split_shards
 from cgspn.stage_inputs import SHARDS, TEACHERS, Splits, check_splits
 from cgspn.errors import InputError, ParamError
-from cgspn.outputs import replace_dir, write_json
+from cgspn.outputs import replace_dir, write_json, write_timings
 from cgspn.params import Param
 from cgspn.phis import PhiS, phis_file
 from cgspn.stage import run_stage
@@ -95,8 +95,8 @@ def check_inputs(p: dict, root: Path) -> tuple[list[dict], list[tuple[str, Path]
     return teachers, jobs
 
 
-def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> dict:
-    """One teacher over every shard; returns its metrics."""
+def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> tuple[dict, dict]:
+    """One teacher over every shard; returns its metrics and its timings."""
     out_dir.mkdir()
     n = pool_size(p)
     path = str((root / TEACHERS / teacher["file"]).resolve())
@@ -139,29 +139,32 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> di
             "phis_scale": phis["spatial"].scale, "phis_summary_scale": phis["summary"].scale}
     write_json(out_dir / "meta.json", meta)
     rates = [c / s for c, s in per_worker.values() if s > 0]
-    return {"images": total, "workers": n, "nodes": len({node for node, _ in per_worker}), "startup_seconds": round(t1 - t0, 2), "seconds": round(seconds, 2),
-            "images_per_s": round(total / seconds, 1),
-            "images_per_s_per_worker": round(sum(rates) / len(rates), 1),
-            "bytes": feature_bytes, "bytes_per_image": round(feature_bytes / max(total, 1))}
+    metrics = {"images": total, "workers": n, "nodes": len({node for node, _ in per_worker}),
+               "bytes": feature_bytes, "bytes_per_image": round(feature_bytes / max(total, 1))}
+    timings = {"startup_seconds": round(t1 - t0, 2), "seconds": round(seconds, 2),
+               "images_per_s": round(total / seconds, 1), "images_per_s_per_worker": round(sum(rates) / len(rates), 1)}
+    return metrics, timings
 
 
 def main(p: dict, root: Path, run) -> dict:
     """Cache the teachers' features."""
     teachers, jobs = check_inputs(p, root)
-    metrics = {}
+    metrics, timings = {}, {}
     with replace_dir(root / OUT) as staging:
         started = start_ray(p["workers"] * p["cpus_per_worker"])
         try:  # Ray stops before replace_dir removes a failed run's staging folder
             for t in teachers:
-                metrics[t["name"]] = m = cache_teacher(t, jobs, p, root, staging / Path(t["file"]).stem)
-                print(f"cache_teacher: {t['name']}: {m['images']} images, {m['images_per_s']} img/s with "
-                      f"{m['workers']} workers on {m['nodes']} node(s) ({m['images_per_s_per_worker']} img/s "
+                m, tm = cache_teacher(t, jobs, p, root, staging / Path(t["file"]).stem)
+                metrics[t["name"]], timings[t["name"]] = m, tm
+                print(f"cache_teacher: {t['name']}: {m['images']} images, {tm['images_per_s']} img/s with "
+                      f"{m['workers']} workers on {m['nodes']} node(s) ({tm['images_per_s_per_worker']} img/s "
                       f"per worker), {m['bytes_per_image']} B/image")
         finally:
             if started:
                 ray.shutdown()
     write_json(root / METRICS, metrics)
-    run.log_metrics(metrics)
+    write_timings(root, "cache_teacher", timings)
+    run.log_metrics({t: {**metrics[t], **timings[t]} for t in metrics})
     return metrics
 
 

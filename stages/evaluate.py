@@ -33,7 +33,7 @@ from cgspn.evaluation import knn_top1, mean_iou, train_seg_probe
 from cgspn.figures import pca_figure, resolution_figure
 from cgspn.models.cgspn import cgspn_from_teacher_config
 from cgspn.models.vit import parameter_count
-from cgspn.outputs import write_json
+from cgspn.outputs import write_json, write_timings
 from cgspn.params import Param
 from cgspn.phis import PhiS, load_teacher_phis
 from cgspn.stage import run_stage
@@ -242,7 +242,7 @@ def main(p: dict, root: Path, run) -> dict:
         else:
             va = splits.at_scale(fidelity_split, s)
             scaled[s] = {"val": (va, ShardSubset(root / SHARDS, [va], limit=limit).images, None)}
-    results, teacher_val = {}, {}
+    results, teacher_val, seconds = {}, {}, {}
 
     def outputs(enc: Encoder, split: str, images: list[np.ndarray], px: int):
         """`encode`, except that the teacher's outputs at the cache's resolution come from the cache."""
@@ -289,16 +289,17 @@ def main(p: dict, root: Path, run) -> dict:
             if s in teacher_val and va_teacher_space.shape[-1] == teacher_val[s].shape[-1]:
                 cos = torch.nn.functional.cosine_similarity(va_teacher_space.float(), teacher_val[s].float(), dim=-1)
                 r["fidelity"][str(px)] = cos.mean().item()
-        r["seconds"] = round(time.perf_counter() - start, 1)
+        seconds[name] = round(time.perf_counter() - start, 1)
         results[name] = r
-        print(f"evaluate: {name}: {summary_line(r)} ({r['seconds']} s)", flush=True)
+        print(f"evaluate: {name}: {summary_line(r)} ({seconds[name]} s)", flush=True)
     metrics = {"resolution": base, "device": device, "splits": {k: list(v) if v else None for k, v in used.items()},
                "knn_k": p["knn_k"], "knn_temperature": p["knn_temperature"], "seg_steps": p["seg_steps"],
                "not_measured": not_measured, "models": results}
     resolution_figure(results, root / FIGURES / "evaluate_resolution.png", p["knn_k"])
     pca_figure(photo, encoders["teacher"], encoders[p["pca_model"]], p["pca_sizes"], root / FIGURES / "pca_maps.png")
+    write_timings(root, "evaluate", {"seconds": seconds})
     write_json(root / METRICS, metrics)  # last: the metrics file and the figures are of the same run
-    run.log_metrics(metrics)
+    run.log_metrics({**metrics, "seconds": seconds})
     for f in sorted((root / FIGURES).glob("*.png")):
         run.log_artifact(f, "figures")
     return metrics

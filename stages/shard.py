@@ -20,7 +20,7 @@ from cgspn.data.shards import write_split
 from cgspn.data.own_data import folder_data, segmentation_data, table_data
 from cgspn.data.sources import fashion_mnist_splits
 from cgspn.errors import ParamError
-from cgspn.outputs import replace_dir, write_json
+from cgspn.outputs import replace_dir, write_json, write_timings
 from cgspn.params import Param
 from cgspn.stage import run_stage
 
@@ -84,19 +84,20 @@ def main(p: dict, root: Path, run) -> dict:
     seconds = time.perf_counter() - start
     images = sum(s["count"] for s in splits.values())
     nbytes = sum(s["bytes"] for s in splits.values())
-    metrics = {"images": images, "bytes": nbytes, "seconds": round(seconds, 2),
-               "images_per_s": round(images / seconds, 1), "bytes_per_image": round(nbytes / max(images, 1)),
+    timings = {"seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1)}
+    write_timings(root, "shard", timings)
+    metrics = {"images": images, "bytes": nbytes, "bytes_per_image": round(nbytes / max(images, 1)),
                "converted_to_8bit": len(data.converted), "splits": splits,
                "data": {"source": p["source"], "path": p["path"]}}
     write_json(root / METRICS, metrics)
-    run.log_metrics(metrics)
+    run.log_metrics({**metrics, **timings})
     with tempfile.TemporaryDirectory() as tmp:
         grid = Path(tmp) / "shard_samples.png"
         sample_grid(root / OUT, [s for s, v in splits.items() if v["count"]]).save(grid)
         run.log_artifact(grid)
     counts = ", ".join(f"{s} {v['count']}" for s, v in splits.items())
     print(f"shard: {images} images in {len(splits)} splits ({counts}), {nbytes / 1e6:.1f} MB, "
-          f"{metrics['images_per_s']} img/s")
+          f"{timings['images_per_s']} img/s")
     if data.converted:
         shown = ", ".join(data.converted[:3]) + (", ..." if len(data.converted) > 3 else "")
         print(f"shard: note: {len(data.converted)} image(s) in 16-bit or float modes were scaled to 8 bit ({shown})")

@@ -43,7 +43,9 @@ def test_each_stage_writes_a_student_that_runs_and_its_reports(trained):
         assert out.patch_tokens.shape == (1, 3, 4, 384) and torch.isfinite(out.summary).all()
         metrics = json.loads((root / "reports/metrics" / f"{stage}.json").read_text())
         steps = trained["metrics"][stage]["steps"]
-        assert metrics["steps"] == steps and metrics["images_per_s"] > 0
+        assert metrics["steps"] == steps and "images_per_s" not in metrics and "seconds" not in metrics
+        timings = json.loads((root / "reports/timings" / f"{stage}.json").read_text())
+        assert timings["images_per_s"] > 0 and timings["seconds"] > 0
         rows = (root / "reports/plots" / f"{stage}.csv").read_text().splitlines()
         assert rows[0].startswith("step,loss") and [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, steps + 1))
         assert (root / "reports/plots" / f"{stage}.png").stat().st_size > 10_000
