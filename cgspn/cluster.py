@@ -13,8 +13,18 @@ def start_ray(local_cpus: int) -> bool:
 
     if ray.is_initialized():
         return False
+    runtime_env = {"worker_process_setup_hook": pin_ray_address}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, local_cpus), log_to_driver=True)
+        ray.init(num_cpus=max(os.cpu_count() or 1, local_cpus), log_to_driver=True, runtime_env=runtime_env)
     return True
+
+
+def pin_ray_address() -> None:
+    """Run in every worker of the job: RAY_ADDRESS = this cluster. Ray Train's helpers (its placement-group
+    cleaner) look the cluster up by address; without one they search the machine and fail with "Found
+    multiple active Ray instances" whenever another Ray runs there (a traceback in every stage's log)."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)

@@ -142,3 +142,25 @@ def test_a_run_with_overrides_is_one_dvc_experiment_and_leaves_the_workspace_as_
                               text=True, check=True).stdout
         assert f"run {i}" in note  # the experiment holds the report that run wrote
     assert yaml.safe_load(before["params.yaml"])["report"]["title_note"] == "micro test run"
+
+
+def test_a_successful_run_logs_no_traceback_and_no_error_line(flow_run):
+    """Every line a stage printed reaches the Prefect log, but a run that succeeded shows no traceback, no
+    error-level record and no error-level line of Ray's C++ core (known-benign noise is at debug level)."""
+    import re
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName, LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[flow_run["first"]["flow_run"]])))[0]
+        logs, offset = [], 0
+        while batch := client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])),
+                                        limit=200, offset=offset):
+            logs += batch
+            offset += len(batch)
+    assert len(logs) > 100 and any("Running stage 'distill_stage2'" in r.message for r in logs)
+    bad = [r.message for r in logs if r.level >= 40 or "Traceback" in r.message
+           or re.search(r"\d E \d+ \d+\] ", r.message)]
+    assert not bad, bad[:5]

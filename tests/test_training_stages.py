@@ -289,16 +289,23 @@ def test_bad_training_input_is_one_line_before_ray_starts(trained, micro, tmp_pa
 
 def test_an_image_a_training_worker_cannot_decode_is_one_line_and_not_retried(micro, tmp_path):
     """The shard is a complete tar (the checks before Ray pass); a worker finds the image while it loads its
-    share: the stage exits 2 with that error in one line, and Ray does not retry it (max_failures is 1)."""
+    share: the stage exits 2 with that error in one line, and Ray does not retry it (max_failures is 1).
+    Another Ray instance runs on the machine meanwhile: the stage's own local Ray is unaffected, and Ray
+    Train's helpers do not print "Found multiple active Ray instances" tracebacks (cgspn.cluster pins
+    RAY_ADDRESS in the job's workers)."""
     from micro import break_image, error_line
+    from ray_nodes import ray_cluster
 
     root = copy_root(micro["root"], tmp_path / "root")
     key = break_image(root / "data/shards/train-000001.tar", 2)
     params = write_params(tmp_path / "p.yaml", distill_stage1__max_failures=1)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "stages.distill_stage1", "--params", str(params), "--root", str(root)]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    with ray_cluster(tmp_path / "another-ray", cpus=(1,)):
+        done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Found multiple active Ray instances" not in done.stdout + done.stderr
     line = error_line(done.stderr, "distill_stage1")
     assert f"train-000001.tar: sample '{key}': image does not decode" in line, line
     assert (done.stdout + done.stderr).count("Attempting to start training worker group") == 1
