@@ -75,21 +75,39 @@ def evaluation_section(ev: dict) -> list[str]:
     out += ["![metrics against resolution](figures/evaluate_resolution.png)", "",
             "PCA of the patch features (first three components as RGB), teacher above the student:", "",
             "![PCA feature maps](figures/pca_maps.png)", ""]
-    t, s2, hr = models.get("teacher"), models.get("distill_stage2"), models.get("highres")
-    checks = []
-    if knn_on and t and s2 and "random" in models:
-        gap, lift = 100 * (t["knn_summary"] - s2["knn_summary"]), 100 * (s2["knn_summary"] - models["random"]["knn_summary"])
-        side = f"{gap:.1f} points below" if gap >= 0 else f"{-gap:.1f} points above"
-        checks.append(f"- stage-2 student kNN (summary): {side} the teacher (target: within 3 points below), and "
-                      f"{lift:.1f} points above the random student (target: at least 10).")
+    rows = verdicts(models, sides, knn_on, seg_on)
+    if rows:
+        out += ["### Targets", "", _table(["target", "measured", "verdict"], rows), ""]
+    return out
+
+
+def verdict(margin: float) -> str:
+    """`margin` in points by which the measure clears its target (negative: missed by that much)."""
+    return "met" if margin >= 0 else f"missed by {-margin:.1f} points"
+
+
+def verdicts(models: dict, sides: list[int], knn_on: bool, seg_on: bool) -> list[list[str]]:
+    """One row per target the run can be judged on: kNN of the stage-2 student within 3 points of the
+    teacher and 10 above the random student; the high-res student's mIoU at the largest side at least the
+    teacher's."""
+    t, s2, hr, rnd = (models.get(k) for k in ("teacher", "distill_stage2", "highres", "random"))
+    rows = []
+    if knn_on and t and s2:
+        gap = 100 * (t["knn_summary"] - s2["knn_summary"])
+        rows.append(["stage-2 student kNN (summary) within 3 points below the teacher",
+                     f"{_pct(s2['knn_summary'])} against {_pct(t['knn_summary'])} ({gap:+.1f} below)",
+                     verdict(3 - gap)])
+        if rnd:
+            lift = 100 * (s2["knn_summary"] - rnd["knn_summary"])
+            rows.append(["stage-2 student kNN at least 10 points above the random student",
+                         f"{_pct(s2['knn_summary'])} against {_pct(rnd['knn_summary'])} ({lift:+.1f})",
+                         verdict(lift - 10)])
     if seg_on and t and hr and sides:
         big = str(max(sides))
         diff = 100 * (hr["seg_miou"][big] - t["seg_miou"][big])
-        checks.append(f"- at {big} px the high-res student's segmentation mIoU is {abs(diff):.1f} points "
-                      f"{'above' if diff >= 0 else 'below'} the teacher's (target: at least as good).")
-    if checks:
-        out += ["Targets:", ""] + checks + [""]
-    return out
+        rows.append([f"high-res student segmentation mIoU at {big} px at least the teacher's",
+                     f"{_pct(hr['seg_miou'][big])} against {_pct(t['seg_miou'][big])} ({diff:+.1f})", verdict(diff)])
+    return rows
 
 
 def _timing(root: Path, stage: str, key: str, fmt: str = "{}") -> str:

@@ -279,7 +279,9 @@ def main(p: dict, root: Path, run) -> dict:
                     probes.append(("seg_miou_adapted", tr_teacher_space, va_teacher_space))
                 for j, k in enumerate(enc.blocks):  # the teacher's intermediate blocks
                     probes.append((("seg_miou_blocks", str(k)), tr_blocks[:, j], va_blocks[:, j]))
-                for key, train_f, val_f in probes:
+                for i, (key, train_f, val_f) in enumerate(probes, 1):
+                    print(f"evaluate: {name} at {px} px: segmentation probe {i}/{len(probes)} "
+                          f"({key if isinstance(key, str) else 'block ' + key[1]}, {p['seg_steps']} steps)", flush=True)
                     probe = train_seg_probe(train_f, tr_masks, classes, p["seg_steps"], seed=p["seed"], ignore=ignore)
                     score = mean_iou(probe, val_f, va_masks, classes, ignore=ignore)
                     target = r[key] if isinstance(key, str) else r.setdefault(key[0], {}).setdefault(key[1], {})

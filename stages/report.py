@@ -1,18 +1,20 @@
 """Stage `report`: reports/REPORT.md from the metrics, plots and benchmark records of the other stages,
-with the commit and the parameters that produced them. The last stage of the pipeline."""
+with the commit and the parameters that produced them, and reports/metrics/headline.json, the few figures a
+run is compared by (`dvc metrics show reports/metrics/headline.json`). The last stage of the pipeline."""
 from __future__ import annotations
 
 import datetime
 from pathlib import Path
 
-from cgspn.outputs import atomic_write
+from cgspn.outputs import atomic_write, write_json
 from cgspn.params import Param
-from cgspn.report import build_report
+from cgspn.report import build_report, headline
 from cgspn.stage import run_stage
 from cgspn.tracking import git_commit
 
 SCHEMA = {"title_note": Param(str)}
 OUT = Path("reports/REPORT.md")
+HEADLINE = Path("reports/metrics/headline.json")
 
 
 def main(p: dict, root: Path, run) -> dict:
@@ -24,6 +26,9 @@ def main(p: dict, root: Path, run) -> dict:
     if p["title_note"]:
         text = text.replace("\n\n", f"\n\n{p['title_note']}\n\n", 1)
     atomic_write(root / OUT, lambda tmp: tmp.write_text(text))
+    figures = headline(root)  # the short table `dvc metrics show reports/metrics/headline.json` gives
+    write_json(root / HEADLINE, figures)
+    run.log_metrics(figures)
     run.log_artifact(root / OUT)
     print(f"report: wrote {OUT} ({len(text.splitlines())} lines)")
     return {"lines": len(text.splitlines())}

@@ -37,3 +37,21 @@ def test_a_compiled_run_is_a_table_under_its_device(tmp_path):
     ratios = [ms["a"] / ms["c"], ms["ac"] / ms["cc"], ms["c"] / ms["cc"], ms["a"] / ms["ac"]]
     assert "| 2048 | fwd | " + " | ".join(f"{r:.2f}x" for r in ratios) + " |" in text
     assert "Failed: cgspn-compiled at 4096 px: torch.compile failed: X." in text
+
+
+def test_each_target_gets_a_verdict_met_or_missed_by_how_much():
+    from cgspn.report import evaluation_section, verdicts
+
+    def model(knn, miou):
+        return {"knn_summary": knn, "knn_mean_patch": knn, "knn_summary_adapted": None, "parameters": 1e6,
+                "seg_miou": {"56": miou, "224": miou}, "seg_miou_adapted": {}, "fidelity": {"56": 0.9, "224": 0.8}}
+
+    models = {"teacher": model(0.744, 0.224), "random": model(0.597, 0.116), "distill_stage2": model(0.700, 0.20),
+              "highres": model(0.70, 0.2251)}
+    rows = verdicts(models, [56, 224], True, True)
+    assert [r[2] for r in rows] == ["missed by 1.4 points", "met", "met"]  # 4.4 below the teacher; +10.3; +0.1
+    models["distill_stage2"] = model(0.690, 0.2)
+    assert verdicts(models, [56, 224], True, True)[1][2] == "missed by 0.7 points"  # 9.3 above random
+    section = "\n".join(evaluation_section({"models": models, "resolution": 56, "not_measured": {}}))
+    assert "### Targets" in section and "missed by" in section
+    assert verdicts(models, [56, 224], False, False) == []  # nothing measured, nothing judged
