@@ -13,7 +13,7 @@ def start_ray(local_cpus: int) -> bool:
 
     if ray.is_initialized():
         return False
-    runtime_env = {"worker_process_setup_hook": pin_ray_address}
+    runtime_env = {"worker_process_setup_hook": worker_setup_hook()}
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True, runtime_env=runtime_env)
     else:
@@ -21,10 +21,21 @@ def start_ray(local_cpus: int) -> bool:
     return True
 
 
-def pin_ray_address() -> None:
-    """Run in every worker of the job: RAY_ADDRESS = this cluster. Ray Train's helpers (its placement-group
-    cleaner) look the cluster up by address; without one they search the machine and fail with "Found
-    multiple active Ray instances" whenever another Ray runs there (a traceback in every stage's log)."""
-    import ray
+def worker_setup_hook():
+    """A function run in every worker of the job: RAY_ADDRESS = this cluster. Ray Train's helpers (its
+    placement-group cleaner) look the cluster up by address; without one they search the machine and fail
+    with "Found multiple active Ray instances" whenever another Ray runs there (a traceback in every stage's
+    log).
 
-    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    The hook is a closure so that Ray ships it by value: a module-level function would be imported in the
+    worker before the driver's sys.path is in place, and `cgspn` would then resolve to the installed (editable)
+    copy instead of the code the stage runs."""
+
+    def pin_ray_address() -> None:
+        import os
+
+        import ray
+
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+
+    return pin_ray_address
