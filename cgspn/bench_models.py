@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from cgspn.models.cgspn import cgspn_from_teacher_config
-from kernels.bench import median_ms
+from kernels.bench import median_ms, provenance
 from cgspn.models.vit import ViTConfig, isomorphic_vit, parameter_count
 
 
@@ -47,9 +47,10 @@ def main(argv=None) -> dict:
         if row["model"] == "student":
             t = next(r for r in rows if r["model"] == "teacher" and r["side"] == row["side"])
             row["speedup_vs_teacher"] = t["ms"] / row["ms"]
+    device = (f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads")
     report = dict(
-        device=f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores), torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads",
+        **provenance(device),  # date (UTC), commit, device
         method=f"median of {args.reps} after 1 warm-up, batch 1, float32; student scan backend: reference",
         teacher=teacher_name, params=dict(teacher=parameter_count(teacher), student=parameter_count(student)),
         rows=rows,

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kernels.bench import provenance
 from kernels.gspn import packed_op, triton_scan
 
 from .bench_blocks import PATCH, make_block
@@ -127,11 +128,15 @@ def main(argv=None) -> dict:
                         "(default: 132, an H100 SXM)")
     parser.add_argument("--copy-GBps", type=float, default=2969.0,
                         help="copy bandwidth to turn bytes into a time floor (default: measured on the H100, NOTES v2)")
+    parser.add_argument("--copy-device", default="NVIDIA H100 80GB HBM3",
+                        help="the device whose copy bandwidth --copy-GBps is (recorded beside it)")
     parser.add_argument("--out", type=Path, help="write the counts here as JSON")
     args = parser.parse_args(argv)
-    report = {"width": args.width, "side": args.side, "batch": args.batch, "dtype": "bfloat16",
+    report = {**provenance(f"meta device (counted, not timed; launch geometry of {args.sms} multiprocessors)"),
+              "width": args.width, "side": args.side, "batch": args.batch, "dtype": "bfloat16",
               "method": "bytes of inputs and outputs of every non-view ATen op of one block, Triton kernels not "
-                        f"counted; counted on the meta device with the launch geometry of {args.sms} multiprocessors", "copy_GBps": args.copy_GBps, "layouts": {}}
+                        f"counted; counted on the meta device with the launch geometry of {args.sms} multiprocessors", "copy_GBps": args.copy_GBps,
+              "copy_GBps_device": args.copy_device, "layouts": {}}
     for layout in ("unpacked", "packed"):
         counts = count_block(args.width, args.side, args.batch, layout == "packed", args.sms)
         report["layouts"][layout] = {mode: {"all_MB": sum(ops.values()) / 1e6, "glue_MB": glue_bytes(ops) / 1e6,

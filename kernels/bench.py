@@ -15,11 +15,13 @@ say nothing about GPU speed. Needs only torch, triton, numpy and matplotlib.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -177,6 +179,22 @@ def device_info(device: str) -> dict:
     )
 
 
+def git_head() -> str:
+    """The commit of the checkout this file is in (`git rev-parse HEAD`), or "unknown" without git or a checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def provenance(device: str) -> dict:
+    """What every benchmark record carries: when (UTC), at which commit and on which device it was measured."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "commit": git_head(), "device": device, "provenance": "recorded when measured"}
+
+
 def markdown(report: dict) -> str:
     info = report["info"]
     lines = [
@@ -258,6 +276,7 @@ def main(argv=None) -> dict:
     report = dict(
         info=info, copy_GBps=copy_gbps, method=f"median of {reps} ({timing}), {str(dtype).replace('torch.', '')}",
         command=" ".join([Path(sys.executable).name, "-m", "kernels.bench", *(argv or sys.argv[1:])]), rows=rows,
+        **provenance(info["device"]),
     )
 
     args.out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from kernels.bench import Shape, _run, device_info, median_ms
+from kernels.bench import Shape, _run, device_info, median_ms, provenance
 from kernels.gspn import triton_scan
 
 # (PROGRAMS_PER_SM, MAX_TILE_ELEMENTS, PREFETCH, TRANSPOSE_COLUMNS); the first is the first kernel's launch.
@@ -127,7 +127,7 @@ def main(argv=None) -> dict:
                   f"cb {plan.cb:>3} programs {plan.programs:>6}  fwd {row['fwd_ms']:8.3f} ms  "
                   f"fwd+bwd {row['fwd+bwd_ms']:8.3f} ms  diff {err:.1e}", flush=True)
     use(default)
-    report = dict(info=info, method=f"median of {args.reps}, CUDA events, L2 flushed, bf16", settings=SETTINGS, rows=rows)
+    report = dict(info=info, **provenance(info["device"]), method=f"median of {args.reps}, CUDA events, L2 flushed, bf16", settings=SETTINGS, rows=rows)
     slug = re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"tune-{slug}.json").write_text(json.dumps(report, indent=2) + "\n")
