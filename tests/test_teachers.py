@@ -66,7 +66,8 @@ def test_default_teacher_is_converted_once_then_loaded(converted):
 def test_registry_refuses_duplicates_and_lists_known_names():
     with pytest.raises(ValueError, match="already registered"):
         teachers.register_teacher("dinov2_vits14_imgfocus")(lambda: None)
-    with pytest.raises(ValueError, match=r"unknown teacher 'clip_b16'; known: dinov2_vits14_imgfocus, timm:"):
+    known = "dinov2_vits14_imgfocus, efficientnet_lite0, timm:"
+    with pytest.raises(ValueError, match=rf"unknown teacher 'clip_b16'; known: {known}"):
         teachers.load_teacher("clip_b16")
 
 
