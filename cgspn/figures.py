@@ -1,4 +1,7 @@
-"""Figures of the evaluate stage: metrics against resolution, and PCA maps of patch features."""
+"""Figures of the evaluate stage: metrics against resolution, and PCA maps of patch features.
+
+    python -m cgspn.figures --replot [--root .]   # redraw evaluate_resolution.png from reports/metrics/evaluate.json
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +21,17 @@ def _save(fig, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
+
+
+def replot(root: Path) -> Path | None:
+    """Redraw reports/figures/evaluate_resolution.png from reports/metrics/evaluate.json (no model runs)."""
+    ev_path = root / "reports/metrics/evaluate.json"
+    if not ev_path.exists():
+        return None
+    import json
+
+    ev = json.loads(ev_path.read_text())
+    return resolution_figure(ev["models"], root / "reports/figures/evaluate_resolution.png", ev["knn_k"])
 
 
 def resolution_figure(results: dict, path: Path, knn_k: int) -> Path:
@@ -48,16 +62,21 @@ def resolution_figure(results: dict, path: Path, knn_k: int) -> Path:
         x = np.arange(len(names))
         summary = [100 * results[n]["knn_summary"] for n in names]
         patch = [100 * results[n]["knn_mean_patch"] for n in names]
-        ax.bar(x - 0.2, summary, 0.4, label="summary")
-        ax.bar(x + 0.2, patch, 0.4, label="mean patch")
+        for dx, values, label, color in ((-0.2, summary, "kNN: summary vector", "#4c72b0"),
+                                         (0.2, patch, "kNN: mean patch feature", "#dd8452")):
+            bars = ax.bar(x + dx, values, 0.4, label=label, color=color)
+            ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)  # the axis starts above 0: the values say it
         low, high = min(summary + patch), max(summary + patch)
         ax.set_ylim(max(0.0, low - 10), min(100.0, high + 5))
         ax.set_xticks(x, names, rotation=20, fontsize=8)
         ax.set(ylabel="top-1 (%)", title=f"kNN (k={knn_k}) on the validation split")
-        ax.legend(fontsize=8, loc="upper left")
-    handles, labels = axes["fidelity"].get_legend_handles_labels()  # one legend for the curves, below them
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    # one legend below the panels, for the curves and the bars: none over the data
+    handles, labels = axes["fidelity"].get_legend_handles_labels()
+    if has_knn:
+        more = axes["knn"].get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 7), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.08 if len(labels) <= 7 else 0.14, 1, 1))
     return _save(fig, path)
 
 
@@ -87,3 +106,12 @@ def pca_figure(photo: dict, teacher, student, sizes: list[int], path: Path) -> P
     fig.suptitle(f"first three principal components of the patch features ({photo.get('txt', b'').decode()})")
     fig.tight_layout()
     return _save(fig, path)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Redraw the evaluate stage's resolution figure from its metrics.")
+    parser.add_argument("--replot", action="store_true", required=True)
+    parser.add_argument("--root", type=Path, default=Path("."))
+    print(f"wrote {replot(parser.parse_args().root)}")

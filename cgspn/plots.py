@@ -1,10 +1,18 @@
-"""Small plots and tables the stages write: training curves as CSV (DVC plots) and PNG."""
+"""Small plots and tables the stages write: training curves as CSV (DVC plots) and PNG.
+
+    python -m cgspn.plots --replot [--root .]   # redraw reports/plots/<stage>.png from the CSV and metrics files
+"""
 from __future__ import annotations
 
+import argparse
 import csv
+import json
+import math
 from pathlib import Path
 
 from .outputs import atomic_write
+
+STAGES = ("distill_stage1", "distill_stage2", "highres")
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -20,27 +28,107 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return atomic_write(path, write)
 
 
+def line_style(i: int) -> dict:
+    """A distinct colour and line style for the i-th line of a panel (40 before any repeats)."""
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab10").colors
+    return {"color": colors[i % len(colors)], "linestyle": ("-", "--", ":", "-.")[(i // len(colors)) % 4]}
+
+
+def common_prefix(keys: list[str]) -> str:
+    """"teacher/" when every key starts with the same "teacher/" (the panel's title says it once), else ""."""
+    heads = {k.split("/", 1)[0] for k in keys}
+    return f"{heads.pop()}/" if len(heads) == 1 and all("/" in k for k in keys) else ""
+
+
+def _legend(ax, n: int) -> None:
+    """The legend below the panel, outside the data."""
+    ax.legend(fontsize=7, ncol=2 if n > 4 else 1, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+
+
 def plot_history(history: list[dict], val: list[dict], path: Path, title: str) -> Path:
-    """Left: the training loss and its parts per step (log scale). Right: validation figures."""
+    """Left: the training loss and its parts per step (log scale). Then the validation figures: losses in one
+    panel, cosines to the teacher in another (where the stage has both). Every line labelled, legends below the
+    panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     skip = {"step", "lr", "grad_norm", "images_per_s"}
-    for key in [k for k in dict.fromkeys(k for r in history for k in r) if k not in skip]:
-        rows = [r for r in history if key in r]  # some parts exist only on some steps (one per resolution)
-        ax1.plot([r["step"] for r in rows], [r[key] for r in rows], lw=2.0 if key == "loss" else 0.8,
-                 label=key, color="black" if key == "loss" else None)
-    ax1.set(xlabel="step", ylabel="training loss", yscale="log", title=f"{title}: training")
-    ax1.legend(fontsize=6, ncol=2)
-    vsteps = [r["step"] for r in val]
-    for key in [k for k in val[0] if k != "step"]:
-        ax2.plot(vsteps, [r[key] for r in val], marker="o", lw=1, label=key)
-    ax2.set(xlabel="step", title=f"{title}: validation")
-    ax2.legend(fontsize=6, ncol=2)
+    train_keys = [k for k in dict.fromkeys(k for r in history for k in r) if k not in skip]
+    val_keys = [k for k in dict.fromkeys(k for r in val for k in r) if k != "step"]
+    cosines = [k for k in val_keys if "cosine" in k]
+    losses = [k for k in val_keys if k not in cosines]
+    panels = [("train", train_keys)] + [(name, keys) for name, keys in (("val loss", losses), ("val cosine", cosines))
+                                        if keys]
+    most = max(len(keys) for _, keys in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2 + 0.16 * math.ceil(most / 2)),
+                             squeeze=False)
+    for ax, (panel, keys) in zip(axes[0], panels):
+        prefix = common_prefix([k for k in keys if k != "loss"])
+        rows_of = history if panel == "train" else val
+        i = 0
+        for key in keys:
+            rows = [r for r in rows_of if key in r and r[key] is not None]  # some parts exist only on some steps
+            if key == "loss":  # the total (stage 1's validation: the mean over the blocks), black in every panel
+                style = {"color": "black", "lw": 2.0}
+            else:
+                style = {**line_style(i), "lw": 0.9}
+                i += 1
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key.removeprefix(prefix),
+                    marker=None if panel == "train" else "o", markersize=4, **style)
+        who = f" ({prefix.rstrip('/')})" if prefix else ""
+        if panel == "train":
+            ax.set(xlabel="step", ylabel="training loss (log)", yscale="log", title=f"{title}: training{who}")
+        elif panel == "val loss":
+            ax.set(xlabel="step", ylabel="validation loss (log)", yscale="log", title=f"{title}: validation loss{who}")
+        else:
+            ax.set(xlabel="step", ylabel="cosine similarity to the teacher",
+                   title=f"{title}: validation cosine{who}")
+        ax.title.set_fontsize(10)
+        _legend(ax, len(keys))
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
     plt.close(fig)
     return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    """A training-curve CSV back as rows of numbers (empty cells left out)."""
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k == "step" else float(v)) for k, v in row.items() if v not in ("", None)}
+                for row in csv.DictReader(f)]
+
+
+def replot(root: Path) -> list[Path]:
+    """Redraw reports/plots/<stage>.png of every training stage from its CSV (the training curves) and
+    reports/metrics/<stage>.json (validation at the start and the end: what a run with val_every 0, the
+    default, validates; a run that validated in between has more points than the metrics keep, so it is left
+    as it is)."""
+    import yaml
+
+    params_file = root / "params.yaml"
+    params = (yaml.safe_load(params_file.read_text()) or {}) if params_file.exists() else {}
+    drawn = []
+    for stage in STAGES:
+        curves, metrics = root / "reports/plots" / f"{stage}.csv", root / "reports/metrics" / f"{stage}.json"
+        if not (curves.exists() and metrics.exists()):
+            continue
+        if (params.get(stage) or {}).get("val_every"):
+            print(f"{stage}: validated every {params[stage]['val_every']} steps; the metrics keep only the start "
+                  "and the end, so its plot is left as the stage drew it")
+            continue
+        m = json.loads(metrics.read_text())
+        drawn.append(plot_history(read_csv(curves), [m["val_start"], m["val_end"]],
+                                  root / "reports/plots" / f"{stage}.png", stage))
+        print(f"wrote {drawn[-1]}")
+    return drawn
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Redraw the training-curve plots from the files the stages wrote.")
+    parser.add_argument("--replot", action="store_true", required=True)
+    parser.add_argument("--root", type=Path, default=Path("."))
+    replot(parser.parse_args().root)
