@@ -4,12 +4,14 @@ whole student against the isomorphic ViT. Needs only torch, triton, numpy and ma
     python -m cgspn.bench_blocks            # CUDA: the full set; CPU: reduced sizes, labelled CPU
     python -m cgspn.bench_blocks --out DIR  # writes DIR/blocks.json, blocks-<device>.json, speedup and roofline plots
     python -m cgspn.bench_blocks --compiled # both blocks eager and torch.compile'd: DIR/blocks-compiled-<device>.json
+    python -m cgspn.bench_blocks --replot   # only redraw the plots of the records in DIR (no timing)
 
 Blocks: pre-norm transformer blocks (norm, mixer, layer scale, MLP 4x) on the tokens of a square image of
 side S with patch 16, i.e. (S/16)^2 tokens; the attention mixer is PyTorch SDPA (FlashAttention on a GPU),
 the C-GSPN mixer projects to a proxy width of width/4 and scans in four directions. Forward, and forward
 plus backward, at each side, width and batch; peak memory on CUDA. Times are medians of N after warm-up
-(CUDA events with the L2 cache flushed on a GPU; perf_counter on a CPU).
+(CUDA events with the L2 cache flushed on a GPU; perf_counter on a CPU). Every record carries the date (UTC),
+the commit and the device it was measured on (`kernels.bench.provenance`).
 """
 from __future__ import annotations
 
@@ -20,22 +22,19 @@ from pathlib import Path
 
 import torch
 
-from kernels.bench import device_info, median_ms
+from kernels.bench import device_info, median_ms, provenance
 
+from .bench_text import BUDGET_S, GOAL, GOAL_SIDE, GOAL_SPEEDUP, PUBLISHED, repetitions  # noqa: F401 (re-exported)
 from .models.attention import Attention
 from .outputs import write_json
 from .models.cgspn import CGSPN, CGSPNConfig
 from .models.gspn_mixer import GSPNMixer, GSPNMixerConfig
 from .models.vit import Block, ViT, ViTConfig
 
-PUBLISHED = "published C-GSPN: block 2x faster than FlashAttention at 1024 px (batch 32, width 1152), 4x at 2048 px"
-GOAL = "our goal on an H100/H200: at least 4x at 2048 px with batch 1 and width 1152, growing with resolution"
 PATCH = 16
 GPU_SET = {"sides": [224, 512, 1024, 2048, 4096], "widths": [384, 1152], "batches": [1, 32], "model_sides": [224, 512, 1024, 2048]}
 # Batch 32 at 4096 px is left out: one attention forward+backward there takes about a minute on an H100.
 MAX_SIDE_AT_BATCH = {32: 2048}
-# Slow timings get fewer reps (at least 5) so that each takes about this long.
-BUDGET_S = 3.0
 CPU_SET = {"sides": [224, 448, 896], "widths": [384], "batches": [1], "model_sides": [224, 448]}
 # Both blocks under torch.compile (the GSPN scan stays one opaque custom op, kernels/gspn/packed_op.py): the
 # compiler fuses the glue every transformer block has (GELU, LayerNorm, residual adds, layer scales). GPU only,
@@ -185,17 +184,29 @@ def plot_speedup(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9.5, 4.5))
+    colors = plt.get_cmap("tab10").colors
+    sides, i = set(), 0
     for series, style, note in (("speedups", "-", ""), ("speedups_compiled", "--", ", both compiled")):
         found = report.get(series, [])
         for width, batch, mode in sorted({(s["width"], s["batch"], s["mode"]) for s in found}):
             pts = sorted((s["side"], s["speedup"]) for s in found
                          if (s["width"], s["batch"], s["mode"]) == (width, batch, mode))
-            ax.plot(*zip(*pts), style, marker="o", label=f"width {width}, batch {batch}, {mode}{note}")
-    ax.axhline(1, color="gray", lw=0.8)
+            sides |= {p[0] for p in pts}
+            ax.plot(*zip(*pts), style, marker="o" if mode == "fwd" else "s", color=colors[i % len(colors)],
+                    label=f"width {width}, batch {batch}, {mode}{note}")
+            i += 1
+    ax.axhline(GOAL_SPEEDUP, color="red", ls=":", lw=1.2, label=f"goal: {GOAL_SPEEDUP:g}x at {GOAL_SIDE} px")
+    ax.axhline(1, color="black", lw=0.8, label="1x: as fast as attention")
     ax.set(xscale="log", yscale="log", xlabel="image side (px, patch 16)", ylabel="attention time / C-GSPN time",
            title=f"C-GSPN block vs attention block ({report['info']['device']})")
-    ax.legend(fontsize=7)
+    ax.minorticks_off()  # ticks at the measured sides and plain speedups, no overlapping log-scale labels
+    ax.set_xticks(sorted(sides), [str(s) for s in sorted(sides)])
+    values = [s["speedup"] for series in ("speedups", "speedups_compiled") for s in report.get(series, [])]
+    low, high = min(values + [1.0]), max(values + [GOAL_SPEEDUP])
+    ax.set_yticks([2.0**k for k in range(-6, 7) if low / 2 < 2.0**k < high * 2],
+                  [f"{2.0**k:g}x" for k in range(-6, 7) if low / 2 < 2.0**k < high * 2])
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the data
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -224,21 +235,37 @@ def plot_roofline(kernel_report: dict, path: Path, peak_flops: float) -> None:
 
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = kernel_report["rows"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 5.5), squeeze=False, sharey=True)
     bw = kernel_report["copy_GBps"] * 1e9
-    for backend in sorted({r["backend"] for r in rows}):
+    colors = dict(zip(sorted({r["backend"] for r in rows}), plt.get_cmap("tab10").colors))
+    for ax, mode in zip(axes[0], modes):
         pts = []
-        for r in (r for r in rows if r["backend"] == backend):
+        for r in (r for r in rows if r["mode"] == mode):
             flops = SCAN_FLOPS[r["mode"]] * r["B"] * r["C"] * r["H"] * r["W"] * (4 if r["op"] == "4dir" else 1)
-            pts.append((flops / r["min_bytes"], flops / (r["ms"] / 1e3)))
-        ax.scatter(*zip(*pts), label=backend, s=18)
-    x = np.logspace(-2, 3, 100)
-    ax.plot(x, np.minimum(bw * x, peak_flops), color="red", lw=1,
-            label=f"roof: copy {kernel_report['copy_GBps']:.0f} GB/s, matmul {peak_flops / 1e12:.2f} TFLOP/s")
-    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (estimated FLOP per byte)",
-           ylabel="achieved FLOP/s", title=f"GSPN scan roofline ({kernel_report['info']['device']})")
-    ax.legend(fontsize=7)
+            pts.append((flops / r["min_bytes"], flops / (r["ms"] / 1e3), r["name"], r["backend"]))
+        for backend, color in colors.items():
+            mine = [p for p in pts if p[3] == backend]
+            if mine:
+                ax.scatter([p[0] for p in mine], [p[1] for p in mine], label=backend, s=18, color=color, zorder=3)
+        # Every point named by its shape, the names in a column right of the points (evenly spaced on the log
+        # axis, in the points' order) with a leader line each: many shapes share one intensity.
+        pts.sort(key=lambda p: p[1])
+        x_lo, x_hi = min(p[0] for p in pts), max(p[0] for p in pts)
+        y_lo, y_hi = min(p[1] for p in pts), max(p[1] for p in pts)
+        label_y = np.geomspace(y_lo, max(y_hi, y_lo * 1.5 ** len(pts)), len(pts)) if len(pts) > 1 else [y_lo]
+        for (x_, y_, name, backend), ly in zip(pts, label_y):
+            ax.annotate(name, (x_, y_), xytext=(x_hi * 3, ly), fontsize=6, color=colors[backend], va="center",
+                        arrowprops={"arrowstyle": "-", "lw": 0.4, "color": colors[backend], "alpha": 0.6})
+        x = np.geomspace(x_lo / 4, x_hi * 40, 100)
+        ax.plot(x, np.minimum(bw * x, peak_flops), color="red", lw=1,
+                label=f"roof: copy {kernel_report['copy_GBps']:.0f} GB/s, matmul {peak_flops / 1e12:.2f} TFLOP/s")
+        ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (estimated FLOP per byte)",
+               title=f"GSPN scan roofline, {mode} ({kernel_report['info']['device']})")
+        ax.title.set_fontsize(9)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0, 0].set_ylabel("achieved FLOP/s")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -270,7 +297,8 @@ def compiled_benchmark(sides: list[int], dtype, device: str, reps: int, info: di
         for kind in ("cgspn", "cgspn-compiled", "attention", "attention-compiled"):
             rows.append(time_block(kind, width, side, batch, dtype, device, reps, compile_mode))
             print_row(rows[-1])
-    report = {"info": info, "scope": f"width {width}, batch {batch}: eager and torch.compile'd blocks",
+    report = {"info": info, **provenance(info["device"]),
+              "scope": f"width {width}, batch {batch}: eager and torch.compile'd blocks",
               "method": method + f"; torch.compile(block, dynamic=False, fullgraph=True, mode={compile_mode!r}), "
                                  "the GSPN scan one custom op",
               "published": PUBLISHED, "goal": GOAL, "blocks": rows, "speedups": speedups(rows),
@@ -285,6 +313,28 @@ def compiled_benchmark(sides: list[int], dtype, device: str, reps: int, info: di
             print(f"  {label}, width {s['width']} batch {s['batch']} side {s['side']} {s['mode']}: {s['speedup']:.2f}x")
     print(PUBLISHED + "\n" + GOAL)
     return report
+
+
+def replot(out: Path) -> dict:
+    """Redraw the plots of the block records in `out` from their JSON, timing nothing: speedup-<device>.png
+    for every blocks-<device>.json and blocks-compiled-<device>*.json, and roofline-<device>.png where a GPU
+    record has its kernel-<device>.json beside it (none for a CPU: its kernel rows time Triton's interpreter)."""
+    drawn = []
+    for path in sorted(out.glob("blocks-*.json")):
+        record = json.loads(path.read_text())
+        speedup = path.with_name(path.stem.replace("blocks", "speedup", 1) + ".png")
+        plot_speedup(record, speedup)
+        drawn.append(speedup)
+        slug = path.stem.removeprefix("blocks-")
+        kernel_json = out / f"kernel-{slug}.json"
+        if (not path.stem.startswith("blocks-compiled-") and record["info"].get("kind") == "cuda"
+                and kernel_json.exists() and "matmul_flops" in record):
+            roofline = out / f"roofline-{slug}.png"
+            plot_roofline(json.loads(kernel_json.read_text()), roofline, record["matmul_flops"])
+            drawn.append(roofline)
+    for p in drawn:
+        print(f"wrote {p}")
+    return {"plots": [str(p) for p in drawn]}
 
 
 def main(argv=None) -> dict:
@@ -302,10 +352,14 @@ def main(argv=None) -> dict:
                         help="torch.compile mode of --compiled; max-autotune-no-cudagraphs lets Inductor use Triton "
                              "matmuls with GELU fused into fc1 (minutes of autotuning per shape); the file name "
                              "gets the mode")
+    parser.add_argument("--replot", action="store_true",
+                        help="only redraw the speedup (and, for a GPU, roofline) plots of the records in --out")
     parser.add_argument("--profile", type=int, nargs=3, metavar=("WIDTH", "SIDE", "BATCH"),
                         help="only print where one C-GSPN block's GPU time goes, for this width, side and batch")
     args = parser.parse_args(argv)
     device = args.device
+    if args.replot:
+        return replot(args.out)
     if args.profile:
         return profile_block(*args.profile, device)
     sizes = dict(GPU_SET if device == "cuda" else CPU_SET)
@@ -317,8 +371,7 @@ def main(argv=None) -> dict:
     print(f"block benchmark on {info['device']}, median of {reps}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     slug = "cpu" if device == "cpu" else re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
-    method = (f"median of {reps} (at least 5, about {BUDGET_S:.0f} s per timing), {str(dtype).replace('torch.', '')}, "
-              f"patch {PATCH}" + (", CUDA graph replays with the L2 cache flushed before each (device time); eager "
+    method = (f"{repetitions(reps)}, {str(dtype).replace('torch.', '')}, patch {PATCH}" + (", CUDA graph replays with the L2 cache flushed before each (device time); eager "
                                   "times (with Python's launch overhead) beside them" if device == "cuda" else ""))
     if args.compile_mode and not args.compiled:
         parser.error("--compile-mode applies to --compiled only")
@@ -336,7 +389,8 @@ def main(argv=None) -> dict:
                 for kind in ("cgspn", "cgspn-unpacked", "attention") if device == "cuda" else ("cgspn", "attention"):
                     rows.append(time_block(kind, width, side, batch, dtype, device, reps))
                     print_row(rows[-1])
-    report = {"info": info, "scope": "full set" if device == "cuda" else "CPU: reduced sizes", "method": method,
+    report = {"info": info, **provenance(info["device"]), "reps": reps, "budget_s": BUDGET_S,
+              "scope": "full set" if device == "cuda" else "CPU: reduced sizes", "method": method,
               "published": PUBLISHED, "goal": GOAL, "blocks": rows, "speedups": speedups(rows),
               "speedups_eager": speedups(rows, "_eager"),
               # The packed mixer layout against the unpacked one, same run (GPU only).
@@ -345,7 +399,7 @@ def main(argv=None) -> dict:
     plot_speedup(report, args.out / f"speedup-{slug}.png")
     report["matmul_flops"] = matmul_flops(device, dtype, reps)
     kernel_json = args.out / f"kernel-{slug}.json"
-    if kernel_json.exists():
+    if kernel_json.exists() and device == "cuda":  # on a CPU the kernel rows time Triton's interpreter: no roofline
         plot_roofline(json.loads(kernel_json.read_text()), args.out / f"roofline-{slug}.png", report["matmul_flops"])
     for stem in ("blocks", f"blocks-{slug}"):
         write_json(args.out / f"{stem}.json", report)
