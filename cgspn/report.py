@@ -138,7 +138,7 @@ def verdicts(models: dict, sides: list[int], knn_on: bool, seg_on: bool) -> list
     if knn_on and t and s2:
         gap = 100 * (t["knn_summary"] - s2["knn_summary"])
         rows.append(["stage-2 student kNN (summary) within 3 points below the teacher",
-                     f"{_pct(s2['knn_summary'])} against {_pct(t['knn_summary'])} ({gap:+.1f} below)",
+                     f"{_pct(s2['knn_summary'])} against {_pct(t['knn_summary'])} ({abs(gap):.1f} {'below' if gap >= 0 else 'above'})",
                      verdict(3 - gap)])
         if rnd:
             lift = 100 * (s2["knn_summary"] - rnd["knn_summary"])
