@@ -1,7 +1,8 @@
 """Teacher features for one image shard, written as a feature shard that mirrors it key by key.
 
 Each feature sample holds float16 arrays: `summary.npy` [D], `spatial.npy` [h, w, D] (the final patch
-tokens), and `block<k>.npy` [h, w, D] for each requested intermediate block (through the final norm).
+tokens; a CNN teacher's feature map), and `block<k>.npy` [h, w, D] for each requested intermediate block
+(through the final norm; ViT teachers only). The grid (h, w) is the teacher's at its own input side.
 The caller (the cache_teacher stage) runs one `cache_shard` per shard, in parallel on Ray actors.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 from .errors import ShardError
 from .data.shards import TAR_MTIME, decode_image, encode_npy, iter_samples
 from .phis import Moments
-from .teachers import preprocess
+from .teachers import preprocess, teacher_normalization
 
 
 @dataclass
@@ -32,8 +33,9 @@ class ShardResult:
 @torch.inference_mode()
 def teacher_features(teacher, images: list[np.ndarray], resolution: int, layers: Sequence[int] = ()) -> dict:
     """images: uint8 [H, W, 3] each (sizes may differ) -> {"summary": [B, D], "spatial": [B, h, w, D],
-    "block<k>": [B, h, w, D]} as float32 tensors, all through the same `preprocess` the training uses."""
-    x = torch.cat([preprocess(img, resolution) for img in images])
+    "block<k>": [B, h, w, D]} as float32 tensors, all through the same `preprocess` the training uses, at
+    `resolution` (the teacher's own side) with the teacher's own normalization (`teacher_normalization`)."""
+    x = torch.cat([preprocess(img, resolution, *teacher_normalization(teacher)) for img in images])
     out = teacher(x, layers=tuple(layers))
     feats = {"summary": out.summary, "spatial": out.patch_tokens}
     feats.update({f"block{k}": t for k, t in out.layer_tokens.items()})

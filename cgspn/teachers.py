@@ -133,6 +133,12 @@ def teacher_normalization(teacher: Teacher) -> tuple[tuple[float, ...], tuple[fl
     return (tuple(cfg.mean), tuple(cfg.std)) if hasattr(cfg, "mean") else (IMAGENET_MEAN, IMAGENET_STD)
 
 
+def teacher_side(student_side: int, scale: float = 1) -> int:
+    """The side a teacher sees the student's images at: `scale` x the student's side, rounded (a CNN teacher
+    of stride 32 at scale 2 sees 56 px images at 112 px, a 4 x 4 grid like the student's 14-px patches)."""
+    return int(round(student_side * scale))
+
+
 # ---------------------------------------------------------------- the offline default
 
 

@@ -1,15 +1,21 @@
 """Stage `cache_teacher`: every teacher of models/teachers over the image shards, in parallel on Ray.
 
 Writes data/features/<teacher>/<split>-NNNNNN.tar mirroring data/shards key by key (float16 summary,
-spatial grid and chosen intermediate blocks), PHI-S statistics over the features of `phis_splits`
+spatial grid and the intermediate blocks `layers` names for it), PHI-S statistics over the features of `phis_splits`
 (`phis.safetensors` for the spatial grid, `phis_summary.safetensors` for the summary vectors,
 `phis_block<k>.safetensors` for each cached block) and `meta.json` beside them. An actor pool of `workers` actors, each loading
-its teacher once; one task per shard. `ray.init` joins the cluster at RAY_ADDRESS when it is set (the
+its teacher once; one task per shard.
+
+Every teacher sees the same images (the same resize and centre crop) with its own normalization, at
+`teacher_scale[teacher]` x `resolution` (default 1): the student trains at `resolution`, and a CNN teacher
+of stride 32 at scale 2 gives the student's 4 x 4 grid of 14-px patches at 56 px. meta.json records the
+student's `resolution`, the teacher's own side (`teacher_resolution`), `scale`, `grid` and `dim`. `ray.init` joins the cluster at RAY_ADDRESS when it is set (the
 paths must then be on a filesystem every node sees), else starts Ray locally.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import defaultdict
@@ -27,11 +33,13 @@ from cgspn.outputs import replace_dir, write_json, write_timings
 from cgspn.params import Param
 from cgspn.phis import PhiS, phis_file
 from cgspn.stage import run_stage
+from cgspn.teachers import known_teachers, teacher_side
 
 SCHEMA = {
     "resolution": Param(int, min=14),  # images are resized and center-cropped to this square
     "splits": Param(list, item=str, auto=True),  # auto: every split at the training resolution (not photos)
-    "layers": Param(list, item=int, min=0),  # intermediate blocks whose outputs to cache too
+    "layers": Param(dict),  # {teacher: [block, ...]}: intermediate blocks whose outputs to cache too (ViTs)
+    "teacher_scale": Param(dict),  # {teacher: s}: that teacher sees the images at s x resolution (others: 1)
     "phis_splits": Param(list, item=str, auto=True),  # auto: the training splits
     "workers": Param(int, min=0),  # 0: one per GPU (gpus_per_worker > 0), else one per cpus_per_worker CPUs
     "cpus_per_worker": Param(int, min=1),
@@ -49,14 +57,15 @@ class TeacherWorker:
     def __init__(self, teacher_path: str, threads: int):
         import torch
 
-        from cgspn.teachers import load_vit
+        from cgspn.teachers import load_teacher_file
 
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.teacher = load_vit(teacher_path).eval().requires_grad_(False).to(device)
+        self.teacher = load_teacher_file(teacher_path).eval().requires_grad_(False).to(device)
         self.name = (ray.get_runtime_context().get_node_id(), os.getpid())  # (Ray node, process)
 
     def cache(self, image_shard: str, out_shard: str, resolution: int, layers: list[int], batch_size: int):
+        """One shard at the teacher's own side `resolution`."""
         from cgspn.feature_cache import cache_shard
 
         return self.name, cache_shard(self.teacher, Path(image_shard), Path(out_shard), resolution, layers, batch_size)
@@ -71,7 +80,39 @@ def pool_size(p: dict) -> int:
     return max(1, int(res.get("CPU", 1) // p["cpus_per_worker"]))
 
 
+def per_teacher(p: dict, key: str, teachers: list[dict], check) -> dict:
+    """`cache_teacher.<key>` ({teacher: value}) for the materialized teachers, each value checked by
+    `check(where, value, entry)` (which raises ParamError). A registered teacher that teacher.names does not
+    list is ignored (params.yaml may hold settings for a teacher the run does not use); any other name is
+    refused (a typo)."""
+    entry = {t["name"]: t for t in teachers}
+    unknown = sorted(set(p[key]) - set(entry) - set(known_teachers()))
+    if unknown:
+        raise ParamError(f"cache_teacher.{key} names {unknown}, which are neither materialized teachers "
+                         f"{sorted(entry)} (teacher.names) nor registered ones")
+    for name, value in p[key].items():
+        if name in entry:
+            check(f"cache_teacher.{key}.{name}", value, entry[name])
+    return {name: value for name, value in p[key].items() if name in entry}
+
+
+def check_layers(where: str, blocks, teacher: dict) -> None:
+    if not isinstance(blocks, list) or any(isinstance(k, bool) or not isinstance(k, int) for k in blocks):
+        raise ParamError(f"{where} must be a list of block indices, got {blocks!r}")
+    depth = teacher["config"]["depth"]
+    bad = [k for k in blocks if not 0 <= k < depth]
+    if bad:
+        kind = "" if depth else f", a {teacher['config'].get('family')} teacher: it has no block outputs"
+        raise ParamError(f"{where}: blocks {bad} out of range for {teacher['name']} ({depth} blocks{kind})")
+
+
+def check_scale(where: str, scale, teacher: dict) -> None:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < float("inf"):
+        raise ParamError(f"{where} must be a finite number > 0, got {scale!r}")
+
+
 def check_inputs(p: dict, root: Path) -> tuple[list[dict], list[tuple[str, Path]]]:
+    """The teachers (teachers.json entries, each with its "side" and "layers" for this run) and the jobs."""
     splits = Splits(root)
     p["splits"] = splits.resolve(p["splits"], splits.base, "cache_teacher.splits")
     p["phis_splits"] = splits.resolve(p["phis_splits"], splits.train, "cache_teacher.phis_splits")
@@ -82,14 +123,17 @@ def check_inputs(p: dict, root: Path) -> tuple[list[dict], list[tuple[str, Path]
     if not index.exists():
         raise InputError(f"{index}: missing (run the teacher stage first)")
     teachers = json.loads(index.read_text())["teachers"]
+    layers = per_teacher(p, "layers", teachers, check_layers)
+    scales = per_teacher(p, "teacher_scale", teachers, check_scale)
     for t in teachers:
-        patch, depth = t["config"]["patch_size"], t["config"]["depth"]
-        if p["resolution"] % patch:
-            raise ParamError(f"cache_teacher.resolution={p['resolution']} is not a multiple of "
+        t["scale"], t["layers"] = scales.get(t["name"], 1), layers.get(t["name"], [])
+        t["side"] = teacher_side(p["resolution"], t["scale"])
+        patch = t["config"]["patch_size"]
+        # a ViT cuts its input into patches; a CNN pads ("SAME") and takes any side
+        if t["config"].get("family", "vit") == "vit" and t["side"] % patch:
+            at = f" (at teacher_scale {t['scale']}: {t['side']} px)" if t["scale"] != 1 else ""
+            raise ParamError(f"cache_teacher.resolution={p['resolution']}{at} is not a multiple of "
                              f"teacher {t['name']}'s patch size {patch}")
-        bad = [k for k in p["layers"] if k >= depth]
-        if bad:
-            raise ParamError(f"cache_teacher.layers {bad} out of range for {t['name']} ({depth} blocks)")
     check_splits(root / SHARDS, p["splits"], "cache_teacher.splits")  # indexes, complete shards: before Ray
     jobs = [(split, shard) for split in p["splits"] for shard in split_shards(root / SHARDS, split)]
     return teachers, jobs
@@ -111,7 +155,7 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> tu
     total = 0
     try:
         results = ActorPool(actors).map_unordered(
-            lambda a, job: a.cache.remote(job[0], job[1], p["resolution"], p["layers"], p["batch_size"]), tasks)
+            lambda a, job: a.cache.remote(job[0], job[1], teacher["side"], teacher["layers"], p["batch_size"]), tasks)
         with tqdm(total=len(tasks), desc=f"cache {teacher['name']}", unit="shard") as bar:
             for worker, r in results:
                 per_worker[worker][0] += r.count
@@ -132,9 +176,10 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> tu
     for kind, stats in phis.items():
         stats.save(out_dir / phis_file(kind))
     feature_bytes = sum(f.stat().st_size for f in out_dir.glob("*.tar"))
-    grid = p["resolution"] // teacher["config"]["patch_size"]
-    meta = {"teacher": teacher["name"], "resolution": p["resolution"], "grid": [grid, grid],
-            "dim": teacher["config"]["dim"], "layers": p["layers"], "dtype": "float16",
+    grid = math.ceil(teacher["side"] / teacher["config"]["patch_size"])  # a ViT's side is a multiple
+    meta = {"teacher": teacher["name"], "resolution": p["resolution"], "teacher_resolution": teacher["side"],
+            "scale": teacher["scale"], "grid": [grid, grid], "dim": teacher["config"]["dim"],
+            "layers": teacher["layers"], "dtype": "float16",
             "splits": dict(per_split), "phis_splits": p["phis_splits"], "phis_vectors": moments["spatial"].count,
             "phis_scale": phis["spatial"].scale, "phis_summary_scale": phis["summary"].scale}
     write_json(out_dir / "meta.json", meta)
@@ -156,7 +201,7 @@ def main(p: dict, root: Path, run) -> dict:
             for t in teachers:
                 m, tm = cache_teacher(t, jobs, p, root, staging / Path(t["file"]).stem)
                 metrics[t["name"]], timings[t["name"]] = m, tm
-                print(f"cache_teacher: {t['name']}: {m['images']} images, {tm['images_per_s']} img/s with "
+                print(f"cache_teacher: {t['name']}: {m['images']} images at {t['side']} px, {tm['images_per_s']} img/s with "
                       f"{m['workers']} workers on {m['nodes']} node(s) ({tm['images_per_s_per_worker']} img/s "
                       f"per worker), {m['bytes_per_image']} B/image")
         finally:

@@ -26,7 +26,8 @@ MICRO = {
     },
     "teacher": {"names": ["dinov2_vits14_imgfocus"]},
     "cache_teacher": {
-        "resolution": 28, "splits": "auto", "layers": [5], "phis_splits": ["train"],
+        "resolution": 28, "splits": "auto", "layers": {"dinov2_vits14_imgfocus": [5]},
+        "teacher_scale": {"efficientnet_lite0": 2}, "phis_splits": ["train"],
         "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 8,
     },
     "distill_stage1": {**TRAIN_COMMON, "teacher": "dinov2_vits14_imgfocus", "resolution": 28,
