@@ -7,9 +7,14 @@ validation. Each task is built on every worker from a plain dict (its params plu
 - `Stage2Task` (end to end): everything trains. Student features go through each teacher's adaptor heads
   and are matched to that teacher's features, spatial in PHI-S space (MSE), summary by cosine, and the
   patch tokens of chosen intermediate blocks of the teacher (`block_targets`) like the spatial ones.
-  Targets come from the feature cache, or from the teacher online (`targets: online`).
-- `HighresTask`: stage 2's objective at higher resolutions, with targets from the teacher computed online
-  at that resolution (its position grid interpolated). Steps cycle through the resolutions.
+  Targets come from the feature cache, or from the teachers online (`targets: online`).
+- `HighresTask`: stage 2's objective at higher resolutions, with targets from the teachers computed online
+  at that resolution (a ViT's position grid interpolated). Steps cycle through the resolutions.
+
+Teachers of any family (ViT, CNN) take part in stages 2 and highres; stage 1 needs a ViT's block outputs.
+A teacher sees the student's images at `teacher_scales[t]` x the student's side with its own normalization,
+exactly as cache_teacher gave them to it; its grid may differ from the student's (another stride or side),
+and its spatial targets are resized to the student's grid (`AdaptedObjective.on_grid`), never the reverse.
 """
 from __future__ import annotations
 
@@ -26,12 +31,19 @@ from .models.cgspn import cgspn_from_teacher_config, init_from_teacher
 from .phis import load_teacher_phis
 from .stage_inputs import feature_names
 from .students import load_adaptors, load_student
-from .teachers import load_vit, preprocess
+from .teachers import (IMAGENET_MEAN, IMAGENET_STD, load_teacher_file, load_vit, preprocess, teacher_normalization,
+                       teacher_side)
 
 
-def to_batch(images: list[np.ndarray], resolution: int, device) -> torch.Tensor:
-    """uint8 images [H, W, 3] of any sizes -> [B, 3, r, r] through the one shared `preprocess`."""
-    return torch.cat([preprocess(img, resolution) for img in images]).to(device)
+def to_batch(images: list[np.ndarray], resolution: int, device, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 images [H, W, 3] of any sizes -> [B, 3, r, r] through the one shared `preprocess`, normalized
+    with ImageNet's mean and std (the student's input) or a teacher's own."""
+    return torch.cat([preprocess(img, resolution, mean, std) for img in images]).to(device)
+
+
+def load_teachers(paths: dict[str, str], device) -> dict[str, nn.Module]:
+    """{teacher: frozen teacher module of any family on `device`} from {teacher: checkpoint path}."""
+    return {t: load_teacher_file(path).eval().requires_grad_(False).to(device) for t, path in paths.items()}
 
 
 def autocast(device):
@@ -188,13 +200,25 @@ class AdaptedObjective:
         return result
 
 
-def online_targets(teachers: dict, x: torch.Tensor, device, blocks: dict[str, list[int]]) -> dict:
-    """The teachers run on x -> targets[teacher][name] as `AdaptedObjective.terms` takes them, with
-    "block<k>" for each k in blocks[teacher]."""
+def online_targets(teachers: dict, images: list[np.ndarray], x: torch.Tensor, scales: dict[str, float], device,
+                   blocks: dict[str, list[int]]) -> dict:
+    """The teachers on the student's batch -> targets[teacher][name] as `AdaptedObjective.terms` takes them,
+    with "block<k>" for each k in blocks[teacher].
+
+    images: the batch's uint8 images [H, W, 3]; x: the student's input built from them, [B, 3, r, r] with
+    ImageNet's normalization. Teacher t gets the same images at teacher_side(r, scales[t]) with its own
+    normalization, built afresh from `images` through `preprocess` (not converted from x: resizing x again
+    would resample an already resampled image), so that it sees exactly what cache_teacher gave it. x itself
+    is reused where side and normalization agree."""
+    r = x.shape[-1]
+    inputs = {(r, IMAGENET_MEAN, IMAGENET_STD): x}
     targets = {}
     for t, model in teachers.items():
+        side, (mean, std) = teacher_side(r, scales.get(t, 1)), teacher_normalization(model)
+        if (side, mean, std) not in inputs:
+            inputs[side, mean, std] = to_batch(images, side, device, mean, std)
         with torch.no_grad(), autocast(device):
-            out = model(x, layers=blocks[t])
+            out = model(inputs[side, mean, std], layers=blocks[t])
         targets[t] = {"summary": out.summary.float(), "spatial": out.patch_tokens.float(),
                       **{f"block{k}": v.float() for k, v in out.layer_tokens.items()}}
     return targets
@@ -212,8 +236,8 @@ class Stage2Task:
         self.trainable = self.build(cfg).to(device)
         self.objective = AdaptedObjective(cfg, device)
         online = cfg["targets"] == "online"
-        self.teachers = {t: load_vit(cfg["teacher_paths"][t]).eval().requires_grad_(False).to(device)
-                         for t in self.objective.teachers} if online else {}
+        self.teachers = load_teachers({t: cfg["teacher_paths"][t] for t in self.objective.teachers},
+                                      device) if online else {}
         feature_dirs = None if online else {t: Path(cfg["features"][t]) for t in self.objective.teachers}
         names = self.objective.names
         self.data = ShardSubset(cfg["shards"], cfg["splits"], rank, world, feature_dirs, names)
@@ -235,9 +259,11 @@ class Stage2Task:
 
     def loss(self, step: int):
         idx = self.data.batch_indices(step, self.cfg["batch_size"], self.seed, self.rank)
-        x = to_batch([self.data.images[i] for i in idx], self.cfg["resolution"], self.device)
+        images = [self.data.images[i] for i in idx]
+        x = to_batch(images, self.cfg["resolution"], self.device)
         if self.teachers:
-            targets = online_targets(self.teachers, x, self.device, self.objective.blocks)
+            targets = online_targets(self.teachers, images, x, self.cfg["teacher_scales"], self.device,
+                                     self.objective.blocks)
         else:
             targets = cached_targets(self.data.features, torch.as_tensor(idx))
         return self.objective.terms(self.trainable, x, targets)
@@ -259,15 +285,15 @@ class Stage2Task:
 
 
 class HighresTask(Stage2Task):
-    """Targets online at each resolution; one data split per resolution (bigger mosaics for bigger images)."""
+    """Targets online at each resolution (each teacher at its scale of it); one data split per resolution
+    (bigger mosaics for bigger images)."""
 
     def __init__(self, cfg: dict, device, rank: int, world: int, seed: int):
         self.cfg, self.device, self.rank, self.seed = cfg, device, rank, seed
         torch.manual_seed(seed)
         self.trainable = self.build(cfg).to(device)
         self.objective = AdaptedObjective(cfg, device)
-        self.teachers = {t: load_vit(cfg["teacher_paths"][t]).eval().requires_grad_(False).to(device)
-                         for t in self.objective.teachers}
+        self.teachers = load_teachers({t: cfg["teacher_paths"][t] for t in self.objective.teachers}, device)
         self.data = [ShardSubset(cfg["shards"], [s], rank, world) for s in cfg["splits"]]
         self.val = ([ShardSubset(cfg["shards"], [s], limit=cfg["val_count"]) for s in cfg["val_splits"]]
                     if rank == 0 else None)
@@ -283,8 +309,10 @@ class HighresTask(Stage2Task):
         j = step % len(self.cfg["resolutions"])
         data, B, r = self.data[j], self.cfg["batch_sizes"][j], self.cfg["resolutions"][j]
         idx = data.batch_indices(step // len(self.cfg["resolutions"]), B, self.seed, self.rank)
-        x = to_batch([data.images[i] for i in idx], r, self.device)
-        targets = online_targets(self.teachers, x, self.device, self.objective.blocks)
+        images = [data.images[i] for i in idx]
+        x = to_batch(images, r, self.device)
+        targets = online_targets(self.teachers, images, x, self.cfg["teacher_scales"], self.device,
+                                 self.objective.blocks)
         loss, parts = self.objective.terms(self.trainable, x, targets)
         return loss, {f"{k}/{r}px": v for k, v in parts.items()}
 
@@ -295,8 +323,10 @@ class HighresTask(Stage2Task):
         for val, r, B in zip(self.val, self.cfg["resolutions"], self.cfg["batch_sizes"]):
             sums, n = {}, 0
             for start in range(0, len(val), B):
-                x = to_batch(val.images[start : start + B], r, self.device)
-                targets = online_targets(self.teachers, x, self.device, self.objective.blocks)
+                images = val.images[start : start + B]
+                x = to_batch(images, r, self.device)
+                targets = online_targets(self.teachers, images, x, self.cfg["teacher_scales"], self.device,
+                                         self.objective.blocks)
                 for k, v in self.objective.fidelity(self.trainable, x, targets).items():
                     sums[k] = sums.get(k, 0.0) + v * len(x)
                 n += len(x)

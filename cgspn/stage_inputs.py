@@ -41,15 +41,17 @@ def feature_dir(root: Path, entry: dict) -> Path:
 
 
 def teachers_config(p: dict, root: Path, section: str) -> dict:
-    """Paths, widths and feature folders of the weighted teachers, their block targets, the resolution of
-    their cache. A block target must be in the teacher's feature cache (its PHI-S statistics are there)."""
+    """Paths, widths, feature folders and input scales of the weighted teachers, their block targets, and
+    the student's training resolution: the caches' common `resolution` (each teacher saw the images at
+    `teacher_scales[t]` x that, its meta.json's `scale`; 1 for caches written before there was one).
+    A block target must be in the teacher's feature cache (its PHI-S statistics are there)."""
     if not p["teacher_weights"]:
         raise ParamError(f"{section}.teacher_weights must name at least one teacher")
     unknown = sorted(set(p["block_targets"]) - set(p["teacher_weights"]))
     if unknown:
         raise ParamError(f"{section}.block_targets names {unknown}, which are not in teacher_weights")
-    cfg = {"teacher_weights": {}, "teacher_paths": {}, "teacher_dims": {}, "features": {}, "block_targets": {},
-           "block_weight": p["block_weight"]}
+    cfg = {"teacher_weights": {}, "teacher_paths": {}, "teacher_dims": {}, "teacher_scales": {}, "features": {},
+           "block_targets": {}, "block_weight": p["block_weight"]}
     resolutions = set()
     for name, weight in p["teacher_weights"].items():
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
@@ -73,10 +75,11 @@ def teachers_config(p: dict, root: Path, section: str) -> dict:
         cfg["teacher_weights"][name] = float(weight)
         cfg["teacher_paths"][name] = str((root / TEACHERS / entry["file"]).resolve())
         cfg["teacher_dims"][name] = entry["config"]["dim"]
+        cfg["teacher_scales"][name] = meta.get("scale", 1)
         cfg["features"][name] = str(features.resolve())
     if len(resolutions) != 1:
-        raise ParamError(f"{section}.teacher_weights: the teachers' feature caches differ in resolution "
-                         f"{sorted(resolutions)}")
+        raise ParamError(f"{section}.teacher_weights: the teachers' feature caches differ in their (student's) "
+                         f"resolution {sorted(resolutions)}; run cache_teacher for all of them at once")
     cfg["resolution"] = resolutions.pop()
     return cfg
 

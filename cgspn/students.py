@@ -42,8 +42,12 @@ def save_adaptors(adaptors: Adaptors, path: str | Path) -> Path:
 
 
 def adaptors_config(adaptors: Adaptors) -> dict:
+    """The JSON config: "hidden" is one width when every teacher's heads share it, else {teacher: width}
+    (the default max(student, teacher width) differs between a 384-d and a 1280-d teacher)."""
     first = next(iter(adaptors.values()))
-    return {"student_dim": first.summary.norm.normalized_shape[0], "hidden": first.summary.fc1.out_features,
+    hidden = {name: a.summary.fc1.out_features for name, a in adaptors.items()}
+    return {"student_dim": first.summary.norm.normalized_shape[0],
+            "hidden": hidden[next(iter(hidden))] if len(set(hidden.values())) == 1 else hidden,
             "teacher_dims": {name: a.summary.fc2.out_features for name, a in adaptors.items()},
             "blocks": {name: [int(k) for k in a.blocks] for name, a in adaptors.items() if len(a.blocks)}}
 

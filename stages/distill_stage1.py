@@ -27,6 +27,10 @@ SCHEMA = {
 def main(p: dict, root: Path, run) -> dict:
     """Train the student's mixers block by block."""
     teacher = teacher_entry(root, p["teacher"], "distill_stage1.teacher")
+    family = teacher["config"].get("family", "vit")
+    if family != "vit":
+        raise ParamError(f"distill_stage1.teacher={p['teacher']!r} is not a ViT (family {family}): module-wise "
+                         f"distillation needs a ViT's per-block attention inputs and outputs")
     if p["resolution"] % teacher["config"]["patch_size"]:
         raise ParamError(f"distill_stage1.resolution={p['resolution']} is not a multiple of the "
                          f"patch size {teacher['config']['patch_size']}")

@@ -1,7 +1,9 @@
 """Stage `distill_stage2`: end-to-end distillation from the stage-1 student. Student features go through
 one adaptor per teacher and are matched to that teacher's cached features (spatial: MSE in PHI-S space;
 summary: cosine; the patch tokens of the intermediate blocks in `block_targets`: MSE in PHI-S space),
-weighted per teacher. `targets: online` recomputes them with the teacher instead.
+weighted per teacher. `targets: online` recomputes them with the teachers instead (each at its
+cache_teacher.teacher_scale). A teacher's grid may differ from the student's (a CNN's stride 32): its
+targets are resized to the student's grid. Per-teacher losses are logged as `<teacher>/<term>`.
 Writes models/distill_stage2/{student,adaptors}.safetensors (+ .json), reports/metrics and reports/plots.
 """
 from __future__ import annotations
@@ -54,9 +56,11 @@ def main(p: dict, root: Path, run) -> dict:
     inputs = [init.parent, root / SHARDS, root / TEACHERS, *features.values()]
     metrics = run_training("distill_stage2", p, root, run, task, inputs, save_student_and_adaptors)
     for t in task["teacher_weights"]:
-        before, after = metrics["val_start"][f"{t}/patch_cosine_raw"], metrics["val_end"][f"{t}/patch_cosine"]
-        print(f"distill_stage2: {t}: mean patch cosine on {p['val_split']}: stage-1 student {before:.4f}, "
-              f"stage-2 student {after:.4f}")
+        after = metrics["val_end"][f"{t}/patch_cosine"]
+        before = metrics["val_start"].get(f"{t}/patch_cosine_raw")  # the student's own tokens: same width only
+        start = (f"stage-1 student {before:.4f}" if before is not None else
+                 f"fresh adaptor {metrics['val_start'][f'{t}/patch_cosine']:.4f}")
+        print(f"distill_stage2: {t}: mean patch cosine on {p['val_split']}: {start}, stage-2 student {after:.4f}")
     return metrics
 
 

@@ -32,14 +32,14 @@ from cgspn.errors import ParamError
 from cgspn.evaluation import knn_top1, mean_iou, train_seg_probe
 from cgspn.figures import pca_figure, resolution_figure
 from cgspn.models.cgspn import cgspn_from_teacher_config
-from cgspn.models.vit import parameter_count
+from cgspn.models.vit import ViT, parameter_count
 from cgspn.outputs import write_json, write_timings
 from cgspn.params import Param
 from cgspn.phis import PhiS, load_teacher_phis
 from cgspn.stage import run_stage
 from cgspn.stage_inputs import SHARDS, TEACHERS, Splits, feature_dir, teacher_entry
 from cgspn.students import load_adaptors, load_student
-from cgspn.teachers import load_vit, preprocess_mask
+from cgspn.teachers import family, load_teacher_file, preprocess_mask
 
 SCHEMA = {
     "teacher": Param(str),
@@ -94,7 +94,10 @@ class Encoder:
 
 def load_encoders(p: dict, root: Path, device: str) -> dict[str, Encoder]:
     entry = teacher_entry(root, p["teacher"], "evaluate.teacher")
-    teacher = load_vit(root / TEACHERS / entry["file"]).eval()
+    teacher = load_teacher_file(root / TEACHERS / entry["file"]).eval()
+    if not isinstance(teacher, ViT):  # the random student and the block probes are built from a ViT
+        raise ParamError(f"evaluate.teacher={p['teacher']!r} is not a ViT (family {family(teacher)}): evaluate "
+                         f"compares the students with a ViT teacher")
     phis = load_teacher_phis(feature_dir(root, entry))
     encoders = {}
     # The teacher first: the students' fidelity is measured against its features.
@@ -246,8 +249,8 @@ def main(p: dict, root: Path, run) -> dict:
 
     def outputs(enc: Encoder, split: str, images: list[np.ndarray], px: int):
         """`encode`, except that the teacher's outputs at the cache's resolution come from the cache."""
-        if (enc.name == "teacher" and px == base and split in meta["splits"]
-                and set(enc.blocks) <= set(meta.get("layers", []))):
+        if (enc.name == "teacher" and px == base and meta.get("teacher_resolution", base) == base
+                and split in meta["splits"] and set(enc.blocks) <= set(meta.get("layers", []))):
             return cached_outputs(root, features, split, enc.blocks, limit)
         return encode(enc, images, px, p["batch_size"])
 

@@ -1,6 +1,6 @@
 """Stage `highres`: continue the stage-2 student at higher resolutions (`scales` x the cached resolution),
-one data split per scale (bigger mosaics), with teacher targets computed online at that resolution (the
-teacher's position grid interpolated). Writes models/highres/{student,adaptors}.safetensors (+ .json).
+one data split per scale (bigger mosaics), with teacher targets computed online at that resolution (a
+ViT teacher's position grid interpolated; each teacher at its cache_teacher.teacher_scale x it). Writes models/highres/{student,adaptors}.safetensors (+ .json).
 """
 from __future__ import annotations
 

@@ -44,9 +44,10 @@ class TeacherAdaptor(nn.Module):
 
 class Adaptors(nn.ModuleDict):
     """One `TeacherAdaptor` per teacher name: `Adaptors(384, {"dinov2_vits14_imgfocus": 384})`;
-    `blocks={"dinov2_vits14_imgfocus": [8]}` adds a head for that teacher's block 8."""
+    `blocks={"dinov2_vits14_imgfocus": [8]}` adds a head for that teacher's block 8. `hidden`: one width for
+    every teacher's heads, a dict of them per teacher, or None (each teacher's max(student, teacher width))."""
 
-    def __init__(self, student_dim: int, teacher_dims: dict[str, int], hidden: int | None = None,
+    def __init__(self, student_dim: int, teacher_dims: dict[str, int], hidden: int | dict[str, int] | None = None,
                  blocks: dict[str, list[int]] | None = None):
         if not teacher_dims:
             raise ValueError("Adaptors: teacher_dims must name at least one teacher")
@@ -54,7 +55,8 @@ class Adaptors(nn.ModuleDict):
         unknown = sorted(set(blocks) - set(teacher_dims))
         if unknown:
             raise ValueError(f"Adaptors: blocks names teachers {unknown} that are not in teacher_dims")
-        super().__init__({name: TeacherAdaptor(student_dim, dim, hidden, tuple(blocks.get(name, ())))
+        hidden = hidden if isinstance(hidden, dict) else {name: hidden for name in teacher_dims}
+        super().__init__({name: TeacherAdaptor(student_dim, dim, hidden.get(name), tuple(blocks.get(name, ())))
                           for name, dim in teacher_dims.items()})
 
 
