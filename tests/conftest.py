@@ -81,6 +81,47 @@ def micro(request, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def two_teachers_cached(micro, tmp_path_factory):
+    """A root where the teacher stage wrote both teachers of tests/two_teachers.py and cache_teacher cached
+    both (micro's shards); once per session for every test file that needs it."""
+    import time
+
+    from micro import copy_root, run
+    from two_teachers import two_teacher_params
+
+    tmp = tmp_path_factory.mktemp("two")
+    root = copy_root(micro["root"], tmp / "root", parts=("data/shards",))
+    params = two_teacher_params(tmp / "p.yaml")
+    run("teacher", params, root)
+    start = time.perf_counter()
+    metrics = run("cache_teacher", params, root)
+    timings = json.loads((root / "reports/timings/cache_teacher.json").read_text())
+    print(f"\ncache_teacher, both teachers: {time.perf_counter() - start:.1f} s; "
+          + "; ".join(f"{t}: {timings[t]['images_per_s']} img/s, {metrics[t]['bytes_per_image']} B/image"
+                      for t in metrics))
+    return {"root": root, "params": params, "metrics": metrics, "tmp": tmp}
+
+
+@pytest.fixture(scope="session")
+def two_teachers_stage2(two_teachers_cached):
+    """distill_stage2 with both teachers in two_teachers_cached's root, from a stage-1 student that is the
+    teacher's initialization. `params` (FAST steps for stage 2 and highres) is for the later stages too."""
+    from micro import run
+    from two_teachers import FAST, VIT, two_teacher_params
+
+    from cgspn.distill import Stage1Task
+    from cgspn.students import save_student
+
+    root, tmp = two_teachers_cached["root"], two_teachers_cached["tmp"]
+    torch.manual_seed(0)
+    save_student(Stage1Task.build({"teacher_path": str(root / "models/teachers" / f"{VIT}.safetensors")}),
+                 root / "models/distill_stage1/student.safetensors")
+    params = two_teacher_params(tmp / "s2.yaml", **{f"distill_stage2__{k}": v for k, v in FAST.items()},
+                                **{f"highres__{k}": v for k, v in FAST.items() if k != "val_count"})
+    return {"root": root, "params": params, "metrics": run("distill_stage2", params, root)}
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 

