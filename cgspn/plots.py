@@ -47,10 +47,16 @@ def _legend(ax, n: int) -> None:
     ax.legend(fontsize=7, ncol=2 if n > 4 else 1, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
 
 
+def teachers_of(keys: list[str]) -> list[str]:
+    """The teacher prefixes ("<teacher>/...") of a stage's keys, in first-seen order."""
+    return list(dict.fromkeys(k.split("/", 1)[0] for k in keys if "/" in k))
+
+
 def plot_history(history: list[dict], val: list[dict], path: Path, title: str) -> Path:
     """Left: the training loss and its parts per step (log scale). Then the validation figures: losses in one
-    panel, cosines to the teacher in another (where the stage has both). Every line labelled, legends below the
-    panels."""
+    panel, cosines to the teacher in another (where the stage has both). With several teachers (keys
+    "<teacher>/<name>"), one row of these panels per teacher, the total loss in each row's training panel.
+    Every line labelled, legends below the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,36 +65,46 @@ def plot_history(history: list[dict], val: list[dict], path: Path, title: str) -
     skip = {"step", "lr", "grad_norm", "images_per_s"}
     train_keys = [k for k in dict.fromkeys(k for r in history for k in r) if k not in skip]
     val_keys = [k for k in dict.fromkeys(k for r in val for k in r) if k != "step"]
-    cosines = [k for k in val_keys if "cosine" in k]
-    losses = [k for k in val_keys if k not in cosines]
-    panels = [("train", train_keys)] + [(name, keys) for name, keys in (("val loss", losses), ("val cosine", cosines))
-                                        if keys]
-    most = max(len(keys) for _, keys in panels)
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2 + 0.16 * math.ceil(most / 2)),
+    teachers = teachers_of(train_keys + val_keys)
+    groups = ([[k for k in keys if "/" not in k or k.split("/", 1)[0] == t] for keys in (train_keys, val_keys)]
+              for t in teachers) if len(teachers) > 1 else [(train_keys, val_keys)]
+    rows = []
+    for train, vals in groups:
+        cosines = [k for k in vals if "cosine" in k]
+        losses = [k for k in vals if k not in cosines]
+        rows.append([("train", train)] + [(name, keys) for name, keys in (("val loss", losses), ("val cosine", cosines))
+                                          if keys])
+    most = max(len(keys) for panels in rows for _, keys in panels)
+    ncols = max(len(panels) for panels in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(6 * ncols, (4.2 + 0.16 * math.ceil(most / 2)) * len(rows)),
                              squeeze=False)
-    for ax, (panel, keys) in zip(axes[0], panels):
-        prefix = common_prefix([k for k in keys if k != "loss"])
-        rows_of = history if panel == "train" else val
-        i = 0
-        for key in keys:
-            rows = [r for r in rows_of if key in r and r[key] is not None]  # some parts exist only on some steps
-            if key == "loss":  # the total (stage 1's validation: the mean over the blocks), black in every panel
-                style = {"color": "black", "lw": 2.0}
+    for row_axes, panels in zip(axes, rows):
+        for ax in row_axes[len(panels):]:
+            ax.set_visible(False)
+        for ax, (panel, keys) in zip(row_axes, panels):
+            prefix = common_prefix([k for k in keys if k != "loss"])
+            rows_of = history if panel == "train" else val
+            i = 0
+            for key in keys:
+                points = [r for r in rows_of if key in r and r[key] is not None]  # some parts exist only on some steps
+                if key == "loss":  # the total (stage 1's validation: the mean over the blocks), black in every panel
+                    style = {"color": "black", "lw": 2.0}
+                else:
+                    style = {**line_style(i), "lw": 0.9}
+                    i += 1
+                ax.plot([r["step"] for r in points], [r[key] for r in points], label=key.removeprefix(prefix),
+                        marker=None if panel == "train" else "o", markersize=4, **style)
+            who = f" ({prefix.rstrip('/')})" if prefix else ""
+            if panel == "train":
+                ax.set(xlabel="step", ylabel="training loss (log)", yscale="log", title=f"{title}: training{who}")
+            elif panel == "val loss":
+                ax.set(xlabel="step", ylabel="validation loss (log)", yscale="log",
+                       title=f"{title}: validation loss{who}")
             else:
-                style = {**line_style(i), "lw": 0.9}
-                i += 1
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key.removeprefix(prefix),
-                    marker=None if panel == "train" else "o", markersize=4, **style)
-        who = f" ({prefix.rstrip('/')})" if prefix else ""
-        if panel == "train":
-            ax.set(xlabel="step", ylabel="training loss (log)", yscale="log", title=f"{title}: training{who}")
-        elif panel == "val loss":
-            ax.set(xlabel="step", ylabel="validation loss (log)", yscale="log", title=f"{title}: validation loss{who}")
-        else:
-            ax.set(xlabel="step", ylabel="cosine similarity to the teacher",
-                   title=f"{title}: validation cosine{who}")
-        ax.title.set_fontsize(10)
-        _legend(ax, len(keys))
+                ax.set(xlabel="step", ylabel="cosine similarity to the teacher",
+                       title=f"{title}: validation cosine{who}")
+            ax.title.set_fontsize(10)
+            _legend(ax, len(keys))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight"))
     plt.close(fig)

