@@ -168,6 +168,11 @@ def readout_lines(ev: dict, names: dict) -> list[str]:
            + ", ".join(f"`{s}`" for s in r["splits"]["control"]) + f" ({r['control_images']} images) on the frozen, "
            "randomly initialized student. Images: " + ", ".join(f"{split[k]} {r['images'][k]}" for k in sets) + ".", "",
            _table(["model"] + [f"{split[k]} top-{n} agreement (%)" for k in sets for n in (1, 5)], rows), ""]
+    if r.get("ceiling"):
+        out += ["Ceiling: the teacher's own summaries read out the same way (standardized, then `from_direction`) "
+                "agree " + ", ".join(f"{_pct(r['ceiling'][k]['top1'])}% top-1 / {_pct(r['ceiling'][k]['top5'])}% top-5 "
+                                     f"on {split[k]}" for k in sets if k in r["ceiling"])
+                + " with its predictions: what the typical norm alone costs a perfect direction.", ""]
     if r.get("photos"):
         models = list(next(iter(r["photos"].values())))
         out += [f"The photos' five most likely classes, most likely first ({r['classes']}):", "",
@@ -260,6 +265,11 @@ def training_section(root: Path, params: dict | None = None) -> list[str]:
                       else f"fresh adaptor {s2['val_start'][k]:.3f}")
             rows.append(["stage 2 (end to end)", f"{teacher_label(t)}: mean patch cosine on val",
                          f"{before} -> stage-2 student {s2['val_end'][k]:.3f}", *times("distill_stage2", s2)])
+            z = t + "/summary_cosine_z"  # the summary adaptor, in the teacher's PHI-S space
+            if z in s2["val_end"] and z in s2["val_start"]:
+                rows.append(["stage 2 (end to end)", f"{teacher_label(t)}: summary cosine in PHI-S space on val",
+                             f"fresh adaptor {s2['val_start'][z]:.3f} -> stage-2 student {s2['val_end'][z]:.3f}",
+                             *times("distill_stage2", s2)])
     if hr:
         for k in [k for k in hr["val_end"] if "/patch_cosine/" in k]:
             t, side = k.split("/patch_cosine/")

