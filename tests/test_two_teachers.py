@@ -113,6 +113,9 @@ def test_stage2_trains_one_adaptor_per_teacher(stage2, micro):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
                               "tags.`cgspn.stage` = 'distill_stage2' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"])
+    # the session's database holds every test's stage-2 runs: this one is the run that logged the CNN teacher
+    runs = [r for r in runs if f"{CNN}/spatial" in r.data.metrics]
+    assert len(runs) == 1, [r.info.run_id for r in runs]
     for t in BOTH:
         history = client.get_metric_history(runs[0].info.run_id, f"{t}/spatial")
         assert sorted(h.step for h in history) == [1, 2, 3]
