@@ -168,3 +168,15 @@ def nothing_written_into_the_checkout():
     yield
     appeared = sorted(str(p) for p in watched if p.exists() and p not in before)
     assert not appeared, f"the test session wrote into the checkout: {appeared}"
+
+
+# Tests that share the pipeline fixtures (the micro root, the Prefect flow run, the two-teacher setup) run in
+# one pytest-xdist worker, so that the fixtures are built once; the others (kernels, the schedule, the Ray
+# cluster, reports) run beside them in the second worker (`make test` runs `pytest -n 2 --dist loadgroup`).
+PIPELINE_FIXTURES = {"micro", "flow_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("pipeline"))
