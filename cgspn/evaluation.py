@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models.adaptors import match_grid
+from .phis import PhiS
+
 
 def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
              k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
@@ -89,6 +92,20 @@ def mean_iou(probe: LinearSegProbe, features: torch.Tensor, masks: torch.Tensor,
     if ignore is not None:
         present[ignore] = False
     return (tp[present] / union[present]).mean().item()
+
+
+def teacher_fidelity(summary: torch.Tensor, patches: torch.Tensor, teacher_summary: torch.Tensor,
+                     teacher_patches: torch.Tensor, summary_phis: PhiS) -> dict[str, float]:
+    """How close a student's predictions of one teacher's features are to that teacher's, as mean cosines:
+    "patch" over every patch of every image (the teacher's grid [N, h_t, w_t, D] resized to the prediction's
+    [N, h, w, D] as in training, `match_grid`), "summary" over the images ([N, D]), and "summary_z", the
+    summary in the teacher's PHI-S standardized space (the part that tells images apart; raw summaries share
+    a large common component). Predictions are in the teacher's space (de-standardized)."""
+    patch = F.cosine_similarity(patches.float(), match_grid(teacher_patches.float(), tuple(patches.shape[1:3])), dim=-1)
+    z = [summary_phis.standardize(v.double()) for v in (summary, teacher_summary)]
+    return {"patch": patch.mean().item(),
+            "summary": F.cosine_similarity(summary.float(), teacher_summary.float(), dim=-1).mean().item(),
+            "summary_z": F.cosine_similarity(*z, dim=-1).mean().item()}
 
 
 def pca_rgb(features: torch.Tensor, basis: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:

@@ -8,7 +8,14 @@ students. For each:
   split and scored (mIoU) on the validation split at 1x, 2x and 4x the training resolution: the bigger
   mosaics `<split>_x<s>` where the embedded data has them, else the same images at s x the resolution,
   label maps resized and cropped with them; the data's ignore label is not scored;
-- fidelity to the teacher (mean cosine of the adapted patch features) at those sizes, always;
+- fidelity to the teacher (mean cosine of the adapted patch features) at those sizes, always; for the
+  students with adaptors, fidelity to each teacher of their adaptors too (`fidelity_per_teacher`: patch
+  features, summary, and the summary in PHI-S space), that teacher seeing the images at its own side
+  (meta.json's scale) with its own normalization, its grid resized to the student's;
+- an ImageNet-1k readout where stage 2's teachers include a classifier (a teacher with `classify`, the
+  EfficientNet): the students' summary adaptor for it, mapped back from PHI-S space, through the teacher's
+  own head, against the teacher's own predictions on the validation images and the photos, beside a control
+  head trained on a random frozen student (cgspn.imagenet_readout; `readout_control_steps`);
 - parameter counts.
 What the data does not allow is recorded under "not_measured" with the reason. The teacher's features at
 the cache's resolution are read from the feature cache (float16), not recomputed. The teacher's blocks in
@@ -20,17 +27,20 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cgspn.data.memory import ShardSubset
-from cgspn.data.shards import decode_mask, iter_samples, split_shards
+from cgspn.data.shards import decode_image, decode_mask, iter_samples, split_shards
 from cgspn.distill import to_batch
 from cgspn.errors import ParamError
-from cgspn.evaluation import knn_top1, mean_iou, train_seg_probe
+from cgspn.evaluation import knn_top1, mean_iou, teacher_fidelity, train_seg_probe
 from cgspn.figures import pca_figure, resolution_figure
+from cgspn.imagenet_readout import measure
+from cgspn.models.adaptors import AdaptorMLP
 from cgspn.models.cgspn import cgspn_from_teacher_config
 from cgspn.models.vit import ViT, parameter_count
 from cgspn.outputs import write_json, write_timings
@@ -39,7 +49,7 @@ from cgspn.phis import PhiS, load_teacher_phis
 from cgspn.stage import run_stage
 from cgspn.stage_inputs import SHARDS, TEACHERS, Splits, feature_dir, teacher_entry
 from cgspn.students import load_adaptors, load_student
-from cgspn.teachers import family, load_teacher_file, preprocess_mask
+from cgspn.teachers import family, load_teacher_file, preprocess_mask, teacher_normalization, teacher_side
 
 SCHEMA = {
     "teacher": Param(str),
@@ -61,6 +71,7 @@ SCHEMA = {
     "threads": Param(int, min=1),
     "device": Param(str, choices=("auto", "cpu", "cuda")),  # auto: a CUDA GPU when there is one
     "seed": Param(int, min=0),
+    "readout_control_steps": Param(int, min=1),  # optimizer steps of the ImageNet readout's control head
 }
 METRICS = Path("reports/metrics/evaluate.json")
 FIGURES = Path("reports/figures")
@@ -72,14 +83,18 @@ class Encoder:
     summary [B, D], the patch tokens of
     `blocks` [B, K, h, w, D] from the same forward pass (the teacher's intermediate blocks; K = 0 for the
     others)). Students with adaptors map into the teacher's space through them (PHI-S de-standardized);
-    the others are compared as they are."""
+    the others are compared as they are. `others` {teacher: (its TeacherAdaptor, its PHI-S statistics)}: the
+    other teachers a student's adaptors hold, whose predictions `forward(x, others=True)` adds."""
 
     def __init__(self, name: str, model, adaptor=None, phis: dict[str, PhiS] | None = None,
-                 blocks: list[int] = ()):
+                 blocks: list[int] = (), others: dict | None = None):
         self.name, self.model, self.adaptor, self.phis, self.blocks = name, model.eval(), adaptor, phis, list(blocks)
+        self.others = others or {}
 
     @torch.no_grad()
-    def __call__(self, x: torch.Tensor):
+    def forward(self, x: torch.Tensor, others: bool = False):
+        """-> (the five tensors of `__call__`, {teacher: (summary [B, D_t], patch features [B, h, w, D_t])} of
+        the other teachers, de-standardized like the teacher's; {} unless `others`)."""
         x = x.to(next(self.model.parameters()).device)
         out = self.model(x, layers=self.blocks) if self.blocks else self.model(x)
         summary, teacher_space = out.summary, out.patch_tokens
@@ -89,7 +104,15 @@ class Encoder:
             teacher_space = self.phis["spatial"].destandardize(spatial_z)
         blocks = (torch.stack([out.layer_tokens[k] for k in self.blocks], 1) if self.blocks
                   else out.patch_tokens.new_zeros(x.shape[0], 0))
-        return tuple(t.float().cpu() for t in (summary, out.patch_tokens, teacher_space, out.summary, blocks))
+        adapted = {}
+        for t, (adaptor, phis) in (self.others.items() if others else ()):
+            summary_z, spatial_z = adaptor(out.summary, out.patch_tokens)
+            adapted[t] = (phis["summary"].from_direction(summary_z).float().cpu(),
+                          phis["spatial"].destandardize(spatial_z).float().cpu())
+        return tuple(t.float().cpu() for t in (summary, out.patch_tokens, teacher_space, out.summary, blocks)), adapted
+
+    def __call__(self, x: torch.Tensor):
+        return self.forward(x)[0]
 
 
 def load_encoders(p: dict, root: Path, device: str) -> dict[str, Encoder]:
@@ -112,10 +135,12 @@ def load_encoders(p: dict, root: Path, device: str) -> dict[str, Encoder]:
             if not (folder / "student.safetensors").exists():
                 raise FileNotFoundError(f"{folder / 'student.safetensors'}: missing (run the {name} stage first)")
             student = load_student(folder / "student.safetensors")
-            adaptor = None
+            adaptor, others = None, {}
             if (folder / "adaptors.safetensors").exists():
-                adaptor = load_adaptors(folder / "adaptors.safetensors")[p["teacher"]]
-            encoders[name] = Encoder(name, student, adaptor, phis)
+                adaptors = load_adaptors(folder / "adaptors.safetensors")
+                adaptor = adaptors[p["teacher"]]
+                others = {t: (a.to(device), teacher_phis(root, t)) for t, a in adaptors.items() if t != p["teacher"]}
+            encoders[name] = Encoder(name, student, adaptor, phis, others=others)
     for enc in encoders.values():
         enc.model.to(device)
         if enc.adaptor is not None:
@@ -123,11 +148,24 @@ def load_encoders(p: dict, root: Path, device: str) -> dict[str, Encoder]:
     return encoders
 
 
+def teacher_phis(root: Path, name: str) -> dict[str, PhiS]:
+    """A teacher's PHI-S statistics, from its feature cache."""
+    return load_teacher_phis(feature_dir(root, teacher_entry(root, name, "the students' adaptors")))
+
+
 def encode(encoder: Encoder, images: list[np.ndarray], resolution: int, batch_size: int):
     """All images at `resolution` -> (summary [N, D], patches [N, h, w, D], teacher space [N, h, w, D_t],
     own summary [N, D], block tokens [N, K, h, w, D])."""
-    parts = [encoder(to_batch(images[i : i + batch_size], resolution, "cpu")) for i in range(0, len(images), batch_size)]
-    return [torch.cat(t) for t in zip(*parts)]
+    return encode_all(encoder, images, resolution, batch_size)[0]
+
+
+def encode_all(encoder: Encoder, images: list[np.ndarray], resolution: int, batch_size: int, others: bool = False):
+    """`encode`'s five tensors, and with `others` {teacher: (summary [N, D_t], patches [N, h, w, D_t])} of the
+    encoder's other teachers, from the same forward passes."""
+    parts = [encoder.forward(to_batch(images[i : i + batch_size], resolution, "cpu"), others)
+             for i in range(0, len(images), batch_size)]
+    five = [torch.cat(t) for t in zip(*(a for a, _ in parts))]
+    return five, {t: tuple(torch.cat(x) for x in zip(*(b[t] for _, b in parts))) for t in (parts[0][1] if parts else {})}
 
 
 def cached_outputs(root: Path, folder: Path, split: str, blocks: list[int], limit: int | None = None):
@@ -139,6 +177,89 @@ def cached_outputs(root: Path, folder: Path, split: str, blocks: list[int], limi
     stacked = (torch.stack([f[f"block{k}"] for k in blocks], 1) if blocks
                else f["spatial"].new_zeros(len(f["summary"]), 0))
     return f["summary"], f["spatial"], f["spatial"], f["summary"], stacked
+
+
+@dataclass
+class OtherTeacher:
+    """A teacher of the students' adaptors besides evaluate.teacher: its module (on the device), the side it
+    sees the images at as a multiple of the student's (its cache's meta.json `scale`), its feature cache."""
+
+    model: torch.nn.Module
+    scale: float
+    folder: Path
+
+
+def other_teachers(root: Path, encoders: dict[str, Encoder], device: str) -> dict[str, OtherTeacher]:
+    """{teacher: OtherTeacher} for every teacher the students' adaptors hold besides evaluate.teacher."""
+    found = {}
+    for t in dict.fromkeys(t for enc in encoders.values() for t in enc.others):
+        entry = teacher_entry(root, t, "the students' adaptors")
+        folder = feature_dir(root, entry)
+        scale = json.loads((folder / "meta.json").read_text()).get("scale", 1)
+        found[t] = OtherTeacher(load_teacher_file(root / TEACHERS / entry["file"]).eval().to(device), scale, folder)
+    return found
+
+
+@torch.no_grad()
+def teacher_outputs(model, images: list[np.ndarray], side: int, batch_size: int, device: str):
+    """A teacher on images at `side` with its own normalization -> (summary [N, D], patches [N, h, w, D]) on the CPU."""
+    mean, std = teacher_normalization(model)
+    parts = [model(to_batch(images[i : i + batch_size], side, device, mean, std)) for i in range(0, len(images), batch_size)]
+    return torch.cat([o.summary.float().cpu() for o in parts]), torch.cat([o.patch_tokens.float().cpu() for o in parts])
+
+
+def readout_teacher(p: dict, encoders: dict[str, Encoder], others: dict[str, OtherTeacher]):
+    """(the teacher the ImageNet readout goes through, None) or (None, why it is not measured): the first
+    teacher of the students' adaptors with an ImageNet classifier (`classify`)."""
+    if not any(enc.adaptor is not None for enc in encoders.values()):
+        return None, "no student with adaptors (distill_stage2, highres) is among evaluate.models"
+    found = [t for t, o in others.items() if hasattr(o.model, "classify")]
+    if not found:
+        names = ", ".join([p["teacher"], *others])
+        return None, (f"stage 2's teachers ({names}) include no ImageNet-1k classifier (a teacher with `classify`, "
+                      "such as efficientnet_lite0)")
+    return found[0], None
+
+
+def imagenet_readout(p: dict, root: Path, encoders: dict[str, Encoder], teacher: OtherTeacher, name: str, base: int,
+                     limit: int | None, val_split: str, device: str) -> dict:
+    """The ImageNet-1k readout (cgspn.imagenet_readout.measure) of every student whose adaptors hold `name`,
+    and of the control (a fresh head of the same architecture on the random student, built with the seed
+    the `random` model is, trained on the training splits' cached summaries of the teacher), on `val_split`
+    and the photos split where there is one, both capped at max_images."""
+    splits = Splits(root)
+    sets, photos = {"val": ShardSubset(root / SHARDS, [val_split], limit=limit).images}, []
+    if splits.has("photos"):
+        samples = split_samples(root, "photos", limit)
+        sets["photos"] = [decode_image(sample, shard) for sample, shard in samples]
+        photos = [sample.get("txt", sample["__key__"].encode()).decode() for sample, _ in samples]
+    train_splits = splits.train("evaluate (ImageNet readout control)")
+    train = ShardSubset(root / SHARDS, train_splits, feature_dirs={name: teacher.folder}, feature_names=("summary",),
+                        limit=limit)
+    students = {n: (enc.model, enc.others[name][0].summary) for n, enc in encoders.items() if name in enc.others}
+    like = next(iter(students.values()))[1]  # stage 2's summary head for this teacher: the control's architecture
+    torch.manual_seed(p["seed"])  # as the `random` model is built: the same random student
+    control = cgspn_from_teacher_config(encoders["teacher"].model.cfg).eval().to(device)
+    head = AdaptorMLP(like.norm.normalized_shape[0], like.fc2.out_features, like.fc1.out_features)
+    side = teacher_side(base, teacher.scale)
+    print(f"evaluate: ImageNet readout through {name}'s classifier: students at {base} px, the teacher at {side} px",
+          flush=True)
+    found = measure(teacher.model, teacher_phis(root, name)["summary"], students, (control, head),
+                    (train.images, train.features[name]["summary"].float()), sets, base, side,
+                    p["readout_control_steps"], p["batch_size"], p["seed"], device,
+                    say=lambda line: print(f"evaluate: ImageNet readout {line}", flush=True))
+    top5 = found["top5"].get("photos", {})
+    return {"teacher": name, "resolution": base, "teacher_resolution": side,
+            "splits": {"val": val_split, "photos": "photos" if photos else None, "control": train_splits},
+            "images": {k: len(v) for k, v in sets.items()}, "control_images": len(train),
+            "control_steps": p["readout_control_steps"], "agreement": found["agreement"], "ceiling": found["ceiling"],
+            "photos": {photo: {m: top5[m][i] for m in top5} for i, photo in enumerate(photos)},
+            "classes": "ImageNet-1k class indices (no installed package ships the class names)"}
+
+
+def readout_line(r: dict) -> str:
+    return "; ".join(f"{m} " + ", ".join(f"{k} top-1 {v['top1']:.3f} top-5 {v['top5']:.3f}" for k, v in per.items())
+                     for m, per in r["agreement"].items())
 
 
 def split_samples(root: Path, split: str, limit: int | None):
@@ -245,14 +366,28 @@ def main(p: dict, root: Path, run) -> dict:
         else:
             va = splits.at_scale(fidelity_split, s)
             scaled[s] = {"val": (va, ShardSubset(root / SHARDS, [va], limit=limit).images, None)}
-    results, teacher_val, seconds = {}, {}, {}
+    results, teacher_val, teacher_summary, other_targets, seconds = {}, {}, {}, {}, {}
+    extra = other_teachers(root, encoders, device)  # the students' other teachers (per-teacher fidelity, readout)
+    classifier, why = readout_teacher(p, encoders, extra)
+    if why:
+        not_measured["imagenet_readout"] = why
+        print(f"evaluate: ImageNet readout not measured: {why}", flush=True)
 
-    def outputs(enc: Encoder, split: str, images: list[np.ndarray], px: int):
-        """`encode`, except that the teacher's outputs at the cache's resolution come from the cache."""
+    def outputs(enc: Encoder, split: str, images: list[np.ndarray], px: int, others: bool = False):
+        """`encode_all`, except that the teacher's outputs at the cache's resolution come from the cache."""
         if (enc.name == "teacher" and px == base and meta.get("teacher_resolution", base) == base
                 and split in meta["splits"] and set(enc.blocks) <= set(meta.get("layers", []))):
-            return cached_outputs(root, features, split, enc.blocks, limit)
-        return encode(enc, images, px, p["batch_size"])
+            return cached_outputs(root, features, split, enc.blocks, limit), {}
+        return encode_all(enc, images, px, p["batch_size"], others)
+
+    def other_val(t: str, s: int, split: str, images: list[np.ndarray]):
+        """Teacher t's (summary, patch features) on the fidelity images at scale s, computed once."""
+        if (t, s) not in other_targets:
+            side = teacher_side(base * s, extra[t].scale)
+            print(f"evaluate: {t} at {side} px: its features on {split} ({len(images)} images, for the "
+                  "per-teacher fidelity)", flush=True)
+            other_targets[t, s] = teacher_outputs(extra[t].model, images, side, p["batch_size"], device)
+        return other_targets[t, s]
 
     for n, (name, enc) in enumerate(encoders.items(), 1):
         start = time.perf_counter()
@@ -260,8 +395,8 @@ def main(p: dict, root: Path, run) -> dict:
         r = {"parameters": parameter_count(enc.model), "knn_summary": None, "knn_summary_adapted": None,
              "knn_mean_patch": None, "seg_miou": {}, "seg_miou_adapted": {}, "fidelity": {}}
         if used["knn"]:
-            b_sum, b_patch, _, b_own, _ = outputs(enc, used["knn"][0], bank.images, base)
-            q_sum, q_patch, _, q_own, _ = outputs(enc, used["knn"][1], queries.images, base)
+            b_sum, b_patch, _, b_own, _ = outputs(enc, used["knn"][0], bank.images, base)[0]
+            q_sum, q_patch, _, q_own, _ = outputs(enc, used["knn"][1], queries.images, base)[0]
             knn = lambda a, b: knn_top1(a, bank_labels, b, query_labels, p["knn_k"], p["knn_temperature"])  # noqa: E731
             # The model's own summary vector, the one every model has; and, for students with an adaptor, the
             # adaptor's prediction of the teacher's summary.
@@ -271,10 +406,11 @@ def main(p: dict, root: Path, run) -> dict:
         for s, data in scaled.items():
             px = base * s
             va_split, va_images, va_masks = data["val"]
-            _, va_patch, va_teacher_space, _, va_blocks = outputs(enc, va_split, va_images, px)
+            (va_sum, va_patch, va_teacher_space, va_own, va_blocks), va_others = outputs(
+                enc, va_split, va_images, px, others=True)
             if "train" in data:
                 tr_split, tr_images, tr_masks = data["train"]
-                _, tr_patch, tr_teacher_space, _, tr_blocks = outputs(enc, tr_split, tr_images, px)
+                _, tr_patch, tr_teacher_space, _, tr_blocks = outputs(enc, tr_split, tr_images, px)[0]
                 # The probe reads the model's own patch features (what every model has), and for students with
                 # an adaptor also the adaptor's prediction of the teacher's features.
                 probes = [("seg_miou", tr_patch, va_patch)]
@@ -290,16 +426,34 @@ def main(p: dict, root: Path, run) -> dict:
                     target = r[key] if isinstance(key, str) else r.setdefault(key[0], {}).setdefault(key[1], {})
                     target[str(px)] = score
             if name == "teacher":
-                teacher_val[s] = va_patch
+                teacher_val[s], teacher_summary[s] = va_patch, va_own
             if s in teacher_val and va_teacher_space.shape[-1] == teacher_val[s].shape[-1]:
                 cos = torch.nn.functional.cosine_similarity(va_teacher_space.float(), teacher_val[s].float(), dim=-1)
                 r["fidelity"][str(px)] = cos.mean().item()
+            if enc.adaptor is not None and s in teacher_val:  # each teacher of the adaptors, evaluate.teacher first
+                per = r.setdefault("fidelity_per_teacher", {})
+                found = {p["teacher"]: (va_sum, va_teacher_space, teacher_summary[s], teacher_val[s], enc.phis)}
+                for t, (t_sum, t_patch) in va_others.items():
+                    found[t] = (t_sum, t_patch, *other_val(t, s, va_split, va_images), enc.others[t][1])
+                for t, (pred_sum, pred_patch, ref_sum, ref_patch, phis) in found.items():
+                    figures = teacher_fidelity(pred_sum, pred_patch, ref_sum, ref_patch, phis["summary"])
+                    for kind, v in figures.items():
+                        per.setdefault(t, {}).setdefault(kind, {})[str(px)] = v
         seconds[name] = round(time.perf_counter() - start, 1)
         results[name] = r
         print(f"evaluate: {name}: {summary_line(r)} ({seconds[name]} s)", flush=True)
+    readout = None
+    if classifier:
+        start = time.perf_counter()
+        readout = imagenet_readout(p, root, encoders, extra[classifier], classifier, base, limit,
+                                   used["knn"][1] if used["knn"] else splits.val("evaluate (ImageNet readout)"), device)
+        seconds["imagenet_readout"] = round(time.perf_counter() - start, 1)
+        print(f"evaluate: ImageNet readout: {readout_line(readout)} ({seconds['imagenet_readout']} s)", flush=True)
     metrics = {"resolution": base, "device": device, "splits": {k: list(v) if v else None for k, v in used.items()},
                "knn_k": p["knn_k"], "knn_temperature": p["knn_temperature"], "seg_steps": p["seg_steps"],
                "not_measured": not_measured, "models": results}
+    if readout:
+        metrics["imagenet_readout"] = readout
     resolution_figure(results, root / FIGURES / "evaluate_resolution.png", p["knn_k"])
     pca_figure(photo, encoders["teacher"], encoders[p["pca_model"]], p["pca_sizes"], root / FIGURES / "pca_maps.png")
     write_timings(root, "evaluate", {"seconds": seconds})
@@ -320,6 +474,9 @@ def summary_line(r: dict) -> str:
     for k, seg_k in r.get("seg_miou_blocks", {}).items():
         parts.append(f"block {k} seg mIoU " + ", ".join(f"{s}px {v:.3f}" for s, v in seg_k.items()))
     parts.append("fidelity " + ", ".join(f"{k}px {v:.3f}" for k, v in r["fidelity"].items()))
+    for t, kinds in r.get("fidelity_per_teacher", {}).items():
+        parts.append(f"to {t}: patch " + ", ".join(f"{k}px {v:.3f}" for k, v in kinds["patch"].items())
+                     + ", summary (PHI-S) " + ", ".join(f"{k}px {v:.3f}" for k, v in kinds["summary_z"].items()))
     return "; ".join(parts)
 
 
