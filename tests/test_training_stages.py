@@ -373,6 +373,11 @@ def test_evaluate_scores_every_model_against_the_teacher(trained):
     # the teacher's features against themselves; the students' through their adaptors, de-standardized
     assert all(abs(v - 1.0) < 1e-5 for v in models["teacher"]["fidelity"].values())
     assert all(-1.0 <= v < 0.999 for m in ADAPTED for v in models[m]["fidelity"].values())
+    # one teacher: its per-teacher fidelity is the fidelity above; no ImageNet readout, and evaluate says why
+    for m in ADAPTED:
+        assert list(models[m]["fidelity_per_teacher"]) == ["dinov2_vits14_imgfocus"]
+        assert models[m]["fidelity_per_teacher"]["dinov2_vits14_imgfocus"]["patch"] == models[m]["fidelity"]
+    assert "imagenet_readout" not in ev and "no ImageNet-1k classifier" in ev["not_measured"]["imagenet_readout"]
     # the teacher's block 5, the students' block target, is probed too
     assert sorted(models["teacher"]["seg_miou_blocks"]["5"]) == sorted(sides)
     assert all(0.0 <= v <= 1.0 for v in models["teacher"]["seg_miou_blocks"]["5"].values())
