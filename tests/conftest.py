@@ -106,7 +106,7 @@ def two_teachers_cached(micro, tmp_path_factory):
 def two_teachers_stage2(two_teachers_cached):
     """distill_stage2 with both teachers in two_teachers_cached's root, from a stage-1 student that is the
     teacher's initialization. `params` (FAST steps for stage 2 and highres) is for the later stages too."""
-    from micro import run
+    from micro import own_tracking, run
     from two_teachers import FAST, VIT, two_teacher_params
 
     from cgspn.distill import Stage1Task
@@ -118,7 +118,10 @@ def two_teachers_stage2(two_teachers_cached):
                  root / "models/distill_stage1/student.safetensors")
     params = two_teacher_params(tmp / "s2.yaml", **{f"distill_stage2__{k}": v for k, v in FAST.items()},
                                 **{f"highres__{k}": v for k, v in FAST.items() if k != "val_count"})
-    return {"root": root, "params": params, "metrics": run("distill_stage2", params, root)}
+    with own_tracking(tmp / "mlflow.db") as uri:  # its MLflow run alone there, whichever test builds it
+        metrics = run("distill_stage2", params, root)
+    return {"root": root, "params": params, "metrics": metrics, "tracking_uri": uri}
+
 
 
 @pytest.fixture(scope="session")
@@ -173,9 +176,11 @@ def nothing_written_into_the_checkout():
 # Tests that share the pipeline fixtures (the micro root, the Prefect flow run, the two-teacher setup) run in
 # one pytest-xdist worker, so that the fixtures are built once; the others (kernels, the schedule, the Ray
 # cluster, reports) run beside them in the second worker (`make test` runs `pytest -n 2 --dist loadgroup`).
+# pytest is held below 9: pytest-xdist 3.8's groups do not take under pytest 9.2 (every test is its own unit).
 PIPELINE_FIXTURES = {"micro", "flow_run"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook turns the mark into the node id's @group
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):

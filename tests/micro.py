@@ -1,6 +1,7 @@
 """A micro configuration of the whole pipeline for tests: a few dozen images at 28 px, a few steps."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -173,3 +174,17 @@ def make_repo(dest: Path) -> Path:
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "micro pipeline"]):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     return dest
+
+
+@contextlib.contextmanager
+def own_tracking(db: Path):
+    """MLFLOW_TRACKING_URI = sqlite:///<db> inside the block, the previous value afterwards."""
+    saved, uri = os.environ.get("MLFLOW_TRACKING_URI"), f"sqlite:///{db}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield uri
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved

@@ -114,7 +114,7 @@ def test_a_student_that_reproduces_the_teacher_agrees_fully_and_a_permuted_one_h
 @pytest.fixture(scope="module")
 def evaluated(two_teachers_stage2, tmp_path_factory):
     """evaluate on a copy of the two-teacher root (the teacher, the random student, the stage-2 student)."""
-    from micro import copy_root, copy_tree, run
+    from micro import copy_root, copy_tree, own_tracking, run
     from two_teachers import two_teacher_params
 
     src, tmp = two_teachers_stage2["root"], tmp_path_factory.mktemp("two-eval")
@@ -122,7 +122,9 @@ def evaluated(two_teachers_stage2, tmp_path_factory):
     copy_tree(src / "models/distill_stage2", root / "models/distill_stage2")
     params = two_teacher_params(tmp / "p.yaml", evaluate__models=["teacher", "random", "distill_stage2"],
                                 evaluate__pca_model="distill_stage2", evaluate__pca_sizes=[56])
-    return {"root": root, "params": params, "metrics": run("evaluate", params, root)}
+    with own_tracking(tmp / "mlflow.db") as uri:  # evaluate's MLflow run alone there
+        metrics = run("evaluate", params, root)
+    return {"root": root, "params": params, "metrics": metrics, "tracking_uri": uri}
 
 
 @needs_weights
@@ -162,10 +164,10 @@ def test_evaluate_reports_fidelity_per_teacher_and_the_readout(evaluated, micro)
     assert all(sorted(v) == ["control", "distill_stage2", "teacher"] and all(len(c) == 5 for c in v.values())
                for v in r["photos"].values())
     # MLflow: evaluate's run has the per-teacher fidelity and the readout figures
-    client = mlflow.MlflowClient(micro["stage_tracking_uri"])
+    client = mlflow.MlflowClient(evaluated["tracking_uri"])
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              "tags.`cgspn.stage` = 'evaluate' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"])
+                              "tags.`cgspn.stage` = 'evaluate' and attributes.status = 'FINISHED'")
+    assert len(runs) == 1
     logged = runs[0].data.metrics
     assert logged[f"models.distill_stage2.fidelity_per_teacher.{CNN}.patch.28"] == per[CNN]["patch"]["28"]
     assert logged["imagenet_readout.agreement.control.val.top1"] == r["agreement"]["control"]["val"]["top1"]
