@@ -69,7 +69,7 @@ bench: $(STAMP)
 	$(PY) -m kernels.bench
 
 test: $(STAMP) system-data
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q
 
 clean-venv:
 	rm -rf $(VENV)
