@@ -29,6 +29,27 @@ def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tenso
     return correct / len(queries)
 
 
+def fit_fixed_steps(model: nn.Module, batch_loss, n: int, steps: int, batch_size: int, lr: float,
+                    weight_decay: float, seed: int) -> nn.Module:
+    """Train `model` for `steps` optimizer steps (AdamW, cosine learning-rate decay to 0) through shuffled
+    passes over n items, drawn by a generator seeded with `seed`; `batch_loss(idx)` gives the scalar loss of
+    the items idx (int64 [<= batch_size]). Returns the model in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    step = 0
+    while step < steps:
+        for idx in torch.randperm(n, generator=gen).split(batch_size)[: steps - step]:
+            loss = batch_loss(idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+    return model.eval()
+
+
 class LinearSegProbe(nn.Module):
     """Frozen patch features [N, h, w, D] -> BatchNorm -> 1x1 conv -> logits [N, classes, H, W] at pixels."""
 
@@ -57,20 +78,11 @@ def train_seg_probe(features: torch.Tensor, masks: torch.Tensor, classes: int, s
     masks = F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0]
     torch.manual_seed(seed)
     probe = LinearSegProbe(features.shape[-1], classes)
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    gen = torch.Generator().manual_seed(seed)
-    step = 0
-    while step < steps:
-        for idx in torch.randperm(len(features), generator=gen).split(batch_size)[: steps - step]:
-            logits = probe(features[idx], tuple(masks.shape[-2:]))
-            loss = F.cross_entropy(logits, masks[idx].long(), ignore_index=-100 if ignore is None else ignore)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-    return probe.eval()
+    ignore_index = -100 if ignore is None else ignore
+    fit_fixed_steps(probe, lambda idx: F.cross_entropy(probe(features[idx], tuple(masks.shape[-2:])),
+                                                       masks[idx].long(), ignore_index=ignore_index),
+                    len(features), steps, batch_size, lr=lr, weight_decay=1e-4, seed=seed)
+    return probe
 
 
 @torch.no_grad()

