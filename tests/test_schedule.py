@@ -1,5 +1,5 @@
 """A served deployment's schedule fires: against a real local Prefect server (`prefect server start`), the
-deployment that `python -m flows.serve` serves on a one-minute schedule gets a run created by the server's
+deployment that `python -m flows.serve` serves on a 20-second interval gets a run created by the server's
 scheduler (auto-scheduled, not started by hand), and the served process runs it to completion. With
 SQLAlchemy 2.1 beside Prefect 3.8.8 the scheduler failed every loop and no run was ever created."""
 from __future__ import annotations
@@ -76,12 +76,12 @@ def test_a_served_deployment_gets_scheduled_runs_and_runs_them(tmp_path):
     try:
         wait_for("the Prefect server's health check", lambda: api(url, "/health") is True, 120, logs)
         with open(serve_log, "wb") as out:
-            served = subprocess.Popen([sys.executable, "-m", "flows.serve", "--cron", "* * * * *", "--name", "minutely",
+            served = subprocess.Popen([sys.executable, "-m", "flows.serve", "--interval", "20", "--name", "often",
                                        "--root", str(repo), "--stages", "shard"],
                                       cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deployment = wait_for("the deployment cgspn-pipeline/minutely", lambda: api(
-            url, "/deployments/filter", {"deployments": {"name": {"any_": ["minutely"]}}}), 90, logs)[0]
-        assert deployment["schedules"] and deployment["schedules"][0]["schedule"]["cron"] == "* * * * *"
+        deployment = wait_for("the deployment cgspn-pipeline/often", lambda: api(
+            url, "/deployments/filter", {"deployments": {"name": {"any_": ["often"]}}}), 90, logs)[0]
+        assert deployment["schedules"] and deployment["schedules"][0]["schedule"]["interval"] == 20
 
         def runs():
             return api(url, "/flow_runs/filter", {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}})
