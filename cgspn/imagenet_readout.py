@@ -48,6 +48,19 @@ def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> dic
             "top5": (student == teacher[:, None]).any(-1).float().mean().item()}
 
 
+def label_bound(labels: torch.Tensor, teacher_logits: torch.Tensor) -> dict[str, float]:
+    """The agreement of the best predictor that knows each image's label [N] and nothing else: per label, the
+    teacher's most frequent classes over these images [N, C] (top1: the most frequent; top5: the five most
+    frequent). Fractions in [0, 1]; what the labels alone explain of the teacher's predictions."""
+    teacher = teacher_logits.float().argmax(-1)
+    top1 = top5 = 0
+    for label in labels.unique():
+        classes, counts = teacher[labels == label].unique(return_counts=True)
+        ranked = counts.sort(descending=True).values
+        top1, top5 = top1 + ranked[:1].sum().item(), top5 + ranked[:5].sum().item()
+    return {"top1": top1 / len(teacher), "top5": top5 / len(teacher)}
+
+
 def train_control_head(features: torch.Tensor, targets: torch.Tensor, head: nn.Module, phis: PhiS, steps: int,
                        batch_size: int = 64, lr: float = 1e-3, seed: int = 0) -> nn.Module:
     """Fit `head` (a fresh summary adaptor head, [N, D_s] -> [N, D_t]) to a teacher's summaries with stage 2's
@@ -91,7 +104,7 @@ def head_logits(head: nn.Module, summaries: torch.Tensor, phis: PhiS, teacher: n
 def measure(teacher: nn.Module, phis: PhiS, students: dict[str, tuple[nn.Module, nn.Module]],
             control: tuple[nn.Module, nn.Module], train: tuple[list[np.ndarray], torch.Tensor],
             sets: dict[str, list[np.ndarray]], side: int, teacher_side: int, steps: int, batch_size: int, seed: int,
-            device, say: Callable[[str], None] = print) -> dict:
+            device, say: Callable[[str], None] = print, labels: dict[str, torch.Tensor] | None = None) -> dict:
     """The readout of every student and of the control on every image set, against the teacher.
 
     students: {name: (student, its summary head for this teacher)}; control: (a frozen random student, a fresh
@@ -99,9 +112,11 @@ def measure(teacher: nn.Module, phis: PhiS, students: dict[str, tuple[nn.Module,
     `train` = (images, the teacher's cached summaries [N, D_t]); sets: {set name: uint8 images}. Students see
     the images at `side`, the teacher at `teacher_side` with its own normalization.
     Returns {"agreement": {model: {set: {"top1", "top5"}}}, "top5": {set: {"teacher" or model: [N][5] class
-    indices}}, "ceiling": {set: {"top1", "top5"}}}, the models in the order given and "control" last. The
-    ceiling is the readout of a perfect direction: the teacher's own summaries standardized, then read out
-    like a head's output (what `from_direction`'s typical norm alone costs)."""
+    indices}}, "ceiling": {set: {"top1", "top5"}}, "label_bound": {set: {"top1", "top5"}}}, the models in the
+    order given and "control" last. The ceiling is the readout of a perfect direction: the teacher's own
+    summaries standardized, then read out like a head's output (what `from_direction`'s typical norm alone
+    costs). label_bound (`label_bound`), for the sets with `labels` ({set: [N] class ids}): how far knowing the
+    images' labels alone goes."""
     summaries, reference = {}, {}
     for k, images in sets.items():
         summaries[k], reference[k] = teacher_predictions(teacher, images, teacher_side, batch_size, device)
@@ -124,4 +139,5 @@ def measure(teacher: nn.Module, phis: PhiS, students: dict[str, tuple[nn.Module,
     return {"agreement": {m: {k: agreement(v, reference[k]) for k, v in per_set.items()} for m, per_set in logits.items()},
             "top5": {k: {"teacher": top_classes(reference[k]).tolist(),
                          **{m: top_classes(per_set[k]).tolist() for m, per_set in logits.items()}} for k in sets},
-            "ceiling": ceiling}
+            "ceiling": ceiling,
+            "label_bound": {k: label_bound(v, reference[k]) for k, v in (labels or {}).items()}}

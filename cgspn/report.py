@@ -173,6 +173,13 @@ def readout_lines(ev: dict, names: dict) -> list[str]:
                 "agree " + ", ".join(f"{_pct(r['ceiling'][k]['top1'])}% top-1 / {_pct(r['ceiling'][k]['top5'])}% top-5 "
                                      f"on {split[k]}" for k in sets if k in r["ceiling"])
                 + " with its predictions: what the typical norm alone costs a perfect direction.", ""]
+    bound = {k: v for k, v in (r.get("label_bound") or {}).items() if k in sets}
+    if bound:
+        out += ["What the labels alone explain: a predictor that knows each image's label and nothing else (per "
+                "label, the teacher's most frequent classes on these images) agrees at most "
+                + ", ".join(f"{_pct(v['top1'])}% top-1 / {_pct(v['top5'])}% top-5 on {split[k]}" for k, v in bound.items())
+                + ". A readout above that has learned more of the teacher than the labels hold; where it is low, "
+                "twice a control that learns the labels' share is out of reach.", ""]
     if r.get("photos"):
         models = list(next(iter(r["photos"].values())))
         out += [f"The photos' five most likely classes, most likely first ({r['classes']}):", "",

@@ -247,12 +247,14 @@ def imagenet_readout(p: dict, root: Path, encoders: dict[str, Encoder], teacher:
     found = measure(teacher.model, teacher_phis(root, name)["summary"], students, (control, head),
                     (train.images, train.features[name]["summary"].float()), sets, base, side,
                     p["readout_control_steps"], p["batch_size"], p["seed"], device,
-                    say=lambda line: print(f"evaluate: ImageNet readout {line}", flush=True))
+                    say=lambda line: print(f"evaluate: ImageNet readout {line}", flush=True),
+                    labels={"val": labels_of(root, val_split, limit)} if splits.has(val_split, "labels") else None)
     top5 = found["top5"].get("photos", {})
     return {"teacher": name, "resolution": base, "teacher_resolution": side,
             "splits": {"val": val_split, "photos": "photos" if photos else None, "control": train_splits},
             "images": {k: len(v) for k, v in sets.items()}, "control_images": len(train),
             "control_steps": p["readout_control_steps"], "agreement": found["agreement"], "ceiling": found["ceiling"],
+            "label_bound": found["label_bound"],
             "photos": {photo: {m: top5[m][i] for m in top5} for i, photo in enumerate(photos)},
             "classes": "ImageNet-1k class indices (no installed package ships the class names)"}
 

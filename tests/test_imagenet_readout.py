@@ -81,6 +81,24 @@ class Standardize(nn.Module):
         return z if self.perm is None else z[:, self.perm]
 
 
+def test_the_label_bound_is_the_share_of_each_labels_most_frequent_teacher_classes():
+    """label_bound against a count by hand (collections.Counter) on fresh random labels and logits."""
+    from collections import Counter
+
+    from cgspn.imagenet_readout import label_bound
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    labels = torch.randint(0, 4, (300,), generator=gen)
+    logits = torch.randn(300, 12, generator=gen) + 3 * torch.nn.functional.one_hot(labels * 2, 12)  # label-driven
+    teacher = logits.argmax(-1).tolist()
+    counts = {int(label): Counter(c for c, l in zip(teacher, labels.tolist()) if l == label) for label in labels.unique()}
+    found = label_bound(labels, logits)
+    assert found["top1"] == pytest.approx(sum(c.most_common(1)[0][1] for c in counts.values()) / 300)
+    assert found["top5"] == pytest.approx(sum(n for c in counts.values() for _, n in c.most_common(5)) / 300)
+    assert label_bound(torch.zeros(300, dtype=torch.long), logits)["top1"] == pytest.approx(
+        Counter(teacher).most_common(1)[0][1] / 300)  # one label: the teacher's majority class
+
+
 @needs_weights
 def test_a_student_that_reproduces_the_teacher_agrees_fully_and_a_permuted_one_hardly(two_teachers_cached):
     """The real EfficientNet and its PHI-S statistics (the micro cache) on micro's validation images. Its
@@ -146,6 +164,8 @@ def test_evaluate_reports_fidelity_per_teacher_and_the_readout(evaluated, micro)
     assert r["images"] == {"val": 20, "photos": len(r["photos"])} and len(r["photos"]) >= 4
     assert list(r["agreement"]) == ["distill_stage2", "control"] and r["control_steps"] == 20
     assert sorted(r["ceiling"]) == ["photos", "val"] and all(0 <= v["top1"] <= 1 for v in r["ceiling"].values())
+    assert list(r["label_bound"]) == ["val"]  # Fashion-MNIST's val has labels, the photos none
+    assert 0 < r["label_bound"]["val"]["top1"] <= r["label_bound"]["val"]["top5"] <= 1
     for per_set in r["agreement"].values():
         assert sorted(per_set) == ["photos", "val"]
         assert all(0 <= v["top1"] <= v["top5"] <= 1 for v in per_set.values())

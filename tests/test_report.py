@@ -199,6 +199,7 @@ def two_teacher_evaluation() -> dict:
                "splits": {"val": "val", "photos": "photos", "control": ["train", "mosaic_train"]},
                "images": {"val": 1000, "photos": 2}, "control_images": 3600, "control_steps": 240,
                "agreement": agreement, "ceiling": {"val": {"top1": 0.93, "top5": 1.0}, "photos": {"top1": 1.0, "top5": 1.0}},
+               "label_bound": {"val": {"top1": 0.265, "top5": 0.59}},
                "classes": "ImageNet-1k class indices (no installed package ships the class names)",
                "photos": {"astronaut": {"teacher": [1, 2, 3, 4, 5], "distill_stage2": [1, 9, 8, 7, 6],
                                         "control": [11, 12, 13, 14, 15]},
@@ -225,6 +226,7 @@ def test_the_report_shows_fidelity_per_teacher_and_the_imagenet_readout():
     assert "| coffee | 504, 967, 968, 505, 899 | 967, 504, 1, 2, 3 | 0, 1, 2, 3, 4 |" in text
     assert "(ImageNet-1k class indices (no installed package ships the class names))" in text
     assert "agree 93.0% top-1 / 100.0% top-5 on `val`, 100.0% top-1 / 100.0% top-5 on photos with its" in text
+    assert "knows each image's label and nothing else" in text and "agrees at most 26.5% top-1 / 59.0% top-5 on `val`." in text
     assert ("| stage-2 student ImageNet top-1 agreement with the teacher (val) at least twice the control's | "
             "25.0 against 10.0 (2.5x) | met |") in text
     ev = two_teacher_evaluation()
