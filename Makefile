@@ -68,8 +68,10 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m kernels.bench
 
+# Two pytest workers (pytest-xdist): the tests that share the pipeline fixtures, every one that starts Ray,
+# run in one, in order; the kernel, model and report tests beside them (tests/conftest.py).
 test: $(STAMP) system-data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 clean-venv:
 	rm -rf $(VENV)

@@ -178,11 +178,11 @@ def nothing_written_into_the_checkout():
     assert not appeared, f"the test session wrote into the checkout: {appeared}"
 
 
-# With `pytest -n 2 --dist loadgroup` (pytest-xdist), the tests that share the pipeline fixtures (the micro
-# root, the Prefect flow run, the two-teacher setup) run in one worker, so each fixture is built once, and the
-# others beside them. `make test` stays serial: on the 2-core machine, with both workers busy, Ray Train's
-# controller printed tracebacks in the flow's log (which the quiet-log test rejects).
-# pytest is held below 9: pytest-xdist 3.8's groups do not take under pytest 9.2 (every test is its own unit).
+# `make test` runs `pytest -n 2 --dist loadgroup` (pytest-xdist): the tests that share the pipeline fixtures
+# (the micro root, the Prefect flow run, the two-teacher setup) run in one worker, so each fixture is built
+# once and no two local Ray instances run at once (every test that starts Ray uses them); the kernel, model
+# and report tests run in the other. pytest is held below 9: pytest-xdist 3.8's groups do not take under
+# pytest 9.2 (every test is its own unit). A plain `pytest` runs everything serially.
 PIPELINE_FIXTURES = {"micro", "flow_run"}
 
 
