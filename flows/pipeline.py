@@ -28,16 +28,14 @@ from prefect.runtime import flow_run
 from prefect.states import Completed
 
 from flows.experiment import OverrideRun, parse_override
+from flows.log_levels import OutputLevels
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["shard", "teacher", "cache_teacher", "distill_stage1", "distill_stage2", "highres", "evaluate",
           "benchmark", "report"]
 PARENT_RUN_ENV = "CGSPN_PARENT_RUN_ID"  # read by cgspn.tracking in every stage
 SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for a stage that is up to date
-# Lines of a stage's output that are advice or known-benign noise, not news: logged at debug level only.
-NOISE = ("To track the changes with git, run:", "git add dvc.lock", "To enable auto staging, run:",
-         "dvc config core.autostage true", "Use `dvc push` to send your updates to remote storage.",
-         "Actor with class name: 'PreemptionWatcher'")  # Ray Train V2 warns of its own actor at error level
+
 
 
 class StageFailed(RuntimeError):
@@ -60,10 +58,11 @@ def run_stage(stage: str, root: str, parent_run_id: str | None):
     logger.info("$ dvc %s", " ".join(cmd[1:]))
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
+    level = OutputLevels()  # DEBUG for advice and known-benign noise, INFO for the rest
     for line in proc.stdout:
         line = line.rstrip()
         if line:
-            logger.log(10 if any(n in line for n in NOISE) else 20, "%s", line)  # DEBUG or INFO
+            logger.log(level(line), "%s", line)
             tail = (tail + [line])[-15:]
     if proc.wait() != 0:
         raise StageFailed(f"stage {stage} failed (exit {proc.returncode}):\n" + "\n".join(tail))
