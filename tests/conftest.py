@@ -95,9 +95,9 @@ def two_teachers_cached(micro, tmp_path_factory):
     from two_teachers import two_teacher_params
 
     tmp = tmp_path_factory.mktemp("two")
-    root = copy_root(micro["root"], tmp / "root", parts=("data/shards",))
+    root = copy_root(micro["root"], tmp / "root", parts=("data/shards", "models/teachers"))
     params = two_teacher_params(tmp / "p.yaml")
-    run("teacher", params, root)
+    run("teacher", params, root)  # converts the EfficientNet; the ViT's files are micro's
     start = time.perf_counter()
     metrics = run("cache_teacher", params, root)
     timings = json.loads((root / "reports/timings/cache_teacher.json").read_text())

@@ -25,7 +25,7 @@ DATASETS = {
     "table": ("table", lambda d: make_table(d, "csv", n=24, masks=True)),
     "segmentation": ("segmentation", lambda d: make_segmentation(d, n_train=16, n_val=8)),
 }
-FAST = {"steps": 2, "checkpoint_every": 2, "val_count": 4}
+FAST = {"steps": 2, "checkpoint_every": 2, "val_count": 4, "workers": 1}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def own_runs(micro, tmp_path_factory):
             copy_tree(micro["root"] / "models/teachers", root / "models/teachers")
             changes = {"shard__source": source, "shard__path": str(data), "evaluate__seg_steps": 8,
                        **{f"{stage}__{k}": v for stage in ("distill_stage1", "distill_stage2")
-                          for k, v in FAST.items()}, **({} if name == TRAINED else UNTRAINED)}
+                          for k, v in FAST.items()}, "highres__workers": 1, **({} if name == TRAINED else UNTRAINED)}
             params = write_params(base / "params.yaml", **changes)
             for stage in STAGES:
                 if name == TRAINED or stage not in TRAIN_STAGES:

@@ -210,7 +210,8 @@ def test_a_killed_run_resumes_and_a_code_change_starts_afresh(micro, tmp_path):
     does not restore the finished checkpoint, and it trains other weights."""
     code = code_copy(tmp_path / "code")
     root = copy_root(micro["root"], tmp_path / "root")
-    params = write_params(tmp_path / "p.yaml", distill_stage1__steps=40, distill_stage1__checkpoint_every=2)
+    params = write_params(tmp_path / "p.yaml", distill_stage1__steps=40, distill_stage1__checkpoint_every=2,
+                          distill_stage1__workers=1)  # one worker: resuming is the same, the start quicker
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     cmd = [sys.executable, "-m", "stages.distill_stage1", "--params", str(params), "--root", str(root)]
@@ -299,7 +300,7 @@ def test_an_image_a_training_worker_cannot_decode_is_one_line_and_not_retried(mi
 
     root = copy_root(micro["root"], tmp_path / "root")
     key = break_image(root / "data/shards/train-000001.tar", 2)
-    params = write_params(tmp_path / "p.yaml", distill_stage1__max_failures=1)
+    params = write_params(tmp_path / "p.yaml", distill_stage1__max_failures=1, distill_stage1__workers=1)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "stages.distill_stage1", "--params", str(params), "--root", str(root)]
