@@ -34,99 +34,41 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def micro(request, tmp_path_factory):
-    """A root where shard -> teacher -> cache_teacher ran on the micro configuration (tests/micro.py),
-    each through its command line, as children of one MLflow parent run.
+def micro(tmp_path_factory):
+    """A root where shard -> teacher -> cache_teacher ran on the micro configuration (tests/micro.py), in this
+    process, each through its command line, as children of one MLflow parent run.
 
-    When this session also runs the Prefect flow (conftest.flow_run: every stage of the same configuration,
-    each through `dvc repro` -> `python -m stages.<name>`, as children of the flow's parent run), these are
-    the flow's own first three stages: running them a second time here costs about half a minute for the
-    same outputs. Otherwise (the data-stage tests alone) the three stages run here, in this process, under
-    a parent run of their own. Either way `tracking_uri` holds the parent run and its children, `stages`
-    names those children, and the stages a test runs itself (bad input) log to this fixture's database
-    (MLFLOW_TRACKING_URI for the rest of the session), never to the flow's."""
+    It is built apart from the Prefect flow's run of the same stages (conftest.flow_run) so that the tests
+    that need data and a teacher, but no flow, run in the other pytest-xdist worker while the flow runs
+    (about half a minute of stages twice over, for some three minutes of parallel work). `tracking_uri` holds
+    the parent run and its children, `stages` names those children; the stages a test runs itself (bad input)
+    log to the same database (MLFLOW_TRACKING_URI for the rest of the session)."""
     import mlflow
 
+    from cgspn.tracking import experiment_id
     from micro import DATA_STAGES, run, write_params
 
-    use_flow = any("flow_run" in item.fixturenames for item in request.session.items)
-    flow = request.getfixturevalue("flow_run") if use_flow else None
     root = tmp_path_factory.mktemp("micro")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "CGSPN_EXPERIMENT": "micro"}
     saved = {k: os.environ.get(k) for k in [*env, "CGSPN_PARENT_RUN_ID"]}
     os.environ.update(env)
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    if flow is not None:
-        from flows.pipeline import STAGES
-
-        metrics = {stage: json.loads((flow["root"] / "reports/metrics" / f"{stage}.json").read_text())
-                   for stage in ("shard", "cache_teacher")}  # what the stages returned (teacher writes none)
-        info = {"root": flow["root"], "params": flow["root"] / "params.yaml", "metrics": metrics,
-                "parent": flow["first"]["mlflow_parent_run"], "experiment": flow["experiment"],
-                "tracking_uri": flow["tracking_uri"], "stages": STAGES}
-    else:
-        from cgspn.tracking import experiment_id
-
-        experiment = experiment_id("micro")
-        parent = mlflow.MlflowClient().create_run(experiment, run_name="pipeline").info.run_id
-        os.environ["CGSPN_PARENT_RUN_ID"] = parent
-        params = write_params(root / "params.yaml")
-        try:
-            metrics = {stage: run(stage, params, root) for stage in DATA_STAGES}
-        finally:
-            del os.environ["CGSPN_PARENT_RUN_ID"]
-        info = {"root": root, "params": params, "metrics": metrics, "parent": parent, "experiment": experiment,
-                "tracking_uri": env["MLFLOW_TRACKING_URI"], "stages": DATA_STAGES}
-    yield {**info, "stage_tracking_uri": env["MLFLOW_TRACKING_URI"]}
+    experiment = experiment_id("micro")
+    parent = mlflow.MlflowClient().create_run(experiment, run_name="pipeline").info.run_id
+    os.environ["CGSPN_PARENT_RUN_ID"] = parent
+    params = write_params(root / "params.yaml")
+    try:
+        metrics = {stage: run(stage, params, root) for stage in DATA_STAGES}
+    finally:
+        del os.environ["CGSPN_PARENT_RUN_ID"]
+    yield {"root": root, "params": params, "metrics": metrics, "parent": parent, "experiment": experiment,
+           "tracking_uri": env["MLFLOW_TRACKING_URI"], "stages": DATA_STAGES,
+           "stage_tracking_uri": env["MLFLOW_TRACKING_URI"]}
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-
-
-@pytest.fixture(scope="session")
-def two_teachers_cached(micro, tmp_path_factory):
-    """A root where the teacher stage wrote both teachers of tests/two_teachers.py and cache_teacher cached
-    both (micro's shards); once per session for every test file that needs it."""
-    import time
-
-    from micro import copy_root, run
-    from two_teachers import two_teacher_params
-
-    tmp = tmp_path_factory.mktemp("two")
-    root = copy_root(micro["root"], tmp / "root", parts=("data/shards", "models/teachers"))
-    params = two_teacher_params(tmp / "p.yaml")
-    run("teacher", params, root)  # converts the EfficientNet; the ViT's files are micro's
-    start = time.perf_counter()
-    metrics = run("cache_teacher", params, root)
-    timings = json.loads((root / "reports/timings/cache_teacher.json").read_text())
-    print(f"\ncache_teacher, both teachers: {time.perf_counter() - start:.1f} s; "
-          + "; ".join(f"{t}: {timings[t]['images_per_s']} img/s, {metrics[t]['bytes_per_image']} B/image"
-                      for t in metrics))
-    return {"root": root, "params": params, "metrics": metrics, "tmp": tmp}
-
-
-@pytest.fixture(scope="session")
-def two_teachers_stage2(two_teachers_cached):
-    """distill_stage2 with both teachers in two_teachers_cached's root, from a stage-1 student that is the
-    teacher's initialization. `params` (FAST steps for stage 2 and highres) is for the later stages too."""
-    from micro import own_tracking, run
-    from two_teachers import FAST, VIT, two_teacher_params
-
-    from cgspn.distill import Stage1Task
-    from cgspn.students import save_student
-
-    root, tmp = two_teachers_cached["root"], two_teachers_cached["tmp"]
-    torch.manual_seed(0)
-    save_student(Stage1Task.build({"teacher_path": str(root / "models/teachers" / f"{VIT}.safetensors")}),
-                 root / "models/distill_stage1/student.safetensors")
-    params = two_teacher_params(tmp / "s2.yaml", **{f"distill_stage2__{k}": v for k, v in FAST.items()},
-                                **{f"highres__{k}": v for k, v in FAST.items() if k != "val_count"})
-    with own_tracking(tmp / "mlflow.db") as uri:  # its MLflow run alone there, whichever test builds it
-        metrics = run("distill_stage2", params, root)
-    return {"root": root, "params": params, "metrics": metrics, "tracking_uri": uri}
-
 
 
 @pytest.fixture(scope="session")
@@ -164,6 +106,21 @@ def flow_run(tmp_path_factory, prefect_harness):
                 os.environ[k] = v
 
 
+@pytest.fixture(scope="session")
+def trained(flow_run):
+    """The micro pipeline with both teachers that the Prefect flow ran (flow_run): its root, parameters file,
+    the training stages' and evaluate's metrics, its MLflow database and the first run's parent run."""
+    import mlflow
+
+    from micro import TRAIN_STAGES
+
+    mlflow.set_tracking_uri(flow_run["tracking_uri"])
+    root = flow_run["root"]
+    metrics = {s: json.loads((root / "reports/metrics" / f"{s}.json").read_text()) for s in [*TRAIN_STAGES, "evaluate"]}
+    return {"root": root, "params": root / "params.yaml", "metrics": metrics, "experiment": flow_run["experiment"],
+            "tracking_uri": flow_run["tracking_uri"], "parent": flow_run["first"]["mlflow_parent_run"]}
+
+
 @pytest.fixture(scope="session", autouse=True)
 def nothing_written_into_the_checkout():
     """Tests write only into temporary folders: no MLflow artifact store (mlruns/, mlartifacts/) or database
@@ -178,16 +135,22 @@ def nothing_written_into_the_checkout():
     assert not appeared, f"the test session wrote into the checkout: {appeared}"
 
 
-# `make test` runs `pytest -n 2 --dist loadgroup` (pytest-xdist): the tests that share the pipeline fixtures
-# (the micro root, the Prefect flow run, the two-teacher setup) run in one worker, so each fixture is built
-# once and no two local Ray instances run at once (every test that starts Ray uses them); the kernel, model
-# and report tests run in the other. pytest is held below 9: pytest-xdist 3.8's groups do not take under
-# pytest 9.2 (every test is its own unit). A plain `pytest` runs everything serially.
-PIPELINE_FIXTURES = {"micro", "flow_run"}
+# `make test` runs `pytest -n 2 --dist loadgroup` (pytest-xdist). The tests that share a session fixture run in
+# one worker, so that the fixture is built once: those of the Prefect flow's run (group "flow") in one, those of
+# the micro root and the two-teacher setup built on it (group "micro") in the other; the kernel, model and
+# report tests fill in around them. The two groups each start local Ray instances, at the same time: a second
+# local Ray on a machine finds the dashboard agent's HTTP port (52365) taken and runs without that server,
+# which nothing here uses. A test needs one group's fixtures, never both. pytest is held below 9:
+# pytest-xdist 3.8's groups do not take under pytest 9.2 (every test is its own unit). A plain `pytest` runs
+# everything serially.
+FIXTURE_GROUPS = {"flow_run": "flow", "micro": "micro"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook turns the mark into the node id's @group
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("pipeline"))
+        groups = {g for name, g in FIXTURE_GROUPS.items() if name in getattr(item, "fixturenames", ())}
+        if len(groups) > 1:
+            raise pytest.UsageError(f"{item.nodeid} uses the fixtures of groups {sorted(groups)}: one test, one group")
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups.pop()))

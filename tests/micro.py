@@ -1,4 +1,8 @@
-"""A micro configuration of the whole pipeline for tests: a few dozen images at 28 px, a few steps."""
+"""A micro configuration of the whole pipeline for tests: a few dozen images at 28 px, a few steps.
+
+Every Ray worker process imports torch and Ray (~5 CPU-seconds each on the 2-core machine), so only stage 1
+trains on two workers (the gradient averaging); the other stages take one. tests/test_ray_cluster.py runs
+cache_teacher and stage 1 on two workers on two nodes."""
 from __future__ import annotations
 
 import contextlib
@@ -29,7 +33,7 @@ MICRO = {
     "cache_teacher": {
         "resolution": 28, "splits": "auto", "layers": {"dinov2_vits14_imgfocus": [5]},
         "teacher_scale": {"efficientnet_lite0": 2}, "phis_splits": ["train"],
-        "workers": 2, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 8,
+        "workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 8,
     },
     "distill_stage1": {**TRAIN_COMMON, "teacher": "dinov2_vits14_imgfocus", "resolution": 28,
                        "splits": "auto", "val_split": "auto", "block_weights": [],
@@ -38,12 +42,12 @@ MICRO = {
                        "splits": "auto", "val_split": "auto", "targets": "cache",
                        "spatial_weight": 1.0, "summary_weight": 1.0, "raw_weight": 1.0, "adaptor_hidden": 0,
                        "block_targets": {"dinov2_vits14_imgfocus": [5]}, "block_weight": 1.0,
-                       "backbone_lr_scale": 0.5, "head_only_steps": 2},
+                       "backbone_lr_scale": 0.5, "head_only_steps": 2, "workers": 1},
     "highres": {**{k: v for k, v in TRAIN_COMMON.items() if k != "batch_size"}, "steps": 2, "checkpoint_every": 2,
                 "teacher_weights": {"dinov2_vits14_imgfocus": 1.0}, "scales": [2], "splits": "auto",
                 "val_splits": "auto", "batch_sizes": [2], "val_count": 2, "spatial_weight": 1.0,
                 "summary_weight": 1.0, "raw_weight": 0.0, "block_targets": {"dinov2_vits14_imgfocus": [5]},
-                "block_weight": 1.0, "backbone_lr_scale": 0.5, "head_only_steps": 2},  # every step head-only: the backbone stays put
+                "block_weight": 1.0, "backbone_lr_scale": 0.5, "head_only_steps": 2, "workers": 1},  # every step head-only: the backbone stays put
 }
 MICRO.update({
     "evaluate": {"teacher": "dinov2_vits14_imgfocus",
@@ -56,6 +60,11 @@ MICRO.update({
     "report": {"title_note": "micro test run"},
 })
 DATA_STAGES = ["shard", "teacher", "cache_teacher"]
+# The Prefect flow's run (conftest.flow_run) distills from both teachers, as the default pipeline does; the
+# micro root (conftest.micro) and the other tests keep MICRO's one teacher unless they say otherwise.
+VIT, CNN = "dinov2_vits14_imgfocus", "efficientnet_lite0"
+TWO_TEACHERS = {"teacher__names": [VIT, CNN], "distill_stage2__teacher_weights": {VIT: 1.0, CNN: 1.0},
+                "highres__teacher_weights": {VIT: 1.0, CNN: 1.0}}
 TRAIN_STAGES = ["distill_stage1", "distill_stage2", "highres"]
 
 
@@ -157,7 +166,8 @@ def break_image(shard: Path, index: int = 0) -> str:
 
 
 def make_repo(dest: Path) -> Path:
-    """A git + DVC repository at `dest` holding this project's pipeline code and the MICRO parameters."""
+    """A git + DVC repository at `dest` holding this project's pipeline code and the MICRO parameters with
+    both teachers (TWO_TEACHERS)."""
     import subprocess
     import sys
 
@@ -167,7 +177,7 @@ def make_repo(dest: Path) -> Path:
         shutil.copy(repo / name, dest / name)
     for sub in ["stages", "cgspn", "kernels"]:
         shutil.copytree(repo / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__"))
-    write_params(dest / "params.yaml")
+    write_params(dest / "params.yaml", **TWO_TEACHERS)
     (dest / ".gitignore").write_text("/data/\n/models/\n/runs/\n__pycache__/\nmlflow.db\n")
     dvc = str(Path(sys.executable).with_name("dvc"))
     for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], ["git", "add", "-A"],
@@ -188,3 +198,14 @@ def own_tracking(db: Path):
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def stage_run(trained: dict, stage: str):
+    """The MLflow run of `stage` under the flow's first parent run (later tests run stages again)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(trained["tracking_uri"])
+    runs = client.search_runs([trained["experiment"]], f"tags.mlflow.parentRunId = '{trained['parent']}' "
+                              f"and tags.`cgspn.stage` = '{stage}' and attributes.status = 'FINISHED'")
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return runs[0]

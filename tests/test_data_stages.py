@@ -133,7 +133,7 @@ def test_feature_shards_mirror_the_image_shards_and_hold_the_teachers_features(m
         assert cached.shape == fresh[name].shape
         torch.testing.assert_close(cached, fresh[name], atol=2e-2, rtol=1e-2)
     m = micro["metrics"]["cache_teacher"]["dinov2_vits14_imgfocus"]
-    assert m["images"] == 72 and m["workers"] == 2 and m["bytes_per_image"] > 0
+    assert m["images"] == 72 and m["workers"] == MICRO["cache_teacher"]["workers"] and m["bytes_per_image"] > 0
 
 
 @pytest.mark.parametrize("kind", ["spatial", "summary", "block5"])

@@ -170,7 +170,9 @@ def test_stepwise_matches_reference(case):
 def test_reference_gradcheck(direction, chunk):
     x, gates, lam, u = make_inputs(2, 4, 5, 3, 2, 4, 1, dtype=torch.float64)
     op = lambda *t: gspn_scan_reference(*t, direction, chunk)  # noqa: E731
-    assert torch.autograd.gradcheck(op, (x, gates, lam, u), eps=1e-6, atol=1e-7)
+    # fast_mode: the analytical and numerical Jacobians against fresh random vectors (torch's own check),
+    # instead of every column of the numerical Jacobian (~5x less time)
+    assert torch.autograd.gradcheck(op, (x, gates, lam, u), eps=1e-6, atol=1e-7, fast_mode=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

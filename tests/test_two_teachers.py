@@ -19,14 +19,13 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pyt
 
 
 @pytest.fixture(scope="module")
-def cached(two_teachers_cached):
-    """A root where the teacher stage wrote both teachers and cache_teacher cached both (conftest, shared)."""
-    return two_teachers_cached
+def cached(trained):
+    """The Prefect flow's root (conftest.trained), where the teacher stage wrote both teachers and
+    cache_teacher cached both."""
+    return {**trained, "metrics": json.loads((trained["root"] / "reports/metrics/cache_teacher.json").read_text())}
 
 
 def test_cache_teacher_writes_key_aligned_features_per_teacher_at_its_own_side(cached):
-    from cgspn.teachers import load_teacher_file, preprocess
-
     root = cached["root"]
     metas = {t: json.loads((root / "data/features" / t / "meta.json").read_text()) for t in (VIT, CNN)}
     assert {k: metas[VIT][k] for k in ("resolution", "teacher_resolution", "scale", "grid", "dim", "layers")} == {
@@ -42,24 +41,27 @@ def test_cache_teacher_writes_key_aligned_features_per_teacher_at_its_own_side(c
         for split in metas[t]["splits"]:
             for shard in split_shards(root / "data/shards", split):
                 assert shard_keys(folder / shard.name) == shard_keys(shard)
-    # The CNN's cached features are its own forward on the images at 56 px with its own (x - 127) / 128.
-    model = load_teacher_file(root / "models/teachers/efficientnet_lite0.safetensors").eval()
-    pairs = list(zip_samples(root / "data/shards/val-000000.tar", root / "data/features" / CNN / "val-000000.tar"))[:4]
-    x = torch.cat([preprocess(decode_image(a), 56, (127 / 255,) * 3, (128 / 255,) * 3) for a, _ in pairs])
+    assert cached["metrics"][CNN]["bytes_per_image"] > 4 * 1280 * 2
+
+
+@pytest.mark.parametrize("teacher, side, dim, mean, std", [
+    (CNN, 56, 1280, (127 / 255,) * 3, (128 / 255,) * 3), (VIT, 28, 384, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+def test_each_teachers_cache_is_its_own_forward_as_with_one_teacher(cached, teacher, side, dim, mean, std):
+    """The CNN's cached features are its own forward on the images at 56 px with its own (x - 127) / 128; the
+    ViT's are its forward at 28 px with ImageNet's normalization, what a one-teacher run caches
+    (tests/test_data_stages.py): a second teacher changes nothing of the first's cache."""
+    from cgspn.teachers import load_teacher_file, preprocess
+
+    root = cached["root"]
+    model = load_teacher_file(root / f"models/teachers/{teacher}.safetensors").eval()
+    pairs = list(zip_samples(root / "data/shards/val-000000.tar", root / "data/features" / teacher / "val-000000.tar"))[:4]
+    x = torch.cat([preprocess(decode_image(a), side, mean, std) for a, _ in pairs])
     with torch.no_grad():
         out = model(x)
     for name, fresh in (("summary", out.summary), ("spatial", out.patch_tokens)):
         stored = torch.tensor(np.stack([decode_npy(b, name) for _, b in pairs])).float()
-        assert stored.shape == fresh.shape == ((4, 1280) if name == "summary" else (4, 2, 2, 1280))
+        assert stored.shape == fresh.shape == ((4, dim) if name == "summary" else (4, 2, 2, dim))
         torch.testing.assert_close(stored, fresh, atol=1e-2, rtol=2e-3)  # float16
-    assert metas[CNN]["splits"] and cached["metrics"][CNN]["bytes_per_image"] > 4 * 1280 * 2
-
-
-def test_the_vit_cache_is_the_same_with_a_second_teacher(cached, micro):
-    """The DINOv2 features are byte-identical to the single-teacher micro cache."""
-    one, two = (r / "data/features" / VIT for r in (micro["root"], cached["root"]))
-    assert sorted(f.name for f in one.glob("*.tar")) == sorted(f.name for f in two.glob("*.tar"))
-    assert all((one / f.name).read_bytes() == f.read_bytes() for f in two.glob("*.tar"))
 
 
 def test_online_targets_are_what_the_cache_holds(cached):
@@ -85,18 +87,14 @@ def test_online_targets_are_what_the_cache_holds(cached):
             torch.testing.assert_close(online[t][n], cache[t][n].float(), atol=2e-2, rtol=1e-2)
 
 
-@pytest.fixture(scope="module")
-def stage2(two_teachers_stage2):
-    """distill_stage2 with both teachers, from a stage-1 student that is the teacher's initialization (conftest)."""
-    return two_teachers_stage2
-
-
-def test_stage2_trains_one_adaptor_per_teacher(stage2, micro):
+def test_stage2_trains_one_adaptor_per_teacher(trained):
+    """The Prefect flow's run (conftest.trained) distills from both teachers."""
     import mlflow
 
     from cgspn.students import load_adaptors
+    from micro import stage_run
 
-    root, m = stage2["root"], stage2["metrics"]
+    root, m = trained["root"], trained["metrics"]["distill_stage2"]
     adaptors = load_adaptors(root / "models/distill_stage2/adaptors.safetensors")
     assert list(adaptors) == [VIT, CNN]
     for t, dim, blocks in ((VIT, 384, ["5"]), (CNN, 1280, [])):
@@ -109,29 +107,27 @@ def test_stage2_trains_one_adaptor_per_teacher(stage2, micro):
     for t in BOTH:
         assert -1 <= m["val_end"][f"{t}/patch_cosine"] <= 1
     # MLflow: every step's per-teacher losses under `<teacher>/<term>`, side by side in a comparison view
-    client = mlflow.MlflowClient(stage2["tracking_uri"])
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              "tags.`cgspn.stage` = 'distill_stage2' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"])
-    assert len(runs) == 1, [r.info.run_id for r in runs]
+    client = mlflow.MlflowClient(trained["tracking_uri"])
+    run_id = stage_run(trained, "distill_stage2").info.run_id
     for t in BOTH:
-        history = client.get_metric_history(runs[0].info.run_id, f"{t}/spatial")
-        assert sorted(h.step for h in history) == [1, 2, 3]
+        assert sorted(h.step for h in client.get_metric_history(run_id, f"{t}/spatial")) == list(range(1, m["steps"] + 1))
 
 
-def test_highres_trains_both_teachers_online(stage2):
+def test_highres_trains_both_teachers_online(trained):
     from cgspn.students import load_adaptors
 
-    root = stage2["root"]
-    m = run("highres", stage2["params"], root)
+    m = trained["metrics"]["highres"]
     assert f"{CNN}/spatial/56px" in m["train_last10"] and f"{VIT}/block5/56px" in m["train_last10"]
     assert -1 <= m["val_end"][f"{CNN}/patch_cosine/56px"] <= 1
-    heads = load_adaptors(root / "models/highres/adaptors.safetensors")
+    heads = load_adaptors(trained["root"] / "models/highres/adaptors.safetensors")
     assert list(heads) == [VIT, CNN] and heads[CNN].spatial.fc2.out_features == 1280
 
 
-def test_a_cnn_teacher_is_refused_where_blocks_are_needed(cached, capsys, tmp_path):
-    root = cached["root"]
+def test_a_cnn_teacher_is_refused_where_blocks_are_needed(cached, capsys, tmp_path, monkeypatch):
+    from micro import copy_root
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # not the flow's database
+    root = copy_root(cached["root"], tmp_path / "root")
     expect_exit(capsys, "distill_stage1", two_teacher_params(tmp_path / "a.yaml", distill_stage1__teacher=CNN), root,
                 "distill_stage1.teacher='efficientnet_lite0' is not a ViT (family efficientnet_lite)")
 
@@ -164,7 +160,7 @@ def test_settings_for_a_registered_teacher_the_run_does_not_use_are_ignored(micr
     assert [(t["name"], t["side"], t["layers"]) for t in teachers] == [(VIT, 28, [5])]
 
 
-def test_evaluate_loads_its_vit_teacher_beside_two_teacher_adaptors(stage2):
+def test_evaluate_loads_its_vit_teacher_beside_two_teacher_adaptors(trained):
     """evaluate (its per-teacher measures are for later) loads the ViT teacher and the students whose
     adaptors hold both teachers, and maps them into the ViT's space; it refuses the CNN as its teacher."""
     import yaml
@@ -172,9 +168,9 @@ def test_evaluate_loads_its_vit_teacher_beside_two_teacher_adaptors(stage2):
     from cgspn.errors import ParamError
     from stages.evaluate import load_encoders
 
-    p = yaml.safe_load(stage2["params"].read_text())["evaluate"]
-    encoders = load_encoders({**p, "models": ["teacher", "random", "distill_stage2"]}, stage2["root"], "cpu")
+    p = yaml.safe_load(trained["params"].read_text())["evaluate"]
+    encoders = load_encoders({**p, "models": ["teacher", "random", "distill_stage2"]}, trained["root"], "cpu")
     summary, patches, teacher_space, _, _ = encoders["distill_stage2"](torch.randn(2, 3, 28, 28))
     assert summary.shape == (2, 384) and teacher_space.shape == (2, 2, 2, 384)
     with pytest.raises(ParamError, match="evaluate.teacher='efficientnet_lite0' is not a ViT"):
-        load_encoders({**p, "teacher": CNN}, stage2["root"], "cpu")
+        load_encoders({**p, "teacher": CNN}, trained["root"], "cpu")
