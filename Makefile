@@ -68,8 +68,8 @@ serve: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m kernels.bench
 
-# Two pytest workers (pytest-xdist): the tests that share the pipeline fixtures, every one that starts Ray,
-# run in one, in order; the kernel, model and report tests beside them (tests/conftest.py).
+# Two pytest workers (pytest-xdist): the tests on the Prefect flow's run in one, those on the micro root in
+# the other, the kernel, model and report tests around them (tests/conftest.py).
 test: $(STAMP) system-data
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 

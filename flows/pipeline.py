@@ -37,7 +37,6 @@ PARENT_RUN_ENV = "CGSPN_PARENT_RUN_ID"  # read by cgspn.tracking in every stage
 SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for a stage that is up to date
 
 
-
 class StageFailed(RuntimeError):
     pass
 

@@ -62,8 +62,7 @@ def micro(tmp_path_factory):
     finally:
         del os.environ["CGSPN_PARENT_RUN_ID"]
     yield {"root": root, "params": params, "metrics": metrics, "parent": parent, "experiment": experiment,
-           "tracking_uri": env["MLFLOW_TRACKING_URI"], "stages": DATA_STAGES,
-           "stage_tracking_uri": env["MLFLOW_TRACKING_URI"]}
+           "tracking_uri": env["MLFLOW_TRACKING_URI"], "stages": DATA_STAGES}
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
@@ -136,8 +135,8 @@ def nothing_written_into_the_checkout():
 
 
 # `make test` runs `pytest -n 2 --dist loadgroup` (pytest-xdist). The tests that share a session fixture run in
-# one worker, so that the fixture is built once: those of the Prefect flow's run (group "flow") in one, those of
-# the micro root and the two-teacher setup built on it (group "micro") in the other; the kernel, model and
+# one worker, so that the fixture is built once: those of the Prefect flow's run with both teachers (group
+# "flow") in one, those of the one-teacher micro root (group "micro") in the other; the kernel, model and
 # report tests fill in around them. The two groups each start local Ray instances, at the same time: a second
 # local Ray on a machine finds the dashboard agent's HTTP port (52365) taken and runs without that server,
 # which nothing here uses. A test needs one group's fixtures, never both. pytest is held below 9:

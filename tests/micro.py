@@ -63,8 +63,8 @@ DATA_STAGES = ["shard", "teacher", "cache_teacher"]
 # The Prefect flow's run (conftest.flow_run) distills from both teachers, as the default pipeline does; the
 # micro root (conftest.micro) and the other tests keep MICRO's one teacher unless they say otherwise.
 VIT, CNN = "dinov2_vits14_imgfocus", "efficientnet_lite0"
-TWO_TEACHERS = {"teacher__names": [VIT, CNN], "distill_stage2__teacher_weights": {VIT: 1.0, CNN: 1.0},
-                "highres__teacher_weights": {VIT: 1.0, CNN: 1.0}}
+BOTH = {VIT: 1.0, CNN: 1.0}
+TWO_TEACHERS = {"teacher__names": [VIT, CNN], "distill_stage2__teacher_weights": BOTH, "highres__teacher_weights": BOTH}
 TRAIN_STAGES = ["distill_stage1", "distill_stage2", "highres"]
 
 

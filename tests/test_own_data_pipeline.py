@@ -45,7 +45,7 @@ def own_runs(micro, tmp_path_factory):
             copy_tree(micro["root"] / "models/teachers", root / "models/teachers")
             changes = {"shard__source": source, "shard__path": str(data), "evaluate__seg_steps": 8,
                        **{f"{stage}__{k}": v for stage in ("distill_stage1", "distill_stage2")
-                          for k, v in FAST.items()}, "highres__workers": 1, **({} if name == TRAINED else UNTRAINED)}
+                          for k, v in FAST.items()}, **({} if name == TRAINED else UNTRAINED)}
             params = write_params(base / "params.yaml", **changes)
             for stage in STAGES:
                 if name == TRAINED or stage not in TRAIN_STAGES:

@@ -103,11 +103,7 @@ def test_the_raw_term_matches_the_students_own_tokens_to_the_teachers(trained):
     assert all(q.grad is None or q.grad.abs().sum() == 0 for q in model["adaptors"].parameters())
 
 
-def test_a_raw_weight_needs_a_teacher_of_the_students_width(micro, tmp_path, capsys, monkeypatch):
-    # not the flow's MLflow database: the stage opens a run before the check fails, and the logging test
-    # reads the newest distill_stage2 run of the flow's database. The micro fixture's: the bad-input
-    # tests have usually created it already (a fresh database costs a few seconds)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", micro["stage_tracking_uri"])
+def test_a_raw_weight_needs_a_teacher_of_the_students_width(micro, tmp_path, capsys):
     root = copy_root(micro["root"], tmp_path / "root")
     init = root / "models/distill_stage1"
     init.mkdir(parents=True)
@@ -161,13 +157,13 @@ def test_the_backbone_schedule_starts_after_the_head_only_steps():
 def test_rank_zero_logs_every_step_to_mlflow(trained):
     import mlflow
 
-    client = mlflow.MlflowClient(trained["tracking_uri"])  # not the global URI, which the micro fixture sets too
-    runs = [stage_run(trained, "distill_stage2")]
-    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    client = mlflow.MlflowClient(trained["tracking_uri"])  # the flow's database
+    run_id = stage_run(trained, "distill_stage2").info.run_id
+    history = client.get_metric_history(run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, 7))
     for name in ["lr", "images_per_s", "dinov2_vits14_imgfocus/spatial", "val/dinov2_vits14_imgfocus/patch_cosine"]:
-        assert client.get_metric_history(runs[0].info.run_id, name), name
-    artifacts = [a.path for a in client.list_artifacts(runs[0].info.run_id, "model")]
+        assert client.get_metric_history(run_id, name), name
+    artifacts = [a.path for a in client.list_artifacts(run_id, "model")]
     assert "model/student.safetensors" in artifacts and "model/adaptors.safetensors" in artifacts
 
 

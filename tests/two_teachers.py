@@ -2,9 +2,7 @@
 the Prefect flow's run (conftest.flow_run, conftest.trained) caches, trains and evaluates."""
 from __future__ import annotations
 
-from micro import CNN, TWO_TEACHERS, VIT, write_params
-
-BOTH = {VIT: 1.0, CNN: 1.0}
+from micro import TWO_TEACHERS, write_params
 
 
 def two_teacher_params(path, **changes):
