@@ -11,7 +11,7 @@ and the metrics, plots and report are back byte for byte (flows.experiment).
 
 MLflow: one parent run per flow run that ran something, named after the flow run, with the overrides as
 parameters, the commit, the DVC experiment and the Prefect flow run as tags, the headline figures as
-metrics (cgspn.report.headline) and the final student as a logged model; every stage's run is its child.
+metrics (cgspn.report.build.headline) and the final student as a logged model; every stage's run is its child.
 A run in which DVC skipped every stage leaves no parent run behind.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ from flows.log_levels import OutputLevels
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["shard", "teacher", "cache_teacher", "distill_stage1", "distill_stage2", "highres", "evaluate",
           "benchmark", "report"]
-PARENT_RUN_ENV = "CGSPN_PARENT_RUN_ID"  # read by cgspn.tracking in every stage
+PARENT_RUN_ENV = "CGSPN_PARENT_RUN_ID"  # read by cgspn.pipeline.tracking in every stage
 SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for a stage that is up to date
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cgspn.report import headline
-from cgspn.tracking import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, experiment_id, git_commit, metric_name, tracking_uri
+from cgspn.report.build import headline
+from cgspn.pipeline.tracking import (DEFAULT_EXPERIMENT, EXPERIMENT_ENV, experiment_id, git_commit, metric_name, tracking_uri)
 
 RUNS_VIEW = "#/experiments/{experiment}/runs?workflowType=machine_learning"  # MLflow 3 opens GenAI traces otherwise
 
@@ -87,7 +87,7 @@ class ParentRun:
             return
         import mlflow
 
-        from cgspn.students import load_student
+        from cgspn.models.students import load_student
 
         with mlflow.start_run(run_id=self.id):
             # pickle, not MLflow 3's default torch.export format (the student's scan is a custom op); the code

@@ -6,7 +6,7 @@
 #   sanitize  compute-sanitizer memcheck over one small call of every launch variant of the kernels
 #   tune      the launch sweep (kernels/tune.py): which settings are fastest per shape
 #   kernel    the kernel benchmark (kernels/bench.py): fused Triton against the stepwise baseline, roofline
-#   blocks    the block and model benchmark (cgspn/bench_blocks.py): C-GSPN against attention (SDPA)
+#   blocks    the block and model benchmark (benchmarks/blocks.py): C-GSPN against attention (SDPA)
 #   compiled  both blocks eager and under torch.compile, width 1152, batch 1 (bench_blocks --compiled)
 #   profile   (not in the default set) where one C-GSPN block's GPU time goes, width 1152 at 2048 px
 #   compiled-max  (not in the default set) `compiled` at 2048 px in torch.compile's max-autotune-no-cudagraphs
@@ -48,11 +48,11 @@ for step in "${steps[@]}"; do
         sanitize) run_step sanitize compute-sanitizer --tool memcheck --error-exitcode 1 $py -m kernels.tune --smoke ;;
         tune) run_step tune $py -m kernels.tune ;;
         kernel) run_step kernel $py -m kernels.bench ;;
-        blocks) run_step blocks $py -m cgspn.bench_blocks ;;
-        compiled) run_step compiled $py -m cgspn.bench_blocks --compiled ;;
-        compiled-max) run_step compiled-max $py -m cgspn.bench_blocks --compiled --sides 2048 \
+        blocks) run_step blocks $py -m benchmarks.blocks ;;
+        compiled) run_step compiled $py -m benchmarks.blocks --compiled ;;
+        compiled-max) run_step compiled-max $py -m benchmarks.blocks --compiled --sides 2048 \
                           --compile-mode max-autotune-no-cudagraphs ;;
-        profile) run_step profile $py -m cgspn.bench_blocks --profile 1152 2048 1 ;;
+        profile) run_step profile $py -m benchmarks.blocks --profile 1152 2048 1 ;;
         *) echo "unknown step '$step' (known: tests sanitize tune kernel blocks compiled compiled-max profile)"; failed=$((failed + 1)) ;;
     esac
 done

@@ -1,6 +1,6 @@
 """Stage `benchmark`: the GSPN kernel roofline (kernels.bench) and the block and model latency against
-attention (cgspn.bench_blocks), on the device at hand: the full set on a CUDA GPU, reduced sizes on a CPU;
-and the bytes a C-GSPN block's PyTorch ops move around the scan (cgspn.block_traffic, counted, no timing).
+attention (benchmarks.blocks), on the device at hand: the full set on a CUDA GPU, reduced sizes on a CPU;
+and the bytes a C-GSPN block's PyTorch ops move around the scan (benchmarks.block_traffic, counted, no timing).
 Both write under reports/benchmarks/ with the device in the file names; this stage runs them and logs the
 results to MLflow. On a GPU machine without the pipeline's packages, run the two modules directly.
 """
@@ -10,9 +10,10 @@ from pathlib import Path
 
 import torch
 
-from cgspn import bench_blocks, block_traffic
-from cgspn.params import Param
-from cgspn.stage import run_stage
+from benchmarks import block_traffic
+from benchmarks import blocks as bench_blocks
+from cgspn.pipeline.params import Param
+from cgspn.pipeline.cli import run_stage
 from kernels import bench as kernel_bench
 
 SCHEMA = {

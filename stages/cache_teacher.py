@@ -25,15 +25,15 @@ import ray
 from ray.util import ActorPool
 from tqdm import tqdm
 
-from cgspn.cluster import start_ray
+from cgspn.pipeline.cluster import start_ray
 from cgspn.data.shards import split_shards
-from cgspn.stage_inputs import SHARDS, TEACHERS, Splits, check_splits
-from cgspn.errors import InputError, ParamError
-from cgspn.outputs import replace_dir, write_json, write_timings
-from cgspn.params import Param
-from cgspn.phis import PhiS, phis_file
-from cgspn.stage import run_stage
-from cgspn.teachers import known_teachers, teacher_side
+from cgspn.pipeline.inputs import SHARDS, TEACHERS, Splits, check_splits
+from cgspn.pipeline.errors import InputError, ParamError
+from cgspn.pipeline.outputs import replace_dir, write_json, write_timings
+from cgspn.pipeline.params import Param
+from cgspn.distill.phis import PhiS, phis_file
+from cgspn.pipeline.cli import run_stage
+from cgspn.teachers.registry import known_teachers, teacher_side
 
 SCHEMA = {
     "resolution": Param(int, min=14),  # images are resized and center-cropped to this square
@@ -57,7 +57,7 @@ class TeacherWorker:
     def __init__(self, teacher_path: str, threads: int):
         import torch
 
-        from cgspn.teachers import load_teacher_file
+        from cgspn.teachers.registry import load_teacher_file
 
         torch.set_num_threads(threads)
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -66,7 +66,7 @@ class TeacherWorker:
 
     def cache(self, image_shard: str, out_shard: str, resolution: int, layers: list[int], batch_size: int):
         """One shard at the teacher's own side `resolution`."""
-        from cgspn.feature_cache import cache_shard
+        from cgspn.data.feature_cache import cache_shard
 
         return self.name, cache_shard(self.teacher, Path(image_shard), Path(out_shard), resolution, layers, batch_size)
 

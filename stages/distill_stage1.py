@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cgspn.errors import ParamError
-from cgspn.params import Param
-from cgspn.stage import run_stage
-from cgspn.stage_inputs import SHARDS, TEACHERS, Splits, check_splits, teacher_entry
-from cgspn.students import save_student
-from cgspn.train import run_training, train_schema
+from cgspn.pipeline.errors import ParamError
+from cgspn.pipeline.params import Param
+from cgspn.pipeline.cli import run_stage
+from cgspn.pipeline.inputs import SHARDS, TEACHERS, Splits, check_splits, teacher_entry
+from cgspn.models.students import save_student
+from cgspn.train.loop import run_training, train_schema
 
 SCHEMA = {
     **train_schema(),

@@ -15,7 +15,7 @@ students. For each:
 - an ImageNet-1k readout where stage 2's teachers include a classifier (a teacher with `classify`, the
   EfficientNet): the students' summary adaptor for it, mapped back from PHI-S space, through the teacher's
   own head, against the teacher's own predictions on the validation images and the photos, beside a control
-  head trained on a random frozen student (cgspn.imagenet_readout; `readout_control_steps`);
+  head trained on a random frozen student (cgspn.eval.imagenet_readout; `readout_control_steps`);
 - parameter counts.
 What the data does not allow is recorded under "not_measured" with the reason. The teacher's features at
 the cache's resolution are read from the feature cache (float16), not recomputed. The teacher's blocks in
@@ -35,21 +35,24 @@ import torch
 
 from cgspn.data.memory import ShardSubset
 from cgspn.data.shards import decode_image, decode_mask, iter_samples, split_shards
-from cgspn.distill import to_batch
-from cgspn.errors import ParamError
-from cgspn.evaluation import knn_top1, mean_iou, teacher_fidelity, train_seg_probe
-from cgspn.figures import pca_figure, resolution_figure
-from cgspn.imagenet_readout import measure
+from cgspn.data.preprocess import to_batch
+from cgspn.pipeline.errors import ParamError
+from cgspn.eval.knn import knn_top1
+from cgspn.eval.segmentation import mean_iou, train_seg_probe
+from cgspn.eval.fidelity import teacher_fidelity
+from cgspn.eval.figures import pca_figure, resolution_figure
+from cgspn.eval.imagenet_readout import measure
 from cgspn.models.adaptors import AdaptorMLP
 from cgspn.models.cgspn import cgspn_from_teacher_config
 from cgspn.models.vit import ViT, parameter_count
-from cgspn.outputs import write_json, write_timings
-from cgspn.params import Param
-from cgspn.phis import PhiS, load_teacher_phis
-from cgspn.stage import run_stage
-from cgspn.stage_inputs import SHARDS, TEACHERS, Splits, feature_dir, teacher_entry
-from cgspn.students import load_adaptors, load_student
-from cgspn.teachers import family, load_teacher_file, preprocess_mask, teacher_normalization, teacher_side
+from cgspn.pipeline.outputs import write_json, write_timings
+from cgspn.pipeline.params import Param
+from cgspn.distill.phis import PhiS, load_teacher_phis
+from cgspn.pipeline.cli import run_stage
+from cgspn.pipeline.inputs import SHARDS, TEACHERS, Splits, feature_dir, teacher_entry
+from cgspn.models.students import load_adaptors, load_student
+from cgspn.teachers.registry import family, load_teacher_file, teacher_normalization, teacher_side
+from cgspn.data.preprocess import preprocess_mask
 
 SCHEMA = {
     "teacher": Param(str),
@@ -223,7 +226,7 @@ def readout_teacher(p: dict, encoders: dict[str, Encoder], others: dict[str, Oth
 
 def imagenet_readout(p: dict, root: Path, encoders: dict[str, Encoder], teacher: OtherTeacher, name: str, base: int,
                      limit: int | None, val_split: str, device: str) -> dict:
-    """The ImageNet-1k readout (cgspn.imagenet_readout.measure) of every student whose adaptors hold `name`,
+    """The ImageNet-1k readout (cgspn.eval.imagenet_readout.measure) of every student whose adaptors hold `name`,
     and of the control (a fresh head of the same architecture on the random student, built with the seed
     the `random` model is, trained on the training splits' cached summaries of the teacher), on `val_split`
     and the photos split where there is one, both capped at max_images."""

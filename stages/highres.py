@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cgspn.errors import ParamError
-from cgspn.params import Param
-from cgspn.stage import run_stage
-from cgspn.stage_inputs import SHARDS, TEACHERS, Splits, check_raw_weight, check_splits, teachers_config
-from cgspn.students import load_adaptors, save_student_and_adaptors
-from cgspn.train import run_training, train_schema
+from cgspn.pipeline.errors import ParamError
+from cgspn.pipeline.params import Param
+from cgspn.pipeline.cli import run_stage
+from cgspn.pipeline.inputs import SHARDS, TEACHERS, Splits, check_raw_weight, check_splits, teachers_config
+from cgspn.models.students import load_adaptors, save_student_and_adaptors
+from cgspn.train.loop import run_training, train_schema
 
 SCHEMA = {
     **{k: v for k, v in train_schema().items() if k != "batch_size"},

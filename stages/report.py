@@ -6,11 +6,11 @@ from __future__ import annotations
 import datetime
 from pathlib import Path
 
-from cgspn.outputs import atomic_write, write_json
-from cgspn.params import Param
-from cgspn.report import build_report, headline
-from cgspn.stage import run_stage
-from cgspn.tracking import git_commit
+from cgspn.pipeline.outputs import atomic_write, write_json
+from cgspn.pipeline.params import Param
+from cgspn.report.build import build_report, headline
+from cgspn.pipeline.cli import run_stage
+from cgspn.pipeline.tracking import git_commit
 
 SCHEMA = {"title_note": Param(str)}
 OUT = Path("reports/REPORT.md")

@@ -19,10 +19,10 @@ from cgspn.data.preview import sample_grid
 from cgspn.data.shards import write_split
 from cgspn.data.own_data import folder_data, segmentation_data, table_data
 from cgspn.data.sources import fashion_mnist_splits
-from cgspn.errors import ParamError
-from cgspn.outputs import replace_dir, write_json, write_timings
-from cgspn.params import Param
-from cgspn.stage import run_stage
+from cgspn.pipeline.errors import ParamError
+from cgspn.pipeline.outputs import replace_dir, write_json, write_timings
+from cgspn.pipeline.params import Param
+from cgspn.pipeline.cli import run_stage
 
 SCHEMA = {
     "source": Param(str, choices=("fashion_mnist", "folder", "table", "segmentation")),

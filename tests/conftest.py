@@ -45,7 +45,7 @@ def micro(tmp_path_factory):
     log to the same database (MLFLOW_TRACKING_URI for the rest of the session)."""
     import mlflow
 
-    from cgspn.tracking import experiment_id
+    from cgspn.pipeline.tracking import experiment_id
     from micro import DATA_STAGES, run, write_params
 
     root = tmp_path_factory.mktemp("micro")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from cgspn.stage import run_stage
+from cgspn.pipeline.cli import run_stage
 
 TRAIN_COMMON = {
     "batch_size": 4, "lr": 0.001, "weight_decay": 0.0, "warmup_steps": 1, "min_lr_ratio": 0.1, "grad_clip": 1.0,
@@ -98,7 +98,7 @@ def link_checkpoints(src: str, dst: str) -> None:
     """shutil.copytree's copy_function that hard-links checkpoints (.safetensors) and copies everything else.
 
     A test root holds the teacher (85 MB) and often students; a copy of each in every test filled a CI disk.
-    Linking is safe because nothing writes a checkpoint in place: `cgspn.checkpoint.save_model` writes a
+    Linking is safe because nothing writes a checkpoint in place: `cgspn.models.checkpoint.save_model` writes a
     temporary file and renames it over the old name, which replaces the link, never the shared file."""
     if src.endswith(".safetensors"):
         os.link(src, dst)
@@ -206,6 +206,6 @@ def stage_run(trained: dict, stage: str):
 
     client = mlflow.MlflowClient(trained["tracking_uri"])
     runs = client.search_runs([trained["experiment"]], f"tags.mlflow.parentRunId = '{trained['parent']}' "
-                              f"and tags.`cgspn.stage` = '{stage}' and attributes.status = 'FINISHED'")
+                              f"and tags.`cgspn.pipeline.cli` = '{stage}' and attributes.status = 'FINISHED'")
     assert len(runs) == 1, [r.info.run_id for r in runs]
     return runs[0]

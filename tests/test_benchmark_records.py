@@ -3,7 +3,7 @@ repetitions match what the timer does; the plots are drawn (files, not pixels), 
 import json
 import subprocess
 
-from cgspn import bench_blocks
+from benchmarks import blocks as bench_blocks
 from kernels import bench as kernel_bench
 
 
@@ -57,8 +57,8 @@ def test_replot_draws_speedup_plots_and_a_roofline_only_for_a_gpu(tmp_path):
 
 
 def test_training_and_resolution_plots_are_written(tmp_path):
-    from cgspn.figures import resolution_figure
-    from cgspn.plots import plot_history, read_csv, write_csv
+    from cgspn.eval.figures import resolution_figure
+    from cgspn.train.curves import plot_history, read_csv, write_csv
 
     history = [{"step": s, "loss": 10 / s, **{f"block{b}": b / s for b in range(12)}, "lr": 1e-3} for s in range(1, 9)]
     write_csv(tmp_path / "c.csv", history)

@@ -2,7 +2,7 @@
 stubs it uses to count a block leave the kernels as they were."""
 import torch
 
-from cgspn.block_traffic import TrafficCounter, count_block, glue_bytes
+from benchmarks.block_traffic import TrafficCounter, count_block, glue_bytes
 from kernels.gspn import triton_scan
 
 
@@ -40,7 +40,7 @@ def test_block_count_restores_the_kernels_and_sees_both_layouts():
 def test_unpacked_baseline_block_matches_the_packed_block():
     """The benchmark's baseline (`cgspn-unpacked`) and the packed block compute the same function on the
     triton backend (Triton's interpreter here): same parameters, outputs and input gradients."""
-    from cgspn.bench_blocks import make_block
+    from benchmarks.blocks import make_block
 
     torch.manual_seed(0)
     packed, unpacked = make_block("cgspn", 64), make_block("cgspn-unpacked", 64)

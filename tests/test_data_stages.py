@@ -23,11 +23,11 @@ from cgspn.data.shards import (
 )
 from cgspn.data.own_data import table_data
 from cgspn.data.sources import FASHION_CLASSES, FOREGROUND_THRESHOLD, garment_samples
-from cgspn.errors import InputError, ShardError
-from cgspn.feature_cache import teacher_features
-from cgspn.outputs import replace_dir
-from cgspn.phis import Moments, PhiS, load_teacher_phis
-from cgspn.teachers import load_vit
+from cgspn.pipeline.errors import InputError, ShardError
+from cgspn.data.feature_cache import teacher_features
+from cgspn.pipeline.outputs import replace_dir
+from cgspn.distill.phis import Moments, PhiS, load_teacher_phis
+from cgspn.teachers.registry import load_vit
 from micro import MICRO, digest, expect_exit, write_params
 from micro import copy_root as micro_copy
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cgspn.code_closure import code_digest, dvc_deps, expected_deps, is_code_dep, module_closure, stage_modules
+from cgspn.pipeline.code_closure import (code_digest, dvc_deps, expected_deps, is_code_dep, module_closure, stage_modules)
 
 REPO = Path(__file__).resolve().parents[1]
 DVC_YAML = REPO / "dvc.yaml"
@@ -26,7 +26,7 @@ def test_every_stage_depends_on_exactly_the_code_it_runs():
     for stage, deps in expected.items():
         code = [d for d in listed[stage] if is_code_dep(d)]
         assert code == deps, (f"dvc.yaml: {stage}'s code deps drifted from its imports; run "
-                              f"`python -m cgspn.code_closure --write`. Missing {sorted(set(deps) - set(code))}, "
+                              f"`python -m cgspn.pipeline.code_closure --write`. Missing {sorted(set(deps) - set(code))}, "
                               f"not imported {sorted(set(code) - set(deps))}")
 
 
@@ -83,8 +83,8 @@ def test_the_code_digest_changes_with_the_code_a_stage_runs_and_nothing_else(tmp
     for sub in ("stages", "cgspn", "kernels"):
         shutil.copytree(REPO / sub, tmp_path / sub, ignore=shutil.ignore_patterns("__pycache__"))
     before = code_digest("stages.distill_stage1", tmp_path)
-    (tmp_path / "cgspn/report.py").write_text("# not run by distill_stage1\n")
+    (tmp_path / "cgspn/report/build.py").write_text("# not run by distill_stage1\n")
     assert code_digest("stages.distill_stage1", tmp_path) == before
-    losses = tmp_path / "cgspn/losses.py"
+    losses = tmp_path / "cgspn/distill/losses.py"
     losses.write_text(losses.read_text() + "\n# a change\n")
     assert code_digest("stages.distill_stage1", tmp_path) != before

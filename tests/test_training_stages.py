@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cgspn.students import load_adaptors, load_student
-from cgspn.teachers import load_vit
+from cgspn.models.students import load_adaptors, load_student
+from cgspn.teachers.registry import load_vit
 from micro import MICRO, TRAIN_STAGES, copy_root, expect_exit, stage_run, write_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,9 +74,10 @@ def test_the_raw_term_matches_the_students_own_tokens_to_the_teachers(trained):
     both PHI-S standardized) to the same objective without it, and that term's gradient reaches the
     student's blocks but not the adaptors."""
     from cgspn.data.memory import ShardSubset
-    from cgspn.distill import AdaptedObjective, Stage2Task, cached_targets, to_batch
-    from cgspn.losses import spatial_loss
-    from cgspn.stage_inputs import teachers_config
+    from cgspn.distill.tasks import AdaptedObjective, Stage2Task, cached_targets
+    from cgspn.data.preprocess import to_batch
+    from cgspn.distill.losses import spatial_loss
+    from cgspn.pipeline.inputs import teachers_config
 
     root, t = trained["root"], "dinov2_vits14_imgfocus"
     p = {**MICRO["distill_stage2"]}
@@ -144,7 +145,7 @@ def test_head_only_steps_freeze_the_backbone_then_release_it(trained):
 
 
 def test_the_backbone_schedule_starts_after_the_head_only_steps():
-    from cgspn.train import backbone_learning_rate, learning_rate
+    from cgspn.train.loop import backbone_learning_rate, learning_rate
 
     opt = {"lr": 1e-3, "warmup_steps": 4, "steps": 100, "min_lr_ratio": 0.1, "head_only_steps": 30}
     assert [backbone_learning_rate(s, opt) for s in range(30)] == [0.0] * 30
@@ -178,7 +179,7 @@ def mlflow_runs(uri: str, key: str):
     """The MLflow runs of one Ray run key, oldest first."""
     import mlflow
 
-    from cgspn.tracking import RUN_KEY_TAG
+    from cgspn.pipeline.tracking import RUN_KEY_TAG
 
     client = mlflow.MlflowClient(uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -227,7 +228,7 @@ def test_a_killed_run_resumes_and_a_code_change_starts_afresh(micro, tmp_path):
     assert resumed_run.data.tags["cgspn.resumed_from_step"] == resumed[0]
     first = load_student(root / "models/distill_stage1/student.safetensors").state_dict()
 
-    losses = code / "cgspn/losses.py"  # a code-only change: the block loss also penalizes the mean output
+    losses = code / "cgspn/distill/losses.py"  # a code-only change: the block loss also penalizes the mean output
     losses.write_text(losses.read_text().replace(
         "def block_loss(pred: torch.Tensor, target: torch.Tensor, cosine_weight: float) -> torch.Tensor:",
         "def block_loss(pred: torch.Tensor, target: torch.Tensor, cosine_weight: float) -> torch.Tensor:\n"
@@ -276,7 +277,7 @@ def test_an_image_a_training_worker_cannot_decode_is_one_line_and_not_retried(mi
     """The shard is a complete tar (the checks before Ray pass); a worker finds the image while it loads its
     share: the stage exits 2 with that error in one line, and Ray does not retry it (max_failures is 1).
     Another Ray instance runs on the machine meanwhile: the stage's own local Ray is unaffected, and Ray
-    Train's helpers do not print "Found multiple active Ray instances" tracebacks (cgspn.cluster pins
+    Train's helpers do not print "Found multiple active Ray instances" tracebacks (cgspn.pipeline.cluster pins
     RAY_ADDRESS in the job's workers)."""
     from micro import break_image, error_line
     from ray_nodes import ray_cluster
@@ -319,7 +320,7 @@ def test_bad_training_parameters_are_named(micro, tmp_path, capsys):
 
 @pytest.mark.parametrize("params_file", ["params.yaml", "params-full.yaml"])
 def test_both_parameter_sets_pass_every_stage_schema(params_file):
-    from cgspn.params import load_section
+    from cgspn.pipeline.params import load_section
     from micro import DATA_STAGES, stage_module
 
     for stage in DATA_STAGES + TRAIN_STAGES:

@@ -50,7 +50,8 @@ def test_each_teachers_cache_is_its_own_forward_as_with_one_teacher(cached, teac
     """The CNN's cached features are its own forward on the images at 56 px with its own (x - 127) / 128; the
     ViT's are its forward at 28 px with ImageNet's normalization, what a one-teacher run caches
     (tests/test_data_stages.py): a second teacher changes nothing of the first's cache."""
-    from cgspn.teachers import load_teacher_file, preprocess
+    from cgspn.teachers.registry import load_teacher_file
+    from cgspn.data.preprocess import preprocess
 
     root = cached["root"]
     model = load_teacher_file(root / f"models/teachers/{teacher}.safetensors").eval()
@@ -67,8 +68,9 @@ def test_each_teachers_cache_is_its_own_forward_as_with_one_teacher(cached, teac
 def test_online_targets_are_what_the_cache_holds(cached):
     """`targets: online` and highres give each teacher what cache_teacher gave it (own side, own normalization)."""
     from cgspn.data.memory import ShardSubset
-    from cgspn.distill import cached_targets, load_teachers, online_targets, to_batch
-    from cgspn.stage_inputs import teachers_config
+    from cgspn.distill.tasks import cached_targets, load_teachers, online_targets
+    from cgspn.data.preprocess import to_batch
+    from cgspn.pipeline.inputs import teachers_config
 
     root = cached["root"]
     p = {"teacher_weights": BOTH, "block_targets": {VIT: [5]}, "block_weight": 1.0}
@@ -91,7 +93,7 @@ def test_stage2_trains_one_adaptor_per_teacher(trained):
     """The Prefect flow's run (conftest.trained) distills from both teachers."""
     import mlflow
 
-    from cgspn.students import load_adaptors
+    from cgspn.models.students import load_adaptors
     from micro import stage_run
 
     root, m = trained["root"], trained["metrics"]["distill_stage2"]
@@ -114,7 +116,7 @@ def test_stage2_trains_one_adaptor_per_teacher(trained):
 
 
 def test_highres_trains_both_teachers_online(trained):
-    from cgspn.students import load_adaptors
+    from cgspn.models.students import load_adaptors
 
     m = trained["metrics"]["highres"]
     assert f"{CNN}/spatial/56px" in m["train_last10"] and f"{VIT}/block5/56px" in m["train_last10"]
@@ -141,8 +143,8 @@ def test_a_cnn_teacher_is_refused_where_blocks_are_needed(cached, capsys, tmp_pa
      "cache_teacher.resolution=28 (at teacher_scale 1.25: 35 px) is not a multiple of teacher dinov2_vits14_imgfocus's"),
 ])
 def test_per_teacher_cache_parameters_are_checked(cached, tmp_path, change, needle):
-    from cgspn.errors import ParamError
-    from cgspn.params import load_section
+    from cgspn.pipeline.errors import ParamError
+    from cgspn.pipeline.params import load_section
     from stages.cache_teacher import SCHEMA, check_inputs
 
     p = load_section(two_teacher_params(tmp_path / "p.yaml", **change), "cache_teacher", SCHEMA)
@@ -153,7 +155,7 @@ def test_per_teacher_cache_parameters_are_checked(cached, tmp_path, change, need
 
 def test_settings_for_a_registered_teacher_the_run_does_not_use_are_ignored(micro):
     """MICRO (one teacher) names the EfficientNet in teacher_scale, as params.yaml does."""
-    from cgspn.params import load_section
+    from cgspn.pipeline.params import load_section
     from stages.cache_teacher import SCHEMA, check_inputs
 
     teachers, _ = check_inputs(load_section(micro["params"], "cache_teacher", SCHEMA), micro["root"])
@@ -165,7 +167,7 @@ def test_evaluate_loads_its_vit_teacher_beside_two_teacher_adaptors(trained):
     adaptors hold both teachers, and maps them into the ViT's space; it refuses the CNN as its teacher."""
     import yaml
 
-    from cgspn.errors import ParamError
+    from cgspn.pipeline.errors import ParamError
     from stages.evaluate import load_encoders
 
     p = yaml.safe_load(trained["params"].read_text())["evaluate"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .shards import decode_image, decode_npy, iter_samples, split_shards, zip_samples
+from cgspn.data.shards import decode_image, decode_npy, iter_samples, split_shards, zip_samples
 
 
 class ShardSubset:

@@ -26,8 +26,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError
-from .shards import Sample, encode_png
+from cgspn.pipeline.errors import InputError
+from cgspn.data.shards import Sample, encode_png
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 SPLIT_NAMES = {"training": "train", "validation": "val"}  # ADE20K's folder names -> the pipeline's

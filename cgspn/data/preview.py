@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .shards import decode_image, decode_mask, iter_samples, split_shards
+from cgspn.data.shards import decode_image, decode_mask, iter_samples, split_shards
 
 # One colour per mask value: black background, then ten distinct hues for the garment classes.
 PALETTE = np.array([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],

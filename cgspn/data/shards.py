@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from ..errors import ShardError
+from cgspn.pipeline.errors import ShardError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 TAR_MTIME = 0  # a fixed time stamp in every tar header: the same samples give byte-identical shards

@@ -16,8 +16,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from ..errors import InputError, ParamError
-from .shards import Sample, encode_png
+from cgspn.pipeline.errors import InputError, ParamError
+from cgspn.data.shards import Sample, encode_png
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import nn
 
-from .gspn_mixer import GSPNMixer, GSPNMixerConfig
-from .layers import Mlp, PatchEmbed, check_image_size
-from .vit import Block, ViTConfig, ViTOutput
+from cgspn.models.gspn_mixer import GSPNMixer, GSPNMixerConfig
+from cgspn.models.layers import Mlp, PatchEmbed, check_image_size
+from cgspn.models.vit import Block, ViTConfig, ViTOutput
 
 
 @dataclass

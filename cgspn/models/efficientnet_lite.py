@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .vit import ViTOutput
+from cgspn.models.vit import ViTOutput
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) per stage, before width/depth scaling
 STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),

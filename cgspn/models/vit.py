@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
-from .layers import LayerScale, Mlp, PatchEmbed, check_image_size
+from cgspn.models.attention import Attention
+from cgspn.models.layers import LayerScale, Mlp, PatchEmbed, check_image_size
 
 
 @dataclass

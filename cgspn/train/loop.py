@@ -1,7 +1,7 @@
 """The Ray Train loop the three training stages share.
 
 `fit(config, scaling, root)` runs `train_loop_per_worker` on a `TorchTrainer`: every worker builds the
-stage's task (cgspn.distill) on its share of the shards, and each step averages the gradients over the
+stage's task (cgspn.distill.tasks) on its share of the shards, and each step averages the gradients over the
 workers (one flat all-reduce), clips them, and takes an AdamW step with warmup + cosine learning rate.
 Every `checkpoint_every` steps rank 0 reports a checkpoint (model, optimizer, step, loss history) through
 `ray.train.report`. A run started again with the same `RunConfig(name, storage_path)` resumes from the
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .errors import InputError
+from cgspn.pipeline.errors import InputError
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -98,7 +98,7 @@ class MetricLogger:
             return
         from mlflow.entities import Metric
 
-        from .tracking import metric_name
+        from cgspn.pipeline.tracking import metric_name
 
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()])
@@ -108,9 +108,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .distill import TASKS
+    from cgspn.distill.tasks import TASKS
 
-    from .errors import InputError
+    from cgspn.pipeline.errors import InputError
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -208,7 +208,7 @@ def run_key(stage: str, cfg: dict, inputs: list[Path], root: Path, code_root: Pa
     every input (files or folders) and of the code the stage runs (its import closure). A rerun of the
     same computation resumes that run; a change to any of these starts afresh. Independent of times and
     of where the tree lies, so a copied or re-checked-out tree finds its own checkpoints."""
-    from .code_closure import REPO_ROOT, code_digest
+    from cgspn.pipeline.code_closure import REPO_ROOT, code_digest
 
     stable = {k: v for k, v in cfg.items() if k not in ("mlflow", "driver")}  # per invocation, not the run's
     text = json.dumps(stable, sort_keys=True, default=str).replace(str(root.resolve()), "<root>")
@@ -232,7 +232,7 @@ def fit(cfg: dict, scaling: dict, storage: Path, name: str) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .cluster import start_ray
+    from cgspn.pipeline.cluster import start_ray
 
     started = start_ray(scaling["num_workers"] * scaling["cpus_per_worker"])
     try:
@@ -266,7 +266,7 @@ def fit(cfg: dict, scaling: dict, storage: Path, name: str) -> dict:
 # --- the driver side of a training stage ----------------------------------------------------------
 
 def train_schema():
-    from .params import Param
+    from cgspn.pipeline.params import Param
 
     return {
         "steps": Param(int, min=1),
@@ -298,10 +298,10 @@ def mean_rows(rows: list[dict]) -> dict:
 def run_training(stage: str, p: dict, root: Path, run, task_cfg: dict, inputs: list[Path], export) -> dict:
     """Train on Ray, export the final model with `export(model, folder)` into models/<stage>/ (replaced
     whole), write reports/metrics/<stage>.json and reports/plots/<stage>.{csv,png}, log to MLflow."""
-    from .distill import TASKS
-    from .outputs import replace_dir, write_json, write_timings
-    from .plots import plot_history, write_csv
-    from .tracking import supersede_attempts, tracking_uri
+    from cgspn.distill.tasks import TASKS
+    from cgspn.pipeline.outputs import replace_dir, write_json, write_timings
+    from cgspn.train.curves import plot_history, write_csv
+    from cgspn.pipeline.tracking import supersede_attempts, tracking_uri
 
     cfg = {
         "stage": stage, "task": task_cfg, "seed": p["seed"], "threads": p["cpus_per_worker"],

@@ -116,7 +116,7 @@ class PhiS:
     def save(self, path: str | Path) -> Path:
         from safetensors.numpy import save_file
 
-        from .outputs import atomic_write
+        from cgspn.pipeline.outputs import atomic_write
 
         tensors = {"mean": self.mean, "rotation": self.rotation, "scale": np.array([self.scale]),
                    "eigenvalues": self.eigenvalues}

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .evaluation import fit_fixed_steps
-from .losses import cosine_distance
-from .phis import PhiS
-from .teachers import IMAGENET_MEAN, IMAGENET_STD, preprocess, teacher_normalization
+from cgspn.eval.fit import fit_fixed_steps
+from cgspn.distill.losses import cosine_distance
+from cgspn.distill.phis import PhiS
+from cgspn.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from cgspn.teachers.registry import teacher_normalization
 
 
 def readout_logits(summary_z: torch.Tensor, phis: PhiS, classify: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:

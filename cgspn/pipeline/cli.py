@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .errors import InputError, ParamError
-from .params import Param, load_section
+from cgspn.pipeline.errors import InputError, ParamError
+from cgspn.pipeline.params import Param, load_section
 
 
 # Quiet, offline-friendly defaults for a stage started by `dvc repro` outside the Makefile
@@ -42,7 +42,7 @@ def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[st
         os.environ.setdefault(key, value)
     try:
         params = load_section(args.params, name, schema)
-        from .tracking import stage_run
+        from cgspn.pipeline.tracking import stage_run
 
         with stage_run(name, params) as run:
             return main(params, Path(args.root), run)

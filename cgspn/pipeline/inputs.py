@@ -15,9 +15,9 @@ import json
 import re
 from pathlib import Path
 
-from .checkpoint import read_config
-from .data.shards import check_shard_pair, shard_keys, split_shards
-from .errors import ParamError, ShardError
+from cgspn.models.checkpoint import read_config
+from cgspn.data.shards import check_shard_pair, shard_keys, split_shards
+from cgspn.pipeline.errors import ParamError, ShardError
 
 SHARDS = Path("data/shards")
 TEACHERS = Path("models/teachers")

@@ -1,13 +1,13 @@
 """The repository code a module runs: its in-repo import closure, read from the source (no import).
 
-    files = module_closure("stages.distill_stage2")   # {"stages/distill_stage2.py", "cgspn/distill.py", ...}
+    files = module_closure("stages.distill_stage2")   # {"stages/distill_stage2.py", "cgspn/distill/tasks.py", ...}
     dvc_deps(files)                                   # the same, whole folders where all of one is used
     code_digest("stages.distill_stage2")              # sha256 over those files' paths and contents
 
 Every `import` and `from ... import` anywhere in a file counts (also inside functions: Ray workers and
 lazy imports run that code too), and so does the `__init__.py` of every package on the way. `dvc.yaml`
 lists each stage's closure as its code dependencies (tests/test_dvc_deps.py derives and compares them;
-`python -m cgspn.code_closure` prints them, `--write` puts them into dvc.yaml), and the training stages
+`python -m cgspn.pipeline.code_closure` prints them, `--write` puts them into dvc.yaml), and the training stages
 key their Ray runs by its digest, so a code change reruns and retrains exactly the stages it can affect.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def module_file(module: str, root: Path = REPO_ROOT) -> Path | None:

@@ -1,6 +1,6 @@
 """Small plots and tables the stages write: training curves as CSV (DVC plots) and PNG.
 
-    python -m cgspn.plots --replot [--root .]   # redraw reports/plots/<stage>.png from the CSV and metrics files
+    python -m cgspn.train.curves --replot [--root .]   # redraw reports/plots/<stage>.png from the CSV and metrics files
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-from .outputs import atomic_write
+from cgspn.pipeline.outputs import atomic_write
 
 STAGES = ("distill_stage1", "distill_stage2", "highres")
 

@@ -1,6 +1,6 @@
 """Figures of the evaluate stage: metrics against resolution, and PCA maps of patch features.
 
-    python -m cgspn.figures --replot [--root .]   # redraw evaluate_resolution.png from reports/metrics/evaluate.json
+    python -m cgspn.eval.figures --replot [--root .]   # redraw evaluate_resolution.png from reports/metrics/evaluate.json
 """
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.shards import decode_image
-from .evaluation import pca_rgb
-from .outputs import atomic_write
-from .teachers import preprocess
+from cgspn.data.shards import decode_image
+from cgspn.eval.pca import pca_rgb
+from cgspn.pipeline.outputs import atomic_write
+from cgspn.data.preprocess import preprocess
 
 
 def _save(fig, path: Path) -> Path:

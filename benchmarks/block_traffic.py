@@ -9,8 +9,8 @@ with the launch geometry of a GPU of `--sms` multiprocessors, so the ops around 
 Both mixer layouts are counted: `packed` (heads as one matmul in the LINES order, the triton path) and
 `unpacked` (the 1x1 conv heads and the scan's own copies into the LINES layout, the layout before it).
 
-    python -m cgspn.block_traffic                      # width 1152, 2048 px, batch 1; prints both layouts
-    python -m cgspn.block_traffic --out reports/benchmarks/block-traffic.json
+    python -m benchmarks.block_traffic                      # width 1152, 2048 px, batch 1; prints both layouts
+    python -m benchmarks.block_traffic --out reports/benchmarks/block-traffic.json
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kernels.bench import provenance
 from kernels.gspn import packed_op, triton_scan
 
-from .bench_blocks import PATCH, make_block
-from .outputs import write_json
+from benchmarks.blocks import PATCH, make_block
+from cgspn.pipeline.outputs import write_json
 
 
 # Matrix products are compute-bound at these sizes; the rest is the memory-bound glue.

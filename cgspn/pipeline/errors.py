@@ -1,6 +1,6 @@
 """Errors for bad input: each message names the file, key or parameter at fault.
 
-A stage's command line turns these into one clear line on stderr and exit status 2 (cgspn.stage);
+A stage's command line turns these into one clear line on stderr and exit status 2 (cgspn.pipeline.cli);
 anything else is a bug and keeps its traceback.
 """
 

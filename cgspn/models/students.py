@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .checkpoint import load_state, read_config, save_model
-from .models.adaptors import Adaptors
-from .models.cgspn import CGSPN, CGSPNConfig
-from .models.gspn_mixer import GSPNMixerConfig
+from cgspn.models.checkpoint import load_state, read_config, save_model
+from cgspn.models.adaptors import Adaptors
+from cgspn.models.cgspn import CGSPN, CGSPNConfig
+from cgspn.models.gspn_mixer import GSPNMixerConfig
 
 
 def student_config(student: CGSPN) -> dict:

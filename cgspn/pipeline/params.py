@@ -4,7 +4,7 @@
     p = load_section("params.yaml", "cache_teacher", SCHEMA)   # dict, or ParamError naming the key
 
 A ParamError names the dotted key (`cache_teacher.workers must be ...`); the stage's command line puts the
-parameters file it read in front (cgspn.stage), so a typo in a `dvc exp run -S` override is found, and
+parameters file it read in front (cgspn.pipeline.cli), so a typo in a `dvc exp run -S` override is found, and
 named, before any work starts. A problem with the file itself is an InputError naming the file.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from .errors import InputError, ParamError
+from cgspn.pipeline.errors import InputError, ParamError
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The three distillation tasks the training loop (cgspn.train) runs: what to train, a step's loss, and
+"""The three distillation tasks the training loop (cgspn.train.loop) runs: what to train, a step's loss, and
 validation. Each task is built on every worker from a plain dict (its params plus resolved paths).
 
 - `Stage1Task` (module-wise): the frozen teacher runs once per batch with `return_blocks`; every student
@@ -24,21 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data.memory import ShardSubset
-from .losses import block_loss, cosine_distance, mean_cosine, spatial_loss
-from .models.adaptors import Adaptors, match_grid
-from .models.cgspn import cgspn_from_teacher_config, init_from_teacher
-from .phis import load_teacher_phis
-from .stage_inputs import feature_names
-from .students import load_adaptors, load_student
-from .teachers import (IMAGENET_MEAN, IMAGENET_STD, load_teacher_file, load_vit, preprocess, teacher_normalization,
-                       teacher_side)
-
-
-def to_batch(images: list[np.ndarray], resolution: int, device, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """uint8 images [H, W, 3] of any sizes -> [B, 3, r, r] through the one shared `preprocess`, normalized
-    with ImageNet's mean and std (the student's input) or a teacher's own."""
-    return torch.cat([preprocess(img, resolution, mean, std) for img in images]).to(device)
+from cgspn.data.memory import ShardSubset
+from cgspn.distill.losses import block_loss, cosine_distance, mean_cosine, spatial_loss
+from cgspn.models.adaptors import Adaptors, match_grid
+from cgspn.models.cgspn import cgspn_from_teacher_config, init_from_teacher
+from cgspn.distill.phis import load_teacher_phis
+from cgspn.pipeline.inputs import feature_names
+from cgspn.models.students import load_adaptors, load_student
+from cgspn.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_batch
+from cgspn.teachers.registry import load_teacher_file, load_vit, teacher_normalization, teacher_side
 
 
 def load_teachers(paths: dict[str, str], device) -> dict[str, nn.Module]:

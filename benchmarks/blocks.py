@@ -1,10 +1,10 @@
 """Block and model benchmark: one C-GSPN block against one attention block of the same width, and the
 whole student against the isomorphic ViT. Needs only torch, triton, numpy and matplotlib.
 
-    python -m cgspn.bench_blocks            # CUDA: the full set; CPU: reduced sizes, labelled CPU
-    python -m cgspn.bench_blocks --out DIR  # writes DIR/blocks.json, blocks-<device>.json, speedup and roofline plots
-    python -m cgspn.bench_blocks --compiled # both blocks eager and torch.compile'd: DIR/blocks-compiled-<device>.json
-    python -m cgspn.bench_blocks --replot   # only redraw the plots of the records in DIR (no timing)
+    python -m benchmarks.blocks            # CUDA: the full set; CPU: reduced sizes, labelled CPU
+    python -m benchmarks.blocks --out DIR  # writes DIR/blocks.json, blocks-<device>.json, speedup and roofline plots
+    python -m benchmarks.blocks --compiled # both blocks eager and torch.compile'd: DIR/blocks-compiled-<device>.json
+    python -m benchmarks.blocks --replot   # only redraw the plots of the records in DIR (no timing)
 
 Blocks: pre-norm transformer blocks (norm, mixer, layer scale, MLP 4x) on the tokens of a square image of
 side S with patch 16, i.e. (S/16)^2 tokens; the attention mixer is PyTorch SDPA (FlashAttention on a GPU),
@@ -24,12 +24,12 @@ import torch
 
 from kernels.bench import device_info, median_ms, provenance
 
-from .bench_text import BUDGET_S, GOAL, GOAL_SIDE, GOAL_SPEEDUP, PUBLISHED, repetitions  # noqa: F401 (re-exported)
-from .models.attention import Attention
-from .outputs import write_json
-from .models.cgspn import CGSPN, CGSPNConfig
-from .models.gspn_mixer import GSPNMixer, GSPNMixerConfig
-from .models.vit import Block, ViT, ViTConfig
+from cgspn.report.published import BUDGET_S, GOAL, GOAL_SIDE, GOAL_SPEEDUP, PUBLISHED, repetitions  # noqa: F401 (re-exported)
+from cgspn.models.attention import Attention
+from cgspn.pipeline.outputs import write_json
+from cgspn.models.cgspn import CGSPN, CGSPNConfig
+from cgspn.models.gspn_mixer import GSPNMixer, GSPNMixerConfig
+from cgspn.models.vit import Block, ViT, ViTConfig
 
 PATCH = 16
 GPU_SET = {"sides": [224, 512, 1024, 2048, 4096], "widths": [384, 1152], "batches": [1, 32], "model_sides": [224, 512, 1024, 2048]}

@@ -1,5 +1,5 @@
 """What the block benchmark aims at and how it times, in words and numbers: shared by the benchmark
-(`cgspn.bench_blocks`) and the report (`cgspn.report`), which must not import the models or the kernels."""
+(`benchmarks.blocks`) and the report (`cgspn.report.build`), which must not import the models or the kernels."""
 from __future__ import annotations
 
 PUBLISHED = "published C-GSPN: block 2x faster than FlashAttention at 1024 px (batch 32, width 1152), 4x at 2048 px"

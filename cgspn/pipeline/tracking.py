@@ -18,7 +18,7 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PARENT_RUN_ENV = "CGSPN_PARENT_RUN_ID"
 EXPERIMENT_ENV = "CGSPN_EXPERIMENT"
 DEFAULT_EXPERIMENT = "cgspn"

@@ -15,10 +15,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .errors import ShardError
-from .data.shards import TAR_MTIME, decode_image, encode_npy, iter_samples
-from .phis import Moments
-from .teachers import preprocess, teacher_normalization
+from cgspn.pipeline.errors import ShardError
+from cgspn.data.shards import TAR_MTIME, decode_image, encode_npy, iter_samples
+from cgspn.distill.phis import Moments
+from cgspn.data.preprocess import preprocess
+from cgspn.teachers.registry import teacher_normalization
 
 
 @dataclass

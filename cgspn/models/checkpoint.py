@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .outputs import atomic_write, write_json
+from cgspn.pipeline.outputs import atomic_write, write_json
 
 
 def config_path(path: str | Path) -> Path:
