@@ -1,0 +1,1 @@
+"""Evaluation: one module per protocol over one shared feature extractor."""
