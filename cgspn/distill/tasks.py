@@ -45,8 +45,25 @@ def autocast(device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.device(device).type == "cuda")
 
 
-def trainable_groups(model: nn.Module, backbone_lr_scale: float = 1.0) -> list[dict]:
-    """AdamW parameter groups, each with the `lr_scale` the training loop multiplies the schedule by.
+def decays(name: str, p: nn.Parameter) -> bool:
+    """Whether AdamW's weight decay applies: to weight matrices only, as the field does. Norms and biases
+    (ndim <= 1), LayerScale gammas (`gamma`) and the mixer's direction-merge logits (`merge_logits`, a [4, C]
+    matrix, but softmax logits whose scale is the merge) are left out: decay would pull them to 0 (a norm's
+    gain, a residual branch's scale) or to an even merge, not towards a simpler model."""
+    return p.ndim > 1 and "gamma" not in name and "merge" not in name
+
+
+def decay_groups(named: list[tuple[str, nn.Parameter]], weight_decay: float, **group) -> list[dict]:
+    """The parameters `named` as up to two AdamW groups with `group`'s entries: the decayed ones with
+    `weight_decay`, the others with 0 (empty groups left out)."""
+    split = ({**group, "params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+             {**group, "params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0})
+    return [g for g in split if g["params"]]
+
+
+def trainable_groups(model: nn.Module, backbone_lr_scale: float = 1.0, weight_decay: float = 0.0) -> list[dict]:
+    """AdamW parameter groups, each with the `lr_scale` the training loop multiplies the schedule by and
+    its `weight_decay` (`decays`).
 
     The backbone is the student: what it inherited (patch embedding, blocks, final norm: the teacher's
     weights and stage 1's mixers) and its own summary head. The adaptors start fresh. Fine-tuning the student
@@ -54,15 +71,15 @@ def trainable_groups(model: nn.Module, backbone_lr_scale: float = 1.0) -> list[d
     head is fresh too, but it is the student's own summary (its residual MLP adds to the pooled tokens):
     at the heads' rate it learned to serve the summary adaptor and its kNN top-1 fell 2.7 points below that
     of the pooled tokens it starts from (70.1 against 72.8 in one stage-2 run; 72.1 at the student's rate).
-    The backbone's group is marked `"backbone": True`: the loop gives it its own schedule (`head_only_steps`).
+    The backbone's groups are marked `"backbone": True`: the loop gives them their own schedule
+    (`head_only_steps`).
     """
     backbone, heads = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (backbone if name.startswith("student.") else heads).append(p)
-    return [g for g in ({"params": backbone, "lr_scale": backbone_lr_scale, "backbone": True},
-                        {"params": heads, "lr_scale": 1.0})
-            if g["params"]]
+            (backbone if name.startswith("student.") else heads).append((name, p))
+    return [*decay_groups(backbone, weight_decay, lr_scale=backbone_lr_scale, backbone=True),
+            *decay_groups(heads, weight_decay, lr_scale=1.0)]
 
 
 class Stage1Task:
@@ -77,9 +94,10 @@ class Stage1Task:
         self.weights = torch.tensor(w) / sum(w)
         self.images_per_step = cfg["batch_size"]
 
-    def param_groups(self, backbone_lr_scale: float = 1.0) -> list[dict]:
-        """One group: the mixers (all that trains here)."""
-        return [{"params": [p for p in self.trainable.parameters() if p.requires_grad], "lr_scale": 1.0}]
+    def param_groups(self, backbone_lr_scale: float = 1.0, weight_decay: float = 0.0) -> list[dict]:
+        """The mixers (all that trains here), their weight matrices decayed (`decays`)."""
+        named = [(n, p) for n, p in self.trainable.named_parameters() if p.requires_grad]
+        return decay_groups(named, weight_decay, lr_scale=1.0)
 
     @staticmethod
     def build(cfg: dict, teacher=None) -> nn.Module:
@@ -240,8 +258,8 @@ class Stage2Task:
                                 limit=cfg["val_count"]) if rank == 0 else None)
         self.images_per_step = cfg["batch_size"]
 
-    def param_groups(self, backbone_lr_scale: float = 1.0) -> list[dict]:
-        return trainable_groups(self.trainable, backbone_lr_scale)
+    def param_groups(self, backbone_lr_scale: float = 1.0, weight_decay: float = 0.0) -> list[dict]:
+        return trainable_groups(self.trainable, backbone_lr_scale, weight_decay)
 
     @staticmethod
     def build(cfg: dict) -> nn.Module:

@@ -126,68 +126,107 @@ def train_loop_per_worker(cfg: dict) -> None:
     if any(gather_objects(error is not None, world)):
         return
     nodes = sorted(set(gather_objects(ray.get_runtime_context().get_node_id(), world)))
-    model, opt_cfg = task.trainable, cfg["opt"]
-    groups = task.param_groups(opt_cfg.get("backbone_lr_scale", 1.0))
-    params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=opt_cfg["lr"], weight_decay=opt_cfg["weight_decay"])
-    step, history, val_history = 0, [], []
+    optimizer = build_optimizer(task, cfg["opt"])
+    state = {"step": 0, "history": [], "val_history": [], "nodes": nodes}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, history, val_history = state["step"], state["history"], state["val_history"]
+            saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        task.trainable.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state.update({k: saved[k] for k in ("step", "history", "val_history")})
     else:
-        average_across_workers([p.data for p in model.parameters()], world)  # identical start everywhere
+        average_across_workers([p.data for p in task.trainable.parameters()], world)  # identical start everywhere
     logger = MetricLogger(cfg["mlflow"]) if rank == 0 else MetricLogger(None)
     if checkpoint and rank == 0:
-        print(f"{cfg['stage']}: resumed from the checkpoint at step {step}", flush=True)
-        logger.tag_resumed(step)
-    if step == 0 and rank == 0:
-        val_history.append({"step": 0, **task.validate()})
-        logger.log({f"val/{k}": v for k, v in val_history[-1].items() if k != "step"}, 0)
-    total = opt_cfg["steps"]
-    while step < total:
-        t0 = time.perf_counter()
-        lr, backbone_lr = learning_rate(step, opt_cfg), backbone_learning_rate(step, opt_cfg)
-        for group in optimizer.param_groups:
-            if group.get("backbone"):
-                group["lr"] = backbone_lr * group["lr_scale"]
-                for p in group["params"]:  # frozen (no backward through it) while only the heads train
-                    p.requires_grad_(step >= opt_cfg.get("head_only_steps", 0))
-            else:
-                group["lr"] = lr * group["lr_scale"]
-        model.train()
-        loss, parts = task.loss(step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        average_across_workers([p.grad for p in params if p.grad is not None], world)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, opt_cfg["grad_clip"])
-        optimizer.step()
-        step += 1
-        logged = torch.tensor([loss.item(), *parts.values()], dtype=torch.float64)
-        average_across_workers([logged], world)  # the losses of the whole step, not rank 0's share
-        row = {"step": step, "loss": logged[0].item(), **dict(zip(parts, logged[1:].tolist())), "lr": lr,
-               "grad_norm": grad_norm.item(), "images_per_s": task.images_per_step * world / (time.perf_counter() - t0)}
+        print(f"{cfg['stage']}: resumed from the checkpoint at step {state['step']}", flush=True)
+        logger.tag_resumed(state["step"])
+
+    def report(state: dict, loss: float) -> None:
+        """Rank 0's checkpoint of `state` (with the model and optimizer) to Ray Train; every rank reports."""
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                torch.save({"model": task.trainable.state_dict(), "optimizer": optimizer.state_dict(), **state},
+                           Path(d) / CHECKPOINT_FILE)
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report({"step": state["step"], "loss": loss}, checkpoint=ckpt)
+
+    run_steps(task, optimizer, state, cfg, rank, world, logger, report)
+
+
+def build_optimizer(task, opt: dict) -> torch.optim.Optimizer:
+    """AdamW over the task's parameter groups, each with its `lr_scale` and `weight_decay` (the task
+    leaves norms, biases, gammas and merge logits undecayed)."""
+    groups = task.param_groups(opt.get("backbone_lr_scale", 1.0), opt["weight_decay"])
+    return torch.optim.AdamW(groups, lr=opt["lr"], weight_decay=opt["weight_decay"])
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, step: int, opt: dict) -> float:
+    """The schedule's rates for `step` into every group (the backbone's own schedule, frozen while only the
+    heads train); returns the heads' rate."""
+    lr, backbone_lr = learning_rate(step, opt), backbone_learning_rate(step, opt)
+    for group in optimizer.param_groups:
+        if group.get("backbone"):
+            group["lr"] = backbone_lr * group["lr_scale"]
+            for p in group["params"]:  # frozen (no backward through it) while only the heads train
+                p.requires_grad_(step >= opt.get("head_only_steps", 0))
+        else:
+            group["lr"] = lr * group["lr_scale"]
+    return lr
+
+
+def validate(task, state: dict, logger) -> None:
+    """Rank 0: the task's validation figures at the current step, kept in state["val_history"] and logged."""
+    state["val_history"].append({"step": state["step"], **task.validate()})
+    logger.log({f"val/{k}": v for k, v in state["val_history"][-1].items() if k != "step"}, state["step"])
+
+
+def validates_at(step: int, total: int, val_every: int) -> bool:
+    """Validation after `step`: every `val_every` steps and at the end (0: only at the end; step 0 is
+    validated before training starts)."""
+    return step == total or (val_every > 0 and step % val_every == 0)
+
+
+def train_step(task, optimizer, params: list, step: int, opt: dict, world: int) -> dict:
+    """One optimizer step at `step` -> its row: step (after it), loss and parts averaged over the workers,
+    lr, grad_norm, images_per_s."""
+    t0 = time.perf_counter()
+    lr = set_learning_rates(optimizer, step, opt)
+    task.trainable.train()
+    loss, parts = task.loss(step)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_across_workers([p.grad for p in params if p.grad is not None], world)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, opt["grad_clip"])
+    optimizer.step()
+    logged = torch.tensor([loss.item(), *parts.values()], dtype=torch.float64)
+    average_across_workers([logged], world)  # the losses of the whole step, not rank 0's share
+    return {"step": step + 1, "loss": logged[0].item(), **dict(zip(parts, logged[1:].tolist())), "lr": lr,
+            "grad_norm": grad_norm.item(), "images_per_s": task.images_per_step * world / (time.perf_counter() - t0)}
+
+
+def run_steps(task, optimizer, state: dict, cfg: dict, rank: int, world: int, logger, report) -> None:
+    """Train from state["step"] to cfg["opt"]["steps"]. Rank 0 keeps every row in state["history"] and
+    validates at step 0 and where `validates_at`; `report(state, loss)` is called on every rank every
+    `checkpoint_every` steps and at the end (Ray Train's checkpoint)."""
+    opt, total = cfg["opt"], cfg["opt"]["steps"]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if state["step"] == 0 and rank == 0:
+        validate(task, state, logger)
+    while state["step"] < total:
+        row = train_step(task, optimizer, params, state["step"], opt, world)
+        state["step"] = step = row["step"]
         if rank == 0:
-            history.append(row)
+            state["history"].append(row)
             logger.log({k: v for k, v in row.items() if k != "step"}, step)
             if step % cfg["log_every"] == 0 or step == total:
-                print(f"{cfg['stage']}: step {step}/{total} loss {row['loss']:.4f} lr {lr:.2e} "
+                print(f"{cfg['stage']}: step {step}/{total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
                       f"{row['images_per_s']:.1f} img/s", flush=True)
-        if step % cfg["checkpoint_every"] == 0 or step == total:
-            if rank == 0 and (step == total or (cfg["val_every"] and step % cfg["val_every"] == 0)):
-                val_history.append({"step": step, **task.validate()})
-                logger.log({f"val/{k}": v for k, v in val_history[-1].items() if k != "step"}, step)
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if rank == 0:
-                    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                                "history": history, "val_history": val_history, "nodes": nodes},
-                               Path(d) / CHECKPOINT_FILE)
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report({"step": step, "loss": row["loss"]}, checkpoint=ckpt)
+        if rank == 0 and validates_at(step, total, cfg["val_every"]):
+            validate(task, state, logger)
+        if step % cfg["checkpoint_every"] == 0 or step == total:  # after validation: the checkpoint holds it
+            report(state, row["loss"])
 
 
 def content_digest(paths: list[Path], root: Path) -> str:
