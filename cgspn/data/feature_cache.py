@@ -3,14 +3,16 @@
 Each feature sample holds float16 arrays: `summary.npy` [D], `spatial.npy` [h, w, D] (the final patch
 tokens; a CNN teacher's feature map), and `block<k>.npy` [h, w, D] for each requested intermediate block
 (through the final norm; ViT teachers only). The grid (h, w) is the teacher's at its own input side.
-The caller (the cache_teacher stage) runs one `cache_shard` per shard, in parallel on Ray actors.
+The caller (the cache_teacher stage) runs one `cache_shard` per shard, in parallel on Ray actors, and adds
+their results up `in_order`: float64 addition is not associative, so sums taken in the order the workers
+happen to finish would differ in the last bits from run to run.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +22,8 @@ from cgspn.data.shards import TAR_MTIME, decode_image, encode_npy, iter_samples
 from cgspn.distill.phis import Moments
 from cgspn.data.preprocess import preprocess
 from cgspn.teachers.registry import teacher_normalization
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -67,3 +71,16 @@ def cache_shard(teacher, image_shard: Path, out_shard: Path, resolution: int, la
         raise ShardError(f"{image_shard}: the shard holds no samples")
     tmp.replace(out_shard)
     return ShardResult(image_shard.name, count, time.perf_counter() - start, out_shard.stat().st_size, moments)
+
+
+def in_order(arrivals: Iterable[tuple[int, T]]) -> Iterator[T]:
+    """Items that arrive as (index, item) in any order, yielded in index order 0, 1, 2, ... as soon as each
+    is due; only those that arrived ahead of a missing one are held."""
+    held, due = {}, 0
+    for index, item in arrivals:
+        held[index] = item
+        while due in held:
+            yield held.pop(due)
+            due += 1
+    if held:
+        raise ValueError(f"in_order: no item {due}, but items {sorted(held)} arrived")
