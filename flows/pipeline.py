@@ -27,13 +27,11 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
+from cgspn.pipeline.names import PARENT_RUN_ENV, STAGES
 from flows.experiment import OverrideRun, parse_override
 from flows.log_levels import OutputLevels
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["shard", "teacher", "cache_teacher", "distill_stage1", "distill_stage2", "highres", "evaluate",
-          "benchmark", "report"]
-PARENT_RUN_ENV = "CGSPN_PARENT_RUN_ID"  # read by cgspn.pipeline.tracking in every stage
 SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for a stage that is up to date
 
 
@@ -78,7 +76,7 @@ def pipeline(overrides: list[str] | None = None, root: str = str(REPO), stages: 
     overrides, stages, rootp = list(overrides or []), list(stages or STAGES), Path(root)
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"stages: unknown {unknown}; the pipeline's stages are {STAGES}")
+        raise ValueError(f"stages: unknown {unknown}; the pipeline's stages are {list(STAGES)}")
     for text in overrides:
         parse_override(text)  # a malformed override fails before anything runs
     name = flow_run.get_name() or "pipeline"
@@ -104,7 +102,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
                         help="a parameter override for this run only (repeatable); the run is one DVC experiment")
-    parser.add_argument("--stages", nargs="+", default=None, help=f"a subset of {STAGES}, in pipeline order")
+    parser.add_argument("--stages", nargs="+", default=None, help=f"a subset of {list(STAGES)}, in pipeline order")
     args = parser.parse_args(argv)
     result = pipeline(overrides=args.set_param, stages=args.stages)
     from flows.tracking import runs_hint

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from flows.pipeline import REPO, STAGES, pipeline
+from cgspn.pipeline.names import STAGES
+from flows.pipeline import REPO, pipeline
 
 
 def main(argv=None) -> None:
@@ -22,7 +23,7 @@ def main(argv=None) -> None:
                       help="a run every SECONDS instead of a cron schedule (e.g. 21600: every 6 hours)")
     parser.add_argument("--name", default="nightly", help="deployment name (default: nightly)")
     parser.add_argument("--root", default=str(REPO), help="the DVC repository to run (default: this one)")
-    parser.add_argument("--stages", nargs="+", default=None, help=f"a subset of {STAGES} (default: all)")
+    parser.add_argument("--stages", nargs="+", default=None, help=f"a subset of {list(STAGES)} (default: all)")
     args = parser.parse_args(argv)
     parameters = {"root": args.root, **({"stages": args.stages} if args.stages else {})}
     if args.interval is not None and not args.interval > 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cgspn.pipeline.names import TRAINING_STAGES
 from cgspn.report.build import headline
 from cgspn.pipeline.tracking import (DEFAULT_EXPERIMENT, EXPERIMENT_ENV, experiment_id, git_commit, metric_name, tracking_uri)
 
@@ -79,7 +80,7 @@ class ParentRun:
 
     def log_student(self) -> None:
         """The final student (the last training stage that wrote one) as a logged model of this run."""
-        for stage in ("highres", "distill_stage2", "distill_stage1"):
+        for stage in reversed(TRAINING_STAGES):
             weights = self.root / "models" / stage / "student.safetensors"
             if weights.exists():
                 break

@@ -18,8 +18,9 @@ import subprocess
 from pathlib import Path
 from typing import Iterator
 
+from cgspn.pipeline.names import PARENT_RUN_ENV
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PARENT_RUN_ENV = "CGSPN_PARENT_RUN_ID"
 EXPERIMENT_ENV = "CGSPN_EXPERIMENT"
 DEFAULT_EXPERIMENT = "cgspn"
 
