@@ -16,6 +16,7 @@ from cgspn.data.shards import (
     decode_mask,
     decode_npy,
     encode_npy,
+    encode_png,
     iter_samples,
     split_shards,
     write_split,
@@ -220,6 +221,18 @@ def test_undecodable_image_is_named(micro, tmp_path, capsys):
     params = write_params(tmp_path / "p.yaml", shard__source="folder", shard__path=str(folder))
     expect_exit(capsys, "shard", params, root, "broken.jpg", "does not decode")
     assert digest(root / "data/shards") == before
+
+
+@pytest.mark.parametrize("entry", ["png", "mask.png"])
+def test_an_undecodable_image_or_mask_in_a_shard_is_named_by_shard_and_key_only(entry):
+    """PIL names an in-memory file by its object (`<_io.BytesIO object at 0x...>`): the message must not."""
+    sample = {"__key__": "k1", "png": encode_png(np.zeros((4, 4, 3), np.uint8)), entry: b"\x89PNG not really"}
+    decode = decode_image if entry == "png" else decode_mask
+    with pytest.raises(ShardError) as error:
+        decode(sample, "data/shards/x-000000.tar")
+    what = "image" if entry == "png" else "mask"
+    assert str(error.value) == (f"data/shards/x-000000.tar: sample 'k1': {what} does not decode "
+                                f"(cannot identify image file)")
 
 
 def test_csv_row_with_a_missing_file_is_named(tmp_path):

@@ -145,6 +145,23 @@ def test_own_data_errors_name_the_file(tmp_path):
         list(next(iter(table.splits().values())))
 
 
+@pytest.mark.parametrize("layout", ["folder", "table"])
+def test_an_undecodable_image_of_a_folder_or_table_names_the_file_only(tmp_path, layout):
+    """No `<_io.BytesIO object at 0x...>` from PIL in the message: the file, and the table's row."""
+    (tmp_path / "data/a").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "data/a/ok.png")
+    broken = tmp_path / "data/a/broken.jpg"
+    broken.write_bytes(b"\xff\xd8 this is no jpeg")
+    if layout == "folder":
+        data, where = folder_data(tmp_path / "data", 0.0, 0), str(broken)
+    else:
+        (tmp_path / "data/t.csv").write_text("path\na/ok.png\na/broken.jpg\n")
+        data, where = table_data(tmp_path / "data/t.csv", 0.0, 0), f"{tmp_path / 'data/t.csv'} line 3, column 'path'"
+    with pytest.raises(InputError) as error:
+        [sample for samples in data.splits().values() for sample in samples]
+    assert str(error.value) == f"{where}: image file {broken} does not decode (cannot identify image file)"
+
+
 def test_dvc_reruns_shard_when_the_data_changes_and_only_then(tmp_path):
     """shard.path is a dependency of the shard stage: `dvc status` names shard after one image is added to
     the folder, and says it is up to date when nothing changed."""

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from cgspn.pipeline.errors import InputError
-from cgspn.data.shards import Sample, encode_png
+from cgspn.data.shards import Sample, encode_png, pil_reason
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 SPLIT_NAMES = {"training": "train", "validation": "val"}  # ADE20K's folder names -> the pipeline's
@@ -139,7 +139,7 @@ def read_image(path: Path, where: str) -> tuple[bytes, str, bool]:
     except InputError:
         raise
     except Exception as e:  # PIL raises several types for a bad file
-        raise InputError(f"{where}: image file {path} does not decode ({e})") from None
+        raise InputError(f"{where}: image file {path} does not decode ({pil_reason(e)})") from None
     return data, STORED_FORMATS[fmt], False
 
 
@@ -152,7 +152,7 @@ def read_mask(path: Path, where: str) -> np.ndarray:
             im.load()
             mode, a = im.mode, np.asarray(im)
     except Exception as e:
-        raise InputError(f"{where}: mask file {path} does not decode ({e})") from None
+        raise InputError(f"{where}: mask file {path} does not decode ({pil_reason(e)})") from None
     if mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L", "1"):
         raise InputError(f"{where}: mask {path} must be a one-channel label map (PNG mode L or P), got mode {mode}")
     if a.size and (a.min() < 0 or a.max() > 255):

@@ -23,12 +23,13 @@ def sample_grid(shard_dir: str | Path, splits: list[str], per_split: int = 8, ce
     rows = []
     for split in splits:
         tiles = []
-        for sample in iter_samples(split_shards(shard_dir, split)[0]):
+        shard = split_shards(shard_dir, split)[0]
+        for sample in iter_samples(shard):
             if len(tiles) >= per_split:
                 break
-            tiles.append(decode_image(sample))
+            tiles.append(decode_image(sample, shard))
             if "mask.png" in sample:
-                tiles.append(colorize(decode_mask(sample)))
+                tiles.append(colorize(decode_mask(sample, shard)))
         tiles = [np.asarray(Image.fromarray(t).resize((cell, cell), Image.NEAREST)) for t in tiles[:per_split]]
         row = np.zeros((cell, cell * per_split, 3), np.uint8)
         for i, t in enumerate(tiles):

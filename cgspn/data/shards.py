@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import re
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -213,6 +214,12 @@ def image_ext(sample: dict) -> str:
     raise ShardError(f"sample {sample.get('__key__')!r}: no image entry (looked for {', '.join(IMAGE_EXTS)})")
 
 
+def pil_reason(error: Exception) -> str:
+    """PIL's message for a file it cannot read, without the in-memory file object it names
+    (`<_io.BytesIO object at 0x...>`, a different address every run): the caller names the file."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(error)).strip() or type(error).__name__
+
+
 def decode_image(sample: dict, shard: str | Path = "?") -> np.ndarray:
     """The sample's image as uint8 [H, W, 3]."""
     data = sample[image_ext(sample)]
@@ -220,16 +227,18 @@ def decode_image(sample: dict, shard: str | Path = "?") -> np.ndarray:
         with Image.open(io.BytesIO(data)) as im:
             return np.array(im.convert("RGB"))
     except Exception as e:  # PIL raises several types for a bad file
-        reason = str(e).replace(" <_io.BytesIO object", "").split(" at 0x")[0]  # no in-memory file's address
-        raise ShardError(f"{shard}: sample {sample['__key__']!r}: image does not decode ({reason})") from None
+        raise ShardError(f"{shard}: sample {sample['__key__']!r}: image does not decode ({pil_reason(e)})") from None
 
 
 def decode_mask(sample: dict, shard: str | Path = "?") -> np.ndarray:
     """The sample's label map as uint8 [H, W]."""
     if "mask.png" not in sample:
         raise ShardError(f"{shard}: sample {sample['__key__']!r} has no mask.png")
-    with Image.open(io.BytesIO(sample["mask.png"])) as im:
-        return np.asarray(im)
+    try:
+        with Image.open(io.BytesIO(sample["mask.png"])) as im:
+            return np.asarray(im)
+    except Exception as e:  # PIL raises several types for a bad file
+        raise ShardError(f"{shard}: sample {sample['__key__']!r}: mask does not decode ({pil_reason(e)})") from None
 
 
 def decode_npy(sample: dict, name: str, shard: str | Path = "?") -> np.ndarray:
