@@ -22,16 +22,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
-from prefect.runtime import flow_run
-from prefect.states import Completed
-
-from cgspn.pipeline.names import PARENT_RUN_ENV, STAGES
-from flows.experiment import OverrideRun, parse_override
-from flows.log_levels import OutputLevels
+from cgspn.pipeline.quiet_env import set_defaults
 
 REPO = Path(__file__).resolve().parents[1]
+# Before Prefect is imported (its settings are read then): a run from a shell is as quiet and offline as one
+# through make, and shares make's Prefect history.
+set_defaults({"PREFECT_HOME": str(REPO / ".prefect")})
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.runtime import flow_run  # noqa: E402
+from prefect.states import Completed  # noqa: E402
+
+from cgspn.pipeline.names import PARENT_RUN_ENV, STAGES  # noqa: E402
+from flows.experiment import OverrideRun, parse_override  # noqa: E402
+from flows.log_levels import OutputLevels  # noqa: E402
 SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for a stage that is up to date
 
 

@@ -1,6 +1,7 @@
 """Test-wide settings: CPU Triton runs in its interpreter; quiet, offline embedded services."""
 import json
 import os
+import tempfile
 
 # Must be set before anything imports triton (the kernels pick the interpreter at definition time).
 # CGSPN_TEST_DEVICE=cuda runs the kernel tests on a GPU instead (see tests/test_gspn_kernels.py).
@@ -23,6 +24,8 @@ for key, value in {
     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "0.5",
 }.items():
     os.environ.setdefault(key, value)
+# Importing the flow defaults PREFECT_HOME to the checkout's .prefect/ (make's too): tests keep theirs apart.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cgspn-test-prefect-")
 
 import torch  # noqa: E402
 

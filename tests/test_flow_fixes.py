@@ -1,4 +1,5 @@
-"""The flow's part of issue 29: the stages and the parent-run variable named in one place (cgspn.pipeline.names)."""
+"""The flow's part of issue 29: the stages and the parent-run variable named in one place (cgspn.pipeline.names);
+`python -m flows.pipeline` sets its own quiet, offline defaults before Prefect is imported."""
 from __future__ import annotations
 
 import ast
@@ -44,3 +45,32 @@ def test_the_flow_and_the_pipeline_package_name_no_stage_and_no_parent_run_varia
         found += [f"{rel}:{node.lineno} {node.value!r}" for node in ast.walk(ast.parse(path.read_text()))
                   if isinstance(node, ast.Constant) and node.value == PARENT_RUN_ENV]
     assert not found, found
+
+
+QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+         "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+         "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+CHILD = """import json, os
+import flows.pipeline
+from prefect.settings import get_current_settings
+s = get_current_settings()
+print(json.dumps({"env": dict(os.environ), "home": str(s.home), "analytics": s.server.analytics_enabled,
+                  "startup": s.server.ephemeral.startup_timeout_seconds}))
+"""
+
+
+def test_the_flow_sets_quiet_offline_defaults_before_prefect_is_imported(tmp_path):
+    """Run from a shell without the Makefile's settings: importing the flow module sets them (PREFECT_HOME in
+    the flow's repository), early enough that Prefect's settings see them; a value already set wins."""
+    root = tmp_path / "root"
+    for part in ("flows", "cgspn"):
+        shutil.copytree(REPO / part, root / part, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {k: v for k, v in os.environ.items() if k not in QUIET and not k.startswith(("PREFECT_", "RAY_"))}
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "200"  # the user's own value
+    done = subprocess.run([sys.executable, "-c", CHILD], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = {**QUIET, "PREFECT_HOME": str(root / ".prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "200"}
+    assert {k: child["env"].get(k) for k in expected} == expected
+    assert child["home"] == str(root / ".prefect") and child["analytics"] is False and child["startup"] == 200

@@ -11,26 +11,13 @@ into one clear line and exit status 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Callable
 
 from cgspn.pipeline.errors import InputError, ParamError
 from cgspn.pipeline.params import Param, load_section
-
-
-# Quiet, offline-friendly defaults for a stage started by `dvc repro` outside the Makefile
-# (../shared/ENVIRONMENT.md); a value already in the environment wins.
-QUIET_ENV = {
-    "DO_NOT_TRACK": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_AUTH_MODE": "disabled",
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",  # else every print of a worker shows twice
-    "TQDM_MININTERVAL": "2",
-}
+from cgspn.pipeline.quiet_env import set_defaults
 
 
 def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[str] | None = None) -> dict:
@@ -38,8 +25,7 @@ def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[st
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("--root", default=".", help="folder the stage's outputs are relative to (default: .)")
     args = parser.parse_args(argv)
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
+    set_defaults()
     try:
         params = load_section(args.params, name, schema)
         from cgspn.pipeline.tracking import stage_run
