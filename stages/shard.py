@@ -6,6 +6,10 @@ files), `folder` (<class>/<image>, or <split>/<class>/<image>), `table` (a CSV o
 optional `label`, `caption`, `split`, `mask`), `segmentation` (images/<split>/ with annotations/<split>/,
 as ADE20K and mmseg lay it out); see cgspn.data.own_data. dataset.json says what each split holds (labels,
 masks), so later stages pick their splits from it. The new tree replaces data/shards only when whole.
+
+reports/metrics/shard.json (tracked) holds only what the input decides: counts, sizes, the source, and
+"notes", one sentence per kind of change made to the images (e.g. "12 16-bit images scaled to 8 bit
+(value / 257)"), [] when none; times and rates go to reports/timings/ (untracked) and MLflow.
 """
 from __future__ import annotations
 
@@ -87,7 +91,7 @@ def main(p: dict, root: Path, run) -> dict:
     timings = {"seconds": round(seconds, 2), "images_per_s": round(images / seconds, 1)}
     write_timings(root, "shard", timings)
     metrics = {"images": images, "bytes": nbytes, "bytes_per_image": round(nbytes / max(images, 1)),
-               "converted_to_8bit": len(data.converted), "splits": splits,
+               "notes": list(data.notes), "splits": splits,
                "data": {"source": p["source"], "path": p["path"]}}
     write_json(root / METRICS, metrics)
     run.log_metrics({**metrics, **timings})
@@ -98,9 +102,11 @@ def main(p: dict, root: Path, run) -> dict:
     counts = ", ".join(f"{s} {v['count']}" for s, v in splits.items())
     print(f"shard: {images} images in {len(splits)} splits ({counts}), {nbytes / 1e6:.1f} MB, "
           f"{timings['images_per_s']} img/s")
-    if data.converted:
-        shown = ", ".join(data.converted[:3]) + (", ..." if len(data.converted) > 3 else "")
-        print(f"shard: note: {len(data.converted)} image(s) in 16-bit or float modes were scaled to 8 bit ({shown})")
+    for note in data.notes:
+        print(f"shard: note: {note}")
+    changed = [source for sources in data.changed.values() for source in sources]
+    if changed:
+        print(f"shard: the images changed: {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''}")
     return metrics
 
 

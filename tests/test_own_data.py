@@ -66,14 +66,33 @@ def test_a_folder_is_sharded_with_stable_keys_and_splits_and_its_sources(micro, 
 def test_a_16_bit_image_is_scaled_to_8_bit_not_clipped(tmp_path):
     ramp = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 65535 // (64 * 48 - 1)).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")
-    data, ext, converted = read_image(tmp_path / "deep.png", "deep.png")
-    assert converted and ext == "png"
+    data, ext, change = read_image(tmp_path / "deep.png", "deep.png")
+    assert change == "16-bit" and ext == "png"
     rgb = decode_image({"__key__": "k", "png": data})
     expected = np.round(ramp / 257).astype(np.uint8)
     assert rgb.shape == (48, 64, 3) and np.array_equal(rgb[..., 0], expected)
     assert rgb.min() == 0 and rgb.max() == 255 and len(np.unique(rgb)) > 200  # a ramp, not solid white
     Image.fromarray(expected).save(tmp_path / "plain.png")  # an 8-bit image is kept byte for byte
-    assert read_image(tmp_path / "plain.png", "x") == ((tmp_path / "plain.png").read_bytes(), "png", False)
+    assert read_image(tmp_path / "plain.png", "x") == ((tmp_path / "plain.png").read_bytes(), "png", None)
+
+
+def test_notes_on_changed_images_are_in_shards_metrics(tmp_path):
+    """reports/metrics/shard.json's "notes": a sentence per kind of change made to the images, with the count;
+    the same on a rerun (the file is tracked); an empty list when nothing was changed."""
+    from micro import own_tracking
+
+    folder = make_folder(tmp_path / "photos", n=8)  # the 6th image is a 16-bit greyscale PNG
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "coffee" / "flat.tif")
+    with own_tracking(tmp_path / "mlflow.db"):
+        roots = [shard_with(tmp_path, name, source="folder", path=str(folder))[0] for name in ("a", "b")]
+        metrics = [(root / "reports/metrics/shard.json").read_bytes() for root in roots]
+        assert json.loads(metrics[0])["notes"] == ["1 16-bit image scaled to 8 bit (value / 257)",
+                                                   "1 image re-encoded as RGB PNG (from tiff)"]
+        assert metrics[0] == metrics[1]
+        for f in [*folder.rglob("*16bit.png"), *folder.rglob("*.tif")]:
+            f.unlink()
+        plain, _ = shard_with(tmp_path, "plain", source="folder", path=str(folder))
+    assert json.loads((plain / "reports/metrics/shard.json").read_text())["notes"] == []
 
 
 def test_the_segmentation_layout_keeps_its_label_maps_and_class_names(micro, tmp_path):

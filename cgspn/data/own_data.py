@@ -10,8 +10,9 @@
 
 Every sample keeps its source file (relative to `path`) in the shard, and its key is made from that path,
 so adding or removing one image changes no other sample's key. Without a split, a file's split follows from
-a hash of its path (stable too). Images in 16-bit or float modes are scaled to 8 bit. Everything the
-sources reject is an InputError naming the file, or the table, its row and its column.
+a hash of its path (stable too). Images in 16-bit or float modes are scaled to 8 bit, images in formats
+the shards do not store re-encoded as PNG; `OwnData.notes` says so, per kind of change with the count.
+Everything the sources reject is an InputError naming the file, or the table, its row and its column.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import hashlib
 import io
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -56,8 +57,13 @@ class OwnData:
     records: list[Record]
     classes: list[str] | None  # None: the data has no labels
     mask_names: list[str] | None  # names of mask values 0, 1, ... where the data names them
-    converted: list[str]  # images read in a mode that was scaled to 8 bit (filled while sharding)
+    changed: dict[str, list[str]] = field(default_factory=dict)  # change -> sources (filled while sharding)
     max_mask_label: int = -1  # the largest value in any mask (filled while sharding)
+
+    @property
+    def notes(self) -> list[str]:
+        """What sharding changed in the images, a short sentence per kind with how many (after sharding)."""
+        return change_notes(self.changed)
 
     @property
     def mask_classes(self) -> list[str] | None:
@@ -73,9 +79,9 @@ class OwnData:
     def _samples(self, split: str) -> Iterator[Sample]:
         for r in self.records:
             if r.split == split:
-                data, ext, converted = read_image(r.path, r.where)
-                if converted:
-                    self.converted.append(r.source)
+                data, ext, change = read_image(r.path, r.where)
+                if change:
+                    self.changed.setdefault(change, []).append(r.source)
                 mask = None
                 if r.mask is not None:
                     mask_array = read_mask(r.mask, r.where)
@@ -110,19 +116,41 @@ def split_name(name: str, where: str) -> str:
 # --- reading files ----------------------------------------------------------------------------------
 
 
-def to_8bit(im: Image.Image) -> np.ndarray:
-    """A 16-bit, 32-bit integer or float image -> uint8 [H, W] scaled to 0..255 (not clipped)."""
+SIXTEEN_BIT, DEEP = "16-bit", "32-bit or float"  # the changes `to_8bit` makes
+SCALING = {SIXTEEN_BIT: "value / 257", DEEP: "each image's minimum to maximum onto 0..255"}
+REENCODED = "format "  # + the format's name: an 8-bit image in a format the shards do not store
+
+
+def to_8bit(im: Image.Image) -> tuple[np.ndarray, str]:
+    """A 16-bit, 32-bit integer or float image -> (uint8 [H, W] scaled to 0..255, not clipped; SIXTEEN_BIT
+    or DEEP: how it was scaled)."""
     a = np.asarray(im)
     if im.mode.startswith("I;16") or (im.mode == "I" and a.size and a.min() >= 0 and a.max() <= 65535):
-        return np.round(a.astype(np.float64) / 257).astype(np.uint8)  # 65535 -> 255
+        return np.round(a.astype(np.float64) / 257).astype(np.uint8), SIXTEEN_BIT  # 65535 -> 255
     a = a.astype(np.float64)
     lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 1.0)
-    return np.round((a - lo) / (hi - lo if hi > lo else 1.0) * 255).astype(np.uint8)
+    return np.round((a - lo) / (hi - lo if hi > lo else 1.0) * 255).astype(np.uint8), DEEP
 
 
-def read_image(path: Path, where: str) -> tuple[bytes, str, bool]:
-    """(encoded bytes, extension, converted): the file as it is when it decodes as an 8-bit image in a
-    format every reader opens, else re-encoded as PNG (16-bit and float modes scaled to 8 bit)."""
+def change_notes(changed: dict[str, list[str]]) -> list[str]:
+    """{change: sources} (changes as `read_image` names them) -> one sentence per kind of change, in a fixed
+    order: "3 16-bit images scaled to 8 bit (value / 257)", "1 image re-encoded as RGB PNG (from tiff)"."""
+    notes = []
+    for depth in (SIXTEEN_BIT, DEEP):
+        n = len(changed.get(depth, []))
+        if n:
+            notes.append(f"{n} {depth} image{'s' * (n != 1)} scaled to 8 bit ({SCALING[depth]})")
+    formats = sorted(c.removeprefix(REENCODED) for c in changed if c.startswith(REENCODED))
+    if formats:
+        n = sum(len(changed[REENCODED + f]) for f in formats)
+        notes.append(f"{n} image{'s' * (n != 1)} re-encoded as RGB PNG (from {', '.join(formats)})")
+    return notes
+
+
+def read_image(path: Path, where: str) -> tuple[bytes, str, str | None]:
+    """(encoded bytes, extension, change): the file as it is when it decodes as an 8-bit image in a format
+    every reader opens (change None), else re-encoded as PNG: 16-bit and float modes scaled to 8 bit (change
+    SIXTEEN_BIT or DEEP), other formats as RGB (change "format <name>")."""
     if not path.exists():
         raise InputError(f"{where}: image file {path} does not exist")
     if path.is_dir():
@@ -133,14 +161,15 @@ def read_image(path: Path, where: str) -> tuple[bytes, str, bool]:
             im.load()
             fmt, mode = (im.format or "").lower(), im.mode
             if mode not in EIGHT_BIT_MODES:
-                return encode_png(np.repeat(to_8bit(im)[:, :, None], 3, axis=2)), "png", True
+                grey, change = to_8bit(im)
+                return encode_png(np.repeat(grey[:, :, None], 3, axis=2)), "png", change
             if fmt not in STORED_FORMATS:
-                return encode_png(np.asarray(im.convert("RGB"))), "png", False
+                return encode_png(np.asarray(im.convert("RGB"))), "png", REENCODED + (fmt or "unknown")
     except InputError:
         raise
     except Exception as e:  # PIL raises several types for a bad file
         raise InputError(f"{where}: image file {path} does not decode ({pil_reason(e)})") from None
-    return data, STORED_FORMATS[fmt], False
+    return data, STORED_FORMATS[fmt], None
 
 
 def read_mask(path: Path, where: str) -> np.ndarray:
@@ -188,7 +217,7 @@ def folder_data(root: Path, val_fraction: float, seed: int) -> OwnData:
                                       classes.index(c), caption=c))
     if not records:
         raise InputError(f"{root}: the class folders hold no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return OwnData(records, classes, None, [])
+    return OwnData(records, classes, None)
 
 
 def segmentation_data(root: Path) -> OwnData:
@@ -210,7 +239,7 @@ def segmentation_data(root: Path) -> OwnData:
     if not records:
         raise InputError(f"{images}: no images under images/<split>/")
     names = segmentation_class_names(root)
-    return OwnData(records, None, names, [])
+    return OwnData(records, None, names)
 
 
 def segmentation_class_names(root: Path) -> list[str] | None:
@@ -269,7 +298,7 @@ def table_data(table: Path, val_fraction: float, seed: int) -> OwnData:
             first = next(i for i, r in enumerate(records) if r.split == split and r.mask is None)
             raise InputError(f"{where(first, 'mask')}: empty, but other rows of split {split!r} have masks "
                              f"(a split has masks on every row or on none)")
-    return OwnData(records, classes, segmentation_class_names(table.parent), [])
+    return OwnData(records, classes, segmentation_class_names(table.parent))
 
 
 def read_table(table: Path) -> tuple[list[dict[str, str]], list[str]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gzip
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -38,7 +38,8 @@ class Dataset:
     samples: SplitSamples
     classes: list[str]
     mask_classes: list[str] | None = None
-    converted: tuple = ()  # no image needs converting to 8 bit
+    notes: tuple = ()  # sharding changes no image (cgspn.data.own_data: OwnData.notes)
+    changed: dict = field(default_factory=dict)
 
     def splits(self) -> SplitSamples:
         return self.samples
