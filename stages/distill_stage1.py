@@ -11,7 +11,7 @@ from cgspn.pipeline.params import Param
 from cgspn.pipeline.cli import run_stage
 from cgspn.pipeline.inputs import SHARDS, TEACHERS, Splits, check_splits, teacher_entry
 from cgspn.models.students import save_student
-from cgspn.train.loop import run_training, train_schema
+from cgspn.train.loop import check_weights, run_training, train_schema
 
 SCHEMA = {
     **train_schema(),
@@ -34,6 +34,7 @@ def main(p: dict, root: Path, run) -> dict:
     if p["resolution"] % teacher["config"]["patch_size"]:
         raise ParamError(f"distill_stage1.resolution={p['resolution']} is not a multiple of the "
                          f"patch size {teacher['config']['patch_size']}")
+    check_weights(p["block_weights"], "distill_stage1.block_weights")
     depth = teacher["config"]["depth"]
     if p["block_weights"] and len(p["block_weights"]) != depth:
         raise ParamError(f"distill_stage1.block_weights has {len(p['block_weights'])} entries; the teacher has "

@@ -14,7 +14,7 @@ from cgspn.pipeline.params import Param
 from cgspn.pipeline.cli import run_stage
 from cgspn.pipeline.inputs import (SHARDS, TEACHERS, Splits, check_raw_weight, check_splits, feature_names, teachers_config)
 from cgspn.models.students import save_student_and_adaptors
-from cgspn.train.loop import run_training, train_schema
+from cgspn.train.loop import check_weights, run_training, train_schema
 
 SCHEMA = {
     **train_schema(),
@@ -35,6 +35,7 @@ SCHEMA = {
 
 def main(p: dict, root: Path, run) -> dict:
     """Train the whole student against the teachers' features."""
+    check_weights(p["teacher_weights"], "distill_stage2.teacher_weights")
     teachers = teachers_config(p, root, "distill_stage2")  # parameter errors first, before any input
     init = root / "models" / "distill_stage1" / "student.safetensors"
     if not init.exists():

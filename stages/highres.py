@@ -11,7 +11,7 @@ from cgspn.pipeline.params import Param
 from cgspn.pipeline.cli import run_stage
 from cgspn.pipeline.inputs import SHARDS, TEACHERS, Splits, check_raw_weight, check_splits, teachers_config
 from cgspn.models.students import load_adaptors, save_student_and_adaptors
-from cgspn.train.loop import run_training, train_schema
+from cgspn.train.loop import check_weights, run_training, train_schema
 
 SCHEMA = {
     **{k: v for k, v in train_schema().items() if k != "batch_size"},
@@ -32,6 +32,7 @@ SCHEMA = {
 
 def main(p: dict, root: Path, run) -> dict:
     """Train the student at high resolution."""
+    check_weights(p["teacher_weights"], "highres.teacher_weights")
     n = len(p["scales"])
     splits = Splits(root)
     p["splits"] = splits.resolve(p["splits"], lambda param: [splits.at_scale(splits.train(param)[-1], s)

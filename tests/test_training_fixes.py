@@ -110,3 +110,58 @@ def test_validation_runs_every_val_every_steps_whatever_checkpoint_every_is():
     assert run_counting(10, checkpoint_every=3, val_every=2) == ([0, 2, 4, 6, 8, 10], [3, 6, 9, 10])
     assert run_counting(10, checkpoint_every=4, val_every=3) == ([0, 3, 6, 9, 10], [4, 8, 10])
     assert run_counting(7, checkpoint_every=2, val_every=0) == ([0, 7], [2, 4, 6, 7])  # 0: the start and the end
+
+
+def test_all_zero_loss_weights_are_a_parameter_error(micro, tmp_path, capsys):
+    """Weights that are all 0 weigh nothing (stage 1 divided by their sum): exit 2, one line naming them."""
+    from micro import VIT, copy_root, expect_exit, write_params
+
+    root = copy_root(micro["root"], tmp_path / "root")
+    expect_exit(capsys, "distill_stage1", write_params(tmp_path / "a.yaml", distill_stage1__block_weights=[0.0] * 12),
+                root, "a.yaml: distill_stage1.block_weights are all 0")
+    for stage in ("distill_stage2", "highres"):
+        expect_exit(capsys, stage, write_params(tmp_path / f"{stage}.yaml", **{f"{stage}__teacher_weights": {VIT: 0}}),
+                    root, f"{stage}.yaml: {stage}.teacher_weights are all 0")
+
+
+def significant(value: float, digits: int = 4) -> bool:
+    """Whether `value` is written with at most `digits` significant digits."""
+    return float(f"{value:.{digits}g}") == value
+
+
+def figures(tree) -> list[float]:
+    """Every float in a JSON tree."""
+    if isinstance(tree, dict):
+        return [v for x in tree.values() for v in figures(x)]
+    if isinstance(tree, list):
+        return [v for x in tree for v in figures(x)]
+    return [tree] if isinstance(tree, float) else []
+
+
+def test_a_training_stage_run_twice_writes_the_same_bytes(micro, tmp_path):
+    """distill_stage1 (two workers: the gradients are all-reduced) and then distill_stage2 (validating every
+    2 steps) run twice, each time on its own copy of the same input: the student, its config, the metrics,
+    the curves and the plot are byte-identical, and the tracked figures carry 4 significant digits, so that
+    another machine's last bits do not show in them."""
+    import json
+
+    from micro import copy_root, copy_tree, digest, run, write_params
+
+    params = write_params(tmp_path / "p.yaml", distill_stage2__val_every=2)
+    roots = [copy_root(micro["root"], tmp_path / f"root{i}") for i in (0, 1)]
+    for stage in ("distill_stage1", "distill_stage2"):
+        for root in roots:
+            run(stage, params, root)
+        outputs = [f"models/{stage}", f"reports/metrics/{stage}.json", f"reports/plots/{stage}.csv",
+                   f"reports/plots/{stage}.png"]
+        a, b = ({o: digest(root / o) if (root / o).is_dir() else (root / o).read_bytes() for o in outputs}
+                for root in roots)
+        assert a == b, [o for o in outputs if a[o] != b[o]]
+        metrics = json.loads((roots[0] / "reports/metrics" / f"{stage}.json").read_text())
+        curves = (roots[0] / "reports/plots" / f"{stage}.csv").read_text().splitlines()
+        cells = [float(c) for row in curves[1:] for c in row.split(",") if c]
+        assert figures(metrics) and all(map(significant, figures(metrics) + cells)), stage
+        if stage == "distill_stage1":  # both roots go on from the same stage-1 student
+            copy_tree(roots[0] / "models/distill_stage1", roots[1] / "models/distill_stage1.same")
+            (roots[1] / "models/distill_stage1").rename(roots[1] / "models/distill_stage1.own")
+            (roots[1] / "models/distill_stage1.same").rename(roots[1] / "models/distill_stage1")

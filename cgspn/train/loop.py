@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cgspn.pipeline.errors import InputError
+from cgspn.pipeline.errors import InputError, ParamError
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -328,6 +328,25 @@ def train_schema():
     }
 
 
+def check_weights(weights: list | dict, param: str) -> None:
+    """ParamError when loss weights are given but all 0 (the objective would weigh nothing; stage 1 divides
+    by their sum). Values of the wrong type are left to the checks that know them."""
+    values = list(weights.values()) if isinstance(weights, dict) else list(weights)
+    if values and all(not isinstance(w, bool) and w == 0 for w in values):
+        raise ParamError(f"{param} are all 0: nothing would be trained; give at least one a weight > 0")
+
+
+def figure(value, digits: int = 4):
+    """A float at `digits` significant digits (what a loss or a cosine means; a rerun elsewhere differs
+    further down); anything else as it is."""
+    return float(f"{value:.{digits}g}") if isinstance(value, float) else value
+
+
+def figures(row: dict) -> dict:
+    """Every float of a row (or a nested dict of rows) at 4 significant digits."""
+    return {k: figures(v) if isinstance(v, dict) else figure(v) for k, v in row.items()}
+
+
 def mean_rows(rows: list[dict]) -> dict:
     """Per key, the mean over the rows that have it (parts can exist on some steps only)."""
     keys = dict.fromkeys(k for r in rows for k in r if k != "step")
@@ -366,9 +385,12 @@ def run_training(stage: str, p: dict, root: Path, run, task_cfg: dict, inputs: l
     with replace_dir(root / "models" / stage) as staging:
         files = export(model, staging)
     history, val = state["history"], state["val_history"]
-    # the tracked curves and metrics hold what training computed; the rates (which differ run to run for the
-    # same weights) go to the timings file and MLflow
-    curves = [{k: v for k, v in r.items() if k != "images_per_s"} for r in history]
+    # the tracked curves and metrics hold what training computed, at the precision that means something (a
+    # rerun elsewhere differs in the last bits); the rates (which differ run to run for the same weights) go
+    # to the timings file and MLflow
+    science = [{k: v for k, v in r.items() if k != "images_per_s"} for r in history]
+    curves = [figures(r) for r in science]
+    val = [figures(r) for r in val]
     write_csv(root / "reports" / "plots" / f"{stage}.csv", curves)
     plot_history(curves, val, root / "reports" / "plots" / f"{stage}.png", stage)
     rates = sorted(r["images_per_s"] for r in history)
@@ -376,7 +398,7 @@ def run_training(stage: str, p: dict, root: Path, run, task_cfg: dict, inputs: l
     metrics = {
         "steps": state["step"], "workers": p["workers"],
         "nodes": len(state.get("nodes", [])),  # Ray nodes the workers ran on
-        "train_last10": mean_rows(curves[-min(len(curves), 10):]),
+        "train_last10": figures(mean_rows(science[-min(len(science), 10):])),
         "val_start": val[0], "val_end": val[-1],
     }
     write_json(root / "reports" / "metrics" / f"{stage}.json", metrics)
