@@ -3,6 +3,7 @@ steps whatever `checkpoint_every` is, all-zero loss weights are a parameter erro
 run twice on the same input writes the same bytes."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -139,17 +140,18 @@ def figures(tree) -> list[float]:
 
 
 def test_a_training_stage_run_twice_writes_the_same_bytes(micro, tmp_path):
-    """distill_stage1 (two workers: the gradients are all-reduced) and then distill_stage2 (validating every
-    2 steps) run twice, each time on its own copy of the same input: the student, its config, the metrics,
+    """distill_stage1 (two workers: the gradients are all-reduced), distill_stage2 (validating every 2 steps)
+    and highres (its PHI-S statistics estimated online) run twice, each on its own copy of the same input
+    (and each root goes on from its own, identical, outputs): the student, its config, the metrics,
     the curves and the plot are byte-identical, and the tracked figures carry 4 significant digits, so that
     another machine's last bits do not show in them."""
     import json
 
-    from micro import copy_root, copy_tree, digest, run, write_params
+    from micro import copy_root, digest, run, write_params
 
     params = write_params(tmp_path / "p.yaml", distill_stage2__val_every=2)
     roots = [copy_root(micro["root"], tmp_path / f"root{i}") for i in (0, 1)]
-    for stage in ("distill_stage1", "distill_stage2"):
+    for stage in ("distill_stage1", "distill_stage2", "highres"):
         for root in roots:
             run(stage, params, root)
         outputs = [f"models/{stage}", f"reports/metrics/{stage}.json", f"reports/plots/{stage}.csv",
@@ -161,7 +163,55 @@ def test_a_training_stage_run_twice_writes_the_same_bytes(micro, tmp_path):
         curves = (roots[0] / "reports/plots" / f"{stage}.csv").read_text().splitlines()
         cells = [float(c) for row in curves[1:] for c in row.split(",") if c]
         assert figures(metrics) and all(map(significant, figures(metrics) + cells)), stage
-        if stage == "distill_stage1":  # both roots go on from the same stage-1 student
-            copy_tree(roots[0] / "models/distill_stage1", roots[1] / "models/distill_stage1.same")
-            (roots[1] / "models/distill_stage1").rename(roots[1] / "models/distill_stage1.own")
-            (roots[1] / "models/distill_stage1.same").rename(roots[1] / "models/distill_stage1")
+
+
+class ToyStudent(nn.Module):
+    """Images [B, 3, h, w] -> patch tokens [B, h, w, 16] (a linear map per pixel) and their mean as summary."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 16)
+
+    def forward(self, x: torch.Tensor):
+        from types import SimpleNamespace
+
+        tokens = self.proj(x.permute(0, 2, 3, 1))
+        return SimpleNamespace(patch_tokens=tokens, summary=tokens.mean((1, 2)))
+
+
+def test_highres_losses_are_those_in_the_phis_space_of_their_resolution(tmp_path):
+    """The objective with statistics estimated where its targets come from (`objective.local`, as highres sets
+    them per resolution) computes the losses that standardizing prediction and target with those statistics
+    gives: the spatial MSE and the summary cosine in the local PHI-S space, the prediction de-standardized
+    from the heads' space (the cache's statistics, where stage 2 trained them) as evaluate reads it."""
+    from cgspn.distill.losses import cosine_distance, spatial_loss
+    from cgspn.distill.phis import Moments, PhiS, phis_file
+    from cgspn.distill.tasks import AdaptedObjective
+
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(8, 8, generator=g)
+    cache, here = (torch.randn(600, 8, generator=g) @ mix for _ in range(2))
+    here = 0.5 * here + 3.0  # the targets at another resolution: smaller spread, another mean
+    folder = tmp_path / "features"
+    folder.mkdir()
+    for kind in ("spatial", "summary"):
+        PhiS.estimate(Moments.of(cache)).save(folder / phis_file(kind))
+    local = PhiS.estimate(Moments.of(here))
+    cfg = {"teacher_weights": {"t": 1.0}, "block_targets": {}, "features": {"t": str(folder)}, "teacher_dims": {"t": 8},
+           "summary_weight": 1.0, "spatial_weight": 1.0, "raw_weight": 0.0, "block_weight": 1.0}
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"student": ToyStudent(), "adaptors": Adaptors(16, {"t": 8})})
+    x = torch.randn(4, 3, 2, 2, generator=g)
+    targets = {"t": {"summary": here[:4], "spatial": here[4:20].reshape(4, 2, 2, 8)}}
+    objective = AdaptedObjective(cfg, "cpu")
+    objective.local = {"t": {"spatial": local, "summary": local}}
+    _, parts = objective.terms(model, x, targets)
+    base = objective.phis["t"]
+    with torch.no_grad():
+        summary_z, spatial_z = model["adaptors"]["t"](*(lambda o: (o.summary, o.patch_tokens))(model["student"](x)))
+    expected_spatial = spatial_loss(local.standardize(base["spatial"].destandardize(spatial_z)),
+                                    local.standardize(targets["t"]["spatial"]))
+    expected_summary = cosine_distance(local.standardize(base["summary"].from_direction(summary_z)),
+                                       local.standardize(targets["t"]["summary"]))
+    assert parts["t/spatial"] == pytest.approx(expected_spatial.item(), rel=1e-4)
+    assert parts["t/summary"] == pytest.approx(expected_summary.item(), rel=1e-4)

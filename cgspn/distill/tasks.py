@@ -22,13 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from cgspn.data.memory import ShardSubset
 from cgspn.distill.losses import block_loss, cosine_distance, mean_cosine, spatial_loss
 from cgspn.models.adaptors import Adaptors, match_grid
 from cgspn.models.cgspn import cgspn_from_teacher_config, init_from_teacher
-from cgspn.distill.phis import load_teacher_phis
+from cgspn.distill.phis import Moments, PhiS, load_teacher_phis
 from cgspn.pipeline.inputs import feature_names
 from cgspn.models.students import load_adaptors, load_student
 from cgspn.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_batch
@@ -139,6 +141,25 @@ class Stage1Task:
         return {"loss": float(np.mean(per_block)), **{f"block{i}": v for i, v in enumerate(per_block)}}
 
 
+def local_weight(base: PhiS, local: PhiS | None) -> float:
+    """The factor that turns an MSE in `base`'s PHI-S space into the MSE in `local`'s. PHI-S is a shift, a
+    rotation and one scale, so an MSE there is |x_p - x_t|^2 / alpha^2: only alpha differs, and the heads keep
+    predicting in `base`'s space (the one stage 2 trained them in and evaluate reads)."""
+    return 1.0 if local is None else (base.scale / local.scale) ** 2
+
+
+def local_summary(pred: torch.Tensor, target: torch.Tensor, base: PhiS,
+                  local: PhiS | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """pred, target [B, D] in `base`'s space -> a pair whose cosine is the one in `local`'s space: the
+    prediction read as `from_direction` reads it (its direction at the base set's RMS norm sqrt(D)), both
+    centred on `local`'s mean. Rotation and scale leave a cosine as it is; the mean does not (a summary set
+    whose mean is off the origin has every cosine high)."""
+    if local is None:
+        return pred, target
+    centre = base.standardize(torch.as_tensor(local.mean, dtype=target.dtype, device=target.device))
+    return F.normalize(pred, dim=-1) * pred.shape[-1] ** 0.5 - centre, target - centre
+
+
 class AdaptedObjective:
     """Student features through each teacher's adaptors, compared with that teacher's targets, both in the
     teacher's PHI-S standardized space: spatial (and each block target) by MSE, summary by cosine. With
@@ -155,6 +176,9 @@ class AdaptedObjective:
         self.blocks = {t: cfg["block_targets"].get(t, []) for t in self.teachers}  # block targets per teacher
         self.names = feature_names(cfg)  # per teacher, the features the objective reads (names in the cache)
         self.phis = {t: load_teacher_phis(cfg["features"][t]) for t in self.teachers}
+        # {teacher: {name: PhiS}} estimated where the targets come from (highres: per resolution); the losses
+        # are then those in that space (`local_weight`, `local_summary`). Empty: the cache's statistics.
+        self.local: dict[str, dict[str, PhiS]] = {}
 
     def on_grid(self, target: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         """A cached or online target [B, D] or [B, h_t, w_t, D] -> float32 on the device, grids resized to hw."""
@@ -184,8 +208,12 @@ class AdaptedObjective:
                 preds["raw"] = self.phis[t]["spatial"].standardize(out.patch_tokens.float())
             for name, pred in preds.items():
                 source = "spatial" if name == "raw" else name  # the raw tokens share the spatial target
-                z = self.phis[t][source].standardize(self.on_grid(targets[t][source], hw))
-                loss = cosine_distance(pred, z) if name == "summary" else spatial_loss(pred, z)
+                base, local = self.phis[t][source], self.local.get(t, {}).get(source)
+                z = base.standardize(self.on_grid(targets[t][source], hw))
+                if name == "summary":
+                    loss = cosine_distance(*local_summary(pred, z, base, local))
+                else:
+                    loss = spatial_loss(pred, z) * local_weight(base, local)
                 parts[f"{t}/{name}"] = loss.item()
                 total = total + self.cfg["teacher_weights"][t] * weight.get(name, self.cfg["block_weight"]) * loss
         return total, parts
@@ -296,9 +324,27 @@ class Stage2Task:
         return {k: v / n for k, v in sums.items()}
 
 
+PHIS_IMAGES = 64  # training images per resolution highres estimates its targets' PHI-S statistics from
+
+
+def same_on_every_worker(m: Moments) -> Moments:
+    """Rank 0's sums on every worker (under a process group; the workers computed them from the same
+    images, and this keeps them equal to the last bit on unlike machines too). Every worker must call it:
+    highres does so at its first step of each resolution, never in rank 0's validation."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return m
+    flat = torch.from_numpy(np.concatenate([[float(m.count)], m.total, m.outer.ravel()]))
+    dist.broadcast(flat, 0)
+    D = len(m.total)
+    return Moments(int(flat[0].item()), flat[1 : 1 + D].numpy(), flat[1 + D :].numpy().reshape(D, D))
+
+
 class HighresTask(Stage2Task):
     """Targets online at each resolution (each teacher at its scale of it); one data split per resolution
-    (bigger mosaics for bigger images)."""
+    (bigger mosaics for bigger images). The targets of each resolution are standardized as PHI-S statistics
+    estimated there say (`local_phis`), not as the cache's at the training resolution: on Fashion-MNIST
+    mosaics at 224 px those put a common component into the summaries (cosine 0.87 to their mean for
+    DINOv2, 0.95 for the EfficientNet) and weigh the spatial terms 1.5x and 2.7x."""
 
     def __init__(self, cfg: dict, device, rank: int, world: int, seed: int):
         self.cfg, self.device, self.rank, self.seed = cfg, device, rank, seed
@@ -310,6 +356,31 @@ class HighresTask(Stage2Task):
         self.val = ([ShardSubset(cfg["shards"], [s], limit=cfg["val_count"]) for s in cfg["val_splits"]]
                     if rank == 0 else None)
         self.images_per_step = float(np.mean(cfg["batch_sizes"]))
+        self.local: dict[int, dict] = {}  # per resolution, estimated at its first step (every worker is there)
+
+    @torch.no_grad()
+    def local_phis(self, j: int) -> dict[str, dict[str, PhiS]]:
+        """{teacher: {name: PhiS}} of the online targets at resolution j, from PHIS_IMAGES images of its
+        training split (a seeded choice among its first 4 x PHIS_IMAGES), summed in a fixed order: the same
+        statistics on every worker and every run."""
+        r, B = self.cfg["resolutions"][j], max(self.cfg["batch_sizes"][j], 8)
+        pool = ShardSubset(self.cfg["shards"], [self.cfg["splits"][j]], limit=4 * PHIS_IMAGES)
+        pick = np.sort(np.random.default_rng(self.seed).permutation(len(pool))[:PHIS_IMAGES])
+        images = [pool.images[i] for i in pick]
+        moments: dict[tuple[str, str], Moments] = {}
+        for start in range(0, len(images), B):
+            batch = images[start : start + B]
+            x = to_batch(batch, r, self.device)
+            targets = online_targets(self.teachers, batch, x, self.cfg["teacher_scales"], self.device,
+                                     self.objective.blocks)
+            for t, named in targets.items():
+                for name, v in named.items():
+                    m = Moments.of(v.cpu())
+                    moments[t, name] = moments[t, name] + m if (t, name) in moments else m
+        local = {t: {} for t in self.teachers}
+        for (t, name), m in moments.items():
+            local[t][name] = PhiS.estimate(same_on_every_worker(m))
+        return local
 
     @staticmethod
     def build(cfg: dict) -> nn.Module:
@@ -325,6 +396,9 @@ class HighresTask(Stage2Task):
         x = to_batch(images, r, self.device)
         targets = online_targets(self.teachers, images, x, self.cfg["teacher_scales"], self.device,
                                  self.objective.blocks)
+        if j not in self.local:
+            self.local[j] = self.local_phis(j)
+        self.objective.local = self.local[j]
         loss, parts = self.objective.terms(self.trainable, x, targets)
         return loss, {f"{k}/{r}px": v for k, v in parts.items()}
 
