@@ -11,7 +11,8 @@ from cgspn.pipeline.params import Param
 from cgspn.pipeline.cli import run_stage
 from cgspn.pipeline.inputs import SHARDS, TEACHERS, Splits, check_splits, teacher_entry
 from cgspn.models.students import save_student
-from cgspn.train.loop import check_weights, run_training, train_schema
+from cgspn.train.driver import run_training
+from cgspn.train.schema import check_weights, train_schema
 
 SCHEMA = {
     **train_schema(),

@@ -14,21 +14,16 @@ from cgspn.pipeline.params import Param
 from cgspn.pipeline.cli import run_stage
 from cgspn.pipeline.inputs import (SHARDS, TEACHERS, Splits, check_raw_weight, check_splits, feature_names, teachers_config)
 from cgspn.models.students import save_student_and_adaptors
-from cgspn.train.loop import check_weights, run_training, train_schema
+from cgspn.pipeline.names import PATCH_COSINE, PATCH_COSINE_RAW, teacher_key
+from cgspn.train.driver import run_training
+from cgspn.train.schema import adapted_schema, check_weights, objective_params, train_schema
 
 SCHEMA = {
     **train_schema(),
-    "backbone_lr_scale": Param(float, min=0.0, max=1.0),  # x lr for the inherited backbone; heads get lr
-    "head_only_steps": Param(int, min=0),  # the backbone is frozen for these first steps
-    "teacher_weights": Param(dict),  # {teacher name: weight}
+    **adapted_schema(),
     "splits": Param(list, item=str, auto=True),  # auto: train (+ mosaic_train where the data has it)
     "val_split": Param(str),  # auto: val (or test)
     "targets": Param(str, choices=("cache", "online")),
-    "spatial_weight": Param(float, min=0.0),
-    "summary_weight": Param(float, min=0.0),
-    "raw_weight": Param(float, min=0.0),  # the student's own patch tokens against the teacher's (same width)
-    "block_targets": Param(dict),  # {teacher: [block, ...]}: intermediate blocks to match too (cached ones)
-    "block_weight": Param(float, min=0.0),
     "adaptor_hidden": Param(int, min=0),  # 0: max(student width, teacher width)
 }
 
@@ -51,15 +46,14 @@ def main(p: dict, root: Path, run) -> dict:
     task = {**teachers, "init_student": str(init.resolve()),
             "shards": str((root / SHARDS).resolve()), "splits": p["splits"], "val_split": p["val_split"],
             "val_count": p["val_count"], "batch_size": p["batch_size"], "targets": p["targets"],
-            "spatial_weight": p["spatial_weight"], "summary_weight": p["summary_weight"], "raw_weight": p["raw_weight"],
-            "adaptor_hidden": p["adaptor_hidden"]}
+            "adaptor_hidden": p["adaptor_hidden"], **objective_params(p)}
     inputs = [init.parent, root / SHARDS, root / TEACHERS, *features.values()]
     metrics = run_training("distill_stage2", p, root, run, task, inputs, save_student_and_adaptors)
     for t in task["teacher_weights"]:
-        after = metrics["val_end"][f"{t}/patch_cosine"]
-        before = metrics["val_start"].get(f"{t}/patch_cosine_raw")  # the student's own tokens: same width only
+        after = metrics["val_end"][teacher_key(t, PATCH_COSINE)]
+        before = metrics["val_start"].get(teacher_key(t, PATCH_COSINE_RAW))  # the student's own tokens: same width only
         start = (f"stage-1 student {before:.4f}" if before is not None else
-                 f"fresh adaptor {metrics['val_start'][f'{t}/patch_cosine']:.4f}")
+                 f"fresh adaptor {metrics['val_start'][teacher_key(t, PATCH_COSINE)]:.4f}")
         print(f"distill_stage2: {t}: mean patch cosine on {p['val_split']}: {start}, stage-2 student {after:.4f}")
     return metrics
 

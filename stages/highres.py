@@ -11,22 +11,17 @@ from cgspn.pipeline.params import Param
 from cgspn.pipeline.cli import run_stage
 from cgspn.pipeline.inputs import SHARDS, TEACHERS, Splits, check_raw_weight, check_splits, teachers_config
 from cgspn.models.students import load_adaptors, save_student_and_adaptors
-from cgspn.train.loop import check_weights, run_training, train_schema
+from cgspn.pipeline.names import PATCH_COSINE, at_side, teacher_key
+from cgspn.train.driver import run_training
+from cgspn.train.schema import adapted_schema, check_weights, objective_params, train_schema
 
 SCHEMA = {
-    **{k: v for k, v in train_schema().items() if k != "batch_size"},
-    "backbone_lr_scale": Param(float, min=0.0, max=1.0),  # x lr for the inherited backbone; heads get lr
-    "head_only_steps": Param(int, min=0),  # the backbone is frozen for these first steps
-    "teacher_weights": Param(dict),
+    **train_schema(batch_size=False),
+    **adapted_schema(),  # block_targets: blocks stage 2 trained heads for
     "scales": Param(list, item=int, min=1),  # resolutions: scale x the resolution of the feature cache
     "splits": Param(list, item=str, auto=True),  # one training split per scale; auto: mosaic_train_x<s>, else train
     "val_splits": Param(list, item=str, auto=True),  # one validation split per scale; auto: mosaic_val_x<s>, else val
     "batch_sizes": Param(list, item=int, min=1),  # per worker, one per scale
-    "spatial_weight": Param(float, min=0.0),
-    "summary_weight": Param(float, min=0.0),
-    "raw_weight": Param(float, min=0.0),  # the student's own patch tokens against the teacher's (same width)
-    "block_targets": Param(dict),  # {teacher: [block, ...]}: heads that stage 2 trained
-    "block_weight": Param(float, min=0.0),
 }
 
 
@@ -64,13 +59,12 @@ def main(p: dict, root: Path, run) -> dict:
     task = {**teachers, "init_student": str((init / "student.safetensors").resolve()),
             "init_adaptors": str((init / "adaptors.safetensors").resolve()), "shards": str((root / SHARDS).resolve()),
             "resolutions": resolutions, "splits": p["splits"], "val_splits": p["val_splits"],
-            "val_count": p["val_count"], "batch_sizes": p["batch_sizes"],
-            "spatial_weight": p["spatial_weight"], "summary_weight": p["summary_weight"], "raw_weight": p["raw_weight"]}
+            "val_count": p["val_count"], "batch_sizes": p["batch_sizes"], **objective_params(p)}
     inputs = [init, root / SHARDS, root / TEACHERS, *map(Path, teachers["features"].values())]  # PHI-S stats
     metrics = run_training("highres", p, root, run, task, inputs, save_student_and_adaptors)
     for t in teachers["teacher_weights"]:
         for r in resolutions:
-            k = f"{t}/patch_cosine/{r}px"
+            k = at_side(teacher_key(t, PATCH_COSINE), r)
             print(f"highres: {t} at {r} px: mean patch cosine {metrics['val_start'][k]:.4f} -> "
                   f"{metrics['val_end'][k]:.4f}")
     return metrics

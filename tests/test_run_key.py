@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from cgspn.train.loop import run_key
+from cgspn.train.driver import run_key
 
 REPO = Path(__file__).resolve().parents[1]
 

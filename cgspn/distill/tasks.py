@@ -32,6 +32,8 @@ from cgspn.models.adaptors import Adaptors, match_grid
 from cgspn.models.cgspn import cgspn_from_teacher_config, init_from_teacher
 from cgspn.distill.phis import Moments, PhiS, load_teacher_phis
 from cgspn.pipeline.inputs import feature_names
+from cgspn.pipeline.names import (PATCH_COSINE, PATCH_COSINE_RAW, SUMMARY_COSINE, SUMMARY_COSINE_Z, at_side,
+                                  teacher_key)
 from cgspn.models.students import load_adaptors, load_student
 from cgspn.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_batch
 from cgspn.teachers.registry import load_teacher_file, load_vit, teacher_normalization, teacher_side
@@ -214,7 +216,7 @@ class AdaptedObjective:
                     loss = cosine_distance(*local_summary(pred, z, base, local))
                 else:
                     loss = spatial_loss(pred, z) * local_weight(base, local)
-                parts[f"{t}/{name}"] = loss.item()
+                parts[teacher_key(t, name)] = loss.item()
                 total = total + self.cfg["teacher_weights"][t] * weight.get(name, self.cfg["block_weight"]) * loss
         return total, parts
 
@@ -229,14 +231,14 @@ class AdaptedObjective:
         for t in self.teachers:
             preds, phis = self.predictions(trainable, t, out), self.phis[t]
             summary, spatial = (self.on_grid(targets[t][name], hw) for name in ("summary", "spatial"))
-            result[f"{t}/patch_cosine"] = mean_cosine(phis["spatial"].destandardize(preds["spatial"]), spatial)
-            result[f"{t}/summary_cosine"] = mean_cosine(phis["summary"].from_direction(preds["summary"]), summary)
-            result[f"{t}/summary_cosine_z"] = mean_cosine(preds["summary"], phis["summary"].standardize(summary))
+            result[teacher_key(t, PATCH_COSINE)] = mean_cosine(phis["spatial"].destandardize(preds["spatial"]), spatial)
+            result[teacher_key(t, SUMMARY_COSINE)] = mean_cosine(phis["summary"].from_direction(preds["summary"]), summary)
+            result[teacher_key(t, SUMMARY_COSINE_Z)] = mean_cosine(preds["summary"], phis["summary"].standardize(summary))
             for name in self.names[t][2:]:
-                result[f"{t}/{name}_cosine"] = mean_cosine(phis[name].destandardize(preds[name]),
+                result[teacher_key(t, f"{name}_cosine")] = mean_cosine(phis[name].destandardize(preds[name]),
                                                            self.on_grid(targets[t][name], hw))
             if spatial.shape[-1] == out.patch_tokens.shape[-1]:
-                result[f"{t}/patch_cosine_raw"] = mean_cosine(out.patch_tokens, spatial)
+                result[teacher_key(t, PATCH_COSINE_RAW)] = mean_cosine(out.patch_tokens, spatial)
         return result
 
 
@@ -400,7 +402,7 @@ class HighresTask(Stage2Task):
             self.local[j] = self.local_phis(j)
         self.objective.local = self.local[j]
         loss, parts = self.objective.terms(self.trainable, x, targets)
-        return loss, {f"{k}/{r}px": v for k, v in parts.items()}
+        return loss, {at_side(k, r): v for k, v in parts.items()}
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -416,7 +418,7 @@ class HighresTask(Stage2Task):
                 for k, v in self.objective.fidelity(self.trainable, x, targets).items():
                     sums[k] = sums.get(k, 0.0) + v * len(x)
                 n += len(x)
-            result.update({f"{k}/{r}px": v / n for k, v in sums.items()})
+            result.update({at_side(k, r): v / n for k, v in sums.items()})
         return result
 
 

@@ -10,9 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from cgspn.pipeline.names import TRAINING_STAGES, split_key, teachers_in
 from cgspn.pipeline.outputs import atomic_write
-
-STAGES = ("distill_stage1", "distill_stage2", "highres")
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
@@ -38,18 +37,13 @@ def line_style(i: int) -> dict:
 
 def common_prefix(keys: list[str]) -> str:
     """"teacher/" when every key starts with the same "teacher/" (the panel's title says it once), else ""."""
-    heads = {k.split("/", 1)[0] for k in keys}
-    return f"{heads.pop()}/" if len(heads) == 1 and all("/" in k for k in keys) else ""
+    teachers = {split_key(k)[0] for k in keys}  # None for a key of no teacher
+    return f"{teachers.pop()}/" if len(teachers) == 1 and None not in teachers else ""
 
 
 def _legend(ax, n: int) -> None:
     """The legend below the panel, outside the data."""
     ax.legend(fontsize=7, ncol=2 if n > 4 else 1, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
-
-
-def teachers_of(keys: list[str]) -> list[str]:
-    """The teacher prefixes ("<teacher>/...") of a stage's keys, in first-seen order."""
-    return list(dict.fromkeys(k.split("/", 1)[0] for k in keys if "/" in k))
 
 
 def plot_history(history: list[dict], val: list[dict], path: Path, title: str) -> Path:
@@ -65,8 +59,8 @@ def plot_history(history: list[dict], val: list[dict], path: Path, title: str) -
     skip = {"step", "lr", "grad_norm", "images_per_s"}
     train_keys = [k for k in dict.fromkeys(k for r in history for k in r) if k not in skip]
     val_keys = [k for k in dict.fromkeys(k for r in val for k in r) if k != "step"]
-    teachers = teachers_of(train_keys + val_keys)
-    groups = ([[k for k in keys if "/" not in k or k.split("/", 1)[0] == t] for keys in (train_keys, val_keys)]
+    teachers = teachers_in(train_keys + val_keys)
+    groups = ([[k for k in keys if split_key(k)[0] in (None, t)] for keys in (train_keys, val_keys)]
               for t in teachers) if len(teachers) > 1 else [(train_keys, val_keys)]
     rows = []
     for train, vals in groups:
@@ -128,7 +122,7 @@ def replot(root: Path) -> list[Path]:
     params_file = root / "params.yaml"
     params = (yaml.safe_load(params_file.read_text()) or {}) if params_file.exists() else {}
     drawn = []
-    for stage in STAGES:
+    for stage in TRAINING_STAGES:
         curves, metrics = root / "reports/plots" / f"{stage}.csv", root / "reports/metrics" / f"{stage}.json"
         if not (curves.exists() and metrics.exists()):
             continue

@@ -1,33 +1,27 @@
-"""The Ray Train loop the three training stages share.
+"""The worker side of the Ray Train loop the three training stages share.
 
-`fit(config, scaling, root)` runs `train_loop_per_worker` on a `TorchTrainer`: every worker builds the
-stage's task (cgspn.distill.tasks) on its share of the shards, and each step averages the gradients over the
-workers (one flat all-reduce), clips them, and takes an AdamW step with warmup + cosine learning rate.
-Every `checkpoint_every` steps rank 0 reports a checkpoint (model, optimizer, step, loss history) through
-`ray.train.report`. A run started again with the same `RunConfig(name, storage_path)` resumes from the
-last one. The run name is a digest of what the run computes (`run_key`): the config, the content of every
-input file and of the code the stage runs; so changed parameters, data or code start afresh, while a
-killed run started again (or a copied tree) resumes. Bad input that a worker finds (a shard that does not
-decode) is not retried like a crashed worker: every worker stops, and the driver raises the worker's error
-as it was raised (`WorkerInputError`). Rank 0 logs every loss, the learning rate and images/s to the
-stage's MLflow run.
+`train_loop_per_worker(cfg)` runs on every Ray Train worker (cgspn.train.driver starts them): it builds the
+stage's task (cgspn.distill.tasks) on its share of the shards, restores the last checkpoint if there is one,
+and `run_steps` trains. Each step averages the gradients over the workers (one flat all-reduce), clips
+them, and takes an AdamW step (weight decay on weight matrices only) with warmup + cosine learning rate.
+Rank 0 validates at the start, every `val_every` steps and at the end; every `checkpoint_every` steps and at
+the end rank 0 reports a checkpoint (model, optimizer, step, loss and validation histories) through
+`ray.train.report`. Bad input that a worker finds (a shard that does not decode) is not raised like a crash:
+the worker writes it where the driver reads it, and every worker stops. Rank 0 logs every loss, the learning
+rate and images/s to the stage's MLflow run.
 
-Ray and MLflow are imported inside the functions: the library itself needs neither.
+`run_steps` needs no Ray (tests drive it with a toy task); Ray and MLflow are imported inside the functions.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from cgspn.pipeline.errors import InputError, ParamError
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -228,183 +222,3 @@ def run_steps(task, optimizer, state: dict, cfg: dict, rank: int, world: int, lo
         if step % cfg["checkpoint_every"] == 0 or step == total:  # after validation: the checkpoint holds it
             report(state, row["loss"])
 
-
-def content_digest(paths: list[Path], root: Path) -> str:
-    """sha256 over the names (relative to root) and bytes of `paths`, folders walked in sorted order."""
-    digest = hashlib.sha256()
-    root = root.resolve()
-    for path in sorted(Path(p).resolve() for p in paths):
-        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
-        for f in files:
-            digest.update(str(f.relative_to(root) if f.is_relative_to(root) else f).encode() + b"\0")
-            with open(f, "rb") as fh:
-                digest.update(hashlib.file_digest(fh, "sha256").digest())
-    return digest.hexdigest()
-
-
-def run_key(stage: str, cfg: dict, inputs: list[Path], root: Path, code_root: Path | None = None) -> str:
-    """`<stage>-<digest>` of what the run computes: the config (paths relative to root), the content of
-    every input (files or folders) and of the code the stage runs (its import closure). A rerun of the
-    same computation resumes that run; a change to any of these starts afresh. Independent of times and
-    of where the tree lies, so a copied or re-checked-out tree finds its own checkpoints."""
-    from cgspn.pipeline.code_closure import REPO_ROOT, code_digest
-
-    stable = {k: v for k, v in cfg.items() if k not in ("mlflow", "driver")}  # per invocation, not the run's
-    text = json.dumps(stable, sort_keys=True, default=str).replace(str(root.resolve()), "<root>")
-    digest = hashlib.sha256(text.encode())
-    digest.update(content_digest(inputs, root).encode())
-    digest.update(code_digest(f"stages.{stage}", code_root or REPO_ROOT).encode())
-    return f"{stage}-{digest.hexdigest()[:16]}"
-
-
-class WorkerInputError(InputError):
-    """Bad input a Ray worker found (raised there as `kind`); the stage reports it in one line, exit 2."""
-
-    def __init__(self, message: str, kind: str = "InputError"):
-        super().__init__(message)
-        self.kind = kind
-
-
-def fit(cfg: dict, scaling: dict, storage: Path, name: str) -> dict:
-    """Run the training on Ray Train as run `name` under `storage`; returns the final checkpoint's state
-    (model, history, ...). WorkerInputError for bad input a worker found."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from cgspn.pipeline.cluster import start_ray
-
-    started = start_ray(scaling["num_workers"] * scaling["cpus_per_worker"])
-    try:
-        resources = {"CPU": scaling["cpus_per_worker"]}
-        if scaling["use_gpu"]:
-            resources["GPU"] = 1
-        trainer = TorchTrainer(
-            train_loop_per_worker,
-            train_loop_config=cfg,
-            scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
-                                         resources_per_worker=resources),
-            run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
-                                 failure_config=FailureConfig(max_failures=scaling["max_failures"]),
-                                 checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        )
-        result = trainer.fit()
-        errors = sorted(Path(cfg["driver"]["errors"]).glob("rank*.json"), key=lambda f: int(f.stem[4:]))
-        if errors:
-            first = json.loads(errors[0].read_text())
-            shutil.rmtree(cfg["driver"]["errors"], ignore_errors=True)
-            raise WorkerInputError(first["message"], first["kind"])
-        with result.checkpoint.as_directory() as d:
-            return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-
-
-# --- the driver side of a training stage ----------------------------------------------------------
-
-def train_schema():
-    from cgspn.pipeline.params import Param
-
-    return {
-        "steps": Param(int, min=1),
-        "batch_size": Param(int, min=1),  # per worker
-        "lr": Param(float, min=0.0),
-        "weight_decay": Param(float, min=0.0),
-        "warmup_steps": Param(int, min=0),
-        "min_lr_ratio": Param(float, min=0.0, max=1.0),
-        "grad_clip": Param(float, min=0.0),
-        "checkpoint_every": Param(int, min=1),
-        "val_every": Param(int, min=0),  # 0: validate only at the start and the end
-        "val_count": Param(int, min=1),
-        "log_every": Param(int, min=1),
-        "seed": Param(int, min=0),
-        "workers": Param(int, min=1),
-        "cpus_per_worker": Param(int, min=1),
-        "use_gpu": Param(bool),
-        "max_failures": Param(int, min=0),
-        "storage_path": Param(str),  # Ray Train checkpoints, relative to the root
-    }
-
-
-def check_weights(weights: list | dict, param: str) -> None:
-    """ParamError when loss weights are given but all 0 (the objective would weigh nothing; stage 1 divides
-    by their sum). Values of the wrong type are left to the checks that know them."""
-    values = list(weights.values()) if isinstance(weights, dict) else list(weights)
-    if values and all(not isinstance(w, bool) and w == 0 for w in values):
-        raise ParamError(f"{param} are all 0: nothing would be trained; give at least one a weight > 0")
-
-
-def figure(value, digits: int = 4):
-    """A float at `digits` significant digits (what a loss or a cosine means; a rerun elsewhere differs
-    further down); anything else as it is."""
-    return float(f"{value:.{digits}g}") if isinstance(value, float) else value
-
-
-def figures(row: dict) -> dict:
-    """Every float of a row (or a nested dict of rows) at 4 significant digits."""
-    return {k: figures(v) if isinstance(v, dict) else figure(v) for k, v in row.items()}
-
-
-def mean_rows(rows: list[dict]) -> dict:
-    """Per key, the mean over the rows that have it (parts can exist on some steps only)."""
-    keys = dict.fromkeys(k for r in rows for k in r if k != "step")
-    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
-
-
-def run_training(stage: str, p: dict, root: Path, run, task_cfg: dict, inputs: list[Path], export) -> dict:
-    """Train on Ray, export the final model with `export(model, folder)` into models/<stage>/ (replaced
-    whole), write reports/metrics/<stage>.json and reports/plots/<stage>.{csv,png}, log to MLflow."""
-    from cgspn.distill.tasks import TASKS
-    from cgspn.pipeline.outputs import replace_dir, write_json, write_timings
-    from cgspn.train.curves import plot_history, write_csv
-    from cgspn.pipeline.tracking import supersede_attempts, tracking_uri
-
-    cfg = {
-        "stage": stage, "task": task_cfg, "seed": p["seed"], "threads": p["cpus_per_worker"],
-        "opt": {k: p[k] for k in ("steps", "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip",
-                                  "backbone_lr_scale", "head_only_steps") if k in p},
-        "checkpoint_every": p["checkpoint_every"], "val_every": p["val_every"], "log_every": p["log_every"],
-    }
-    scaling = {"num_workers": p["workers"], "cpus_per_worker": p["cpus_per_worker"], "use_gpu": p["use_gpu"],
-               "max_failures": p["max_failures"]}
-    key = run_key(stage, cfg, inputs, root)
-    # An attempt of the same run that was killed stays RUNNING in MLflow: mark it failed, and pass it on so
-    # that a worker that resumes from its checkpoint tags this run as its continuation.
-    previous = supersede_attempts(run, key)
-    cfg["mlflow"] = {"uri": tracking_uri(), "run_id": run.id, "previous_run": previous}
-    storage = root / p["storage_path"]
-    cfg["driver"] = {"errors": str((storage / key / f"input-errors-{run.id}").resolve())}  # workers' bad input
-    print(f"{stage}: Ray run {key} (checkpoints under {storage / key})", flush=True)
-    start = time.perf_counter()
-    state = fit(cfg, scaling, storage, key)
-    seconds = time.perf_counter() - start
-    model = TASKS[stage].build(task_cfg)
-    model.load_state_dict(state["model"])
-    with replace_dir(root / "models" / stage) as staging:
-        files = export(model, staging)
-    history, val = state["history"], state["val_history"]
-    # the tracked curves and metrics hold what training computed, at the precision that means something (a
-    # rerun elsewhere differs in the last bits); the rates (which differ run to run for the same weights) go
-    # to the timings file and MLflow
-    science = [{k: v for k, v in r.items() if k != "images_per_s"} for r in history]
-    curves = [figures(r) for r in science]
-    val = [figures(r) for r in val]
-    write_csv(root / "reports" / "plots" / f"{stage}.csv", curves)
-    plot_history(curves, val, root / "reports" / "plots" / f"{stage}.png", stage)
-    rates = sorted(r["images_per_s"] for r in history)
-    timings = {"seconds": round(seconds, 1), "images_per_s": round(rates[len(rates) // 2], 2)}  # median over steps
-    metrics = {
-        "steps": state["step"], "workers": p["workers"],
-        "nodes": len(state.get("nodes", [])),  # Ray nodes the workers ran on
-        "train_last10": figures(mean_rows(science[-min(len(science), 10):])),
-        "val_start": val[0], "val_end": val[-1],
-    }
-    write_json(root / "reports" / "metrics" / f"{stage}.json", metrics)
-    write_timings(root, stage, timings)
-    run.log_metrics({"final": metrics["train_last10"], "val_start": val[0], "val_end": val[-1], **timings})
-    for f in files:
-        run.log_artifact(root / "models" / stage / f, "model")
-    run.log_artifact(root / "reports" / "plots" / f"{stage}.png")
-    return metrics
