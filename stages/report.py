@@ -3,14 +3,12 @@ with the commit and the parameters that produced them, and reports/metrics/headl
 run is compared by (`dvc metrics show reports/metrics/headline.json`). The last stage of the pipeline."""
 from __future__ import annotations
 
-import datetime
 from pathlib import Path
 
 from cgspn.pipeline.outputs import atomic_write, write_json
 from cgspn.pipeline.params import Param
-from cgspn.report.build import build_report, headline
+from cgspn.report.build import build_report, code_commit, headline
 from cgspn.pipeline.cli import run_stage
-from cgspn.pipeline.tracking import git_commit
 
 SCHEMA = {"title_note": Param(str)}
 OUT = Path("reports/REPORT.md")
@@ -21,8 +19,7 @@ def main(p: dict, root: Path, run) -> dict:
     """Write the report."""
     params_file = root / "params.yaml"
     params_text = params_file.read_text() if params_file.exists() else "(params.yaml not found)"
-    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = build_report(root, git_commit(), params_text, when)
+    text = build_report(root, code_commit(root), params_text)
     if p["title_note"]:
         text = text.replace("\n\n", f"\n\n{p['title_note']}\n\n", 1)
     atomic_write(root / OUT, lambda tmp: tmp.write_text(text))

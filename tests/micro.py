@@ -54,7 +54,7 @@ MICRO.update({
                  "models": ["teacher", "random", "distill_stage1", "distill_stage2", "highres"],
                  "knn_bank_split": "auto", "knn_query_split": "auto", "knn_k": 5, "knn_temperature": 0.07,
                  "seg_train_split": "auto", "seg_val_split": "auto", "seg_scales": [1, 2], "seg_steps": 4, "teacher_blocks": [5], "pca_photo": "astronaut", "pca_sizes": [56, 112],
-                 "pca_model": "highres", "max_images": 0, "batch_size": 16, "threads": 2, "device": "auto", "seed": 0,
+                 "pca_model": "highres", "pca_teacher_max_side": 56, "max_images": 0, "batch_size": 16, "threads": 2, "device": "auto", "seed": 0,
                  "readout_control_steps": 20},
     "benchmark": {"reps": 1, "kernel": False, "blocks": True, "cpu_sides": [64], "cpu_model_sides": [56]},
     "report": {"title_note": "micro test run"},
@@ -175,7 +175,7 @@ def make_repo(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", ".dvcignore"):
         shutil.copy(repo / name, dest / name)
-    for sub in ["stages", "cgspn", "kernels"]:
+    for sub in ["stages", "cgspn", "kernels", "benchmarks"]:
         shutil.copytree(repo / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__"))
     write_params(dest / "params.yaml", **TWO_TEACHERS)
     (dest / ".gitignore").write_text("/data/\n/models/\n/runs/\n__pycache__/\nmlflow.db\n")

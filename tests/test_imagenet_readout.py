@@ -147,7 +147,7 @@ def test_evaluate_reports_fidelity_per_teacher_and_the_readout(evaluated):
     per = s2["fidelity_per_teacher"]
     assert list(per) == [VIT, CNN] and all(sorted(per[t]) == ["patch", "summary", "summary_z"] for t in per)
     assert all(sorted(per[t][k]) == sides and all(-1 <= v <= 1 for v in per[t][k].values()) for t in per for k in per[t])
-    assert per[VIT]["patch"] == s2["fidelity"]  # evaluate.teacher's: the fidelity figure it always had
+    assert per[VIT]["patch"] == s2["fidelity_adapted"]  # evaluate.teacher's: the adapted fidelity
     assert all("fidelity_per_teacher" not in ev["models"][m] for m in ("teacher", "random"))
     r = ev["imagenet_readout"]
     assert "imagenet_readout" not in ev["not_measured"]
@@ -164,10 +164,10 @@ def test_evaluate_reports_fidelity_per_teacher_and_the_readout(evaluated):
     from cgspn.data.shards import decode_image
     from cgspn.teachers.registry import load_teacher_file, teacher_normalization
     from cgspn.data.preprocess import preprocess
-    from stages.evaluate import split_samples
+    from cgspn.eval.features import FeatureStore
 
     teacher = load_teacher_file(evaluated["root"] / f"models/teachers/{CNN}.safetensors").eval()
-    samples = split_samples(evaluated["root"], "photos", None)
+    samples = FeatureStore(evaluated["root"], evaluated["root"] / "data/shards", {}, 8, None).samples("photos")
     x = torch.cat([preprocess(decode_image(s, sh), 56, *teacher_normalization(teacher)) for s, sh in samples])
     with torch.no_grad():
         expected = teacher.classify(teacher(x).summary).topk(5).indices.tolist()

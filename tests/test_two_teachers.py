@@ -168,11 +168,11 @@ def test_evaluate_loads_its_vit_teacher_beside_two_teacher_adaptors(trained):
     import yaml
 
     from cgspn.pipeline.errors import ParamError
-    from stages.evaluate import load_encoders
+    from cgspn.eval.models import load_encoders
 
     p = yaml.safe_load(trained["params"].read_text())["evaluate"]
     encoders = load_encoders({**p, "models": ["teacher", "random", "distill_stage2"]}, trained["root"], "cpu")
-    summary, patches, teacher_space, _, _ = encoders["distill_stage2"](torch.randn(2, 3, 28, 28))
-    assert summary.shape == (2, 384) and teacher_space.shape == (2, 2, 2, 384)
+    out = encoders["distill_stage2"].forward(torch.randn(2, 3, 28, 28))
+    assert out.summary.shape == (2, 384) and out.teacher_space.shape == (2, 2, 2, 384)
     with pytest.raises(ParamError, match="evaluate.teacher='efficientnet_lite0' is not a ViT"):
         load_encoders({**p, "teacher": CNN}, trained["root"], "cpu")

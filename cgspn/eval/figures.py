@@ -42,23 +42,28 @@ def resolution_figure(results: dict, path: Path, knn_k: int) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    has_seg = any(r["seg_miou"] for r in results.values())
-    has_knn = any(r["knn_summary"] is not None for r in results.values())
+    has_seg = any(r.get("seg_miou") for r in results.values())
+    has_knn = any(r.get("knn_summary") is not None for r in results.values())
     panels = (["seg_miou"] if has_seg else []) + ["fidelity"] + (["knn"] if has_knn else [])
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
     axes = dict(zip(panels, axes[0]))
-    titles = {"seg_miou": ("mIoU (%)", "linear segmentation probe"), "fidelity": ("mean cosine to the teacher", "fidelity")}
+    titles = {"seg_miou": ("mIoU (%)", "linear segmentation probe"),
+              "fidelity": ("mean cosine to the teacher's patch features", "fidelity: own tokens (solid), adapted (dashed)")}
     for key in [k for k in panels if k != "knn"]:
         ax, scale = axes[key], 100 if key == "seg_miou" else 1
-        for name, r in results.items():
-            if r[key]:
-                ax.plot([int(k) for k in r[key]], [scale * v for v in r[key].values()], marker="o", label=name)
-        sides = sorted({int(k) for r in results.values() for k in r[key]})
+        for i, (name, r) in enumerate(results.items()):
+            color = f"C{i}"
+            if r.get(key):
+                ax.plot([int(k) for k in r[key]], [scale * v for v in r[key].values()], marker="o", label=name, color=color)
+            if key == "fidelity" and r.get("fidelity_adapted"):
+                adapted = r["fidelity_adapted"]
+                ax.plot([int(k) for k in adapted], list(adapted.values()), marker="s", ls="--", color=color)
+        sides = sorted({int(k) for r in results.values() for k in r.get(key, {})})
         ax.set(xlabel="image side (px)", ylabel=titles[key][0], title=titles[key][1], xscale="log")
         ax.minorticks_off()  # only the measured sides as ticks: no overlapping log-scale labels
         ax.set_xticks(sides, [str(s) for s in sides])
     if has_knn:
-        ax, names = axes["knn"], [n for n, r in results.items() if r["knn_summary"] is not None]
+        ax, names = axes["knn"], [n for n, r in results.items() if r.get("knn_summary") is not None]
         x = np.arange(len(names))
         summary = [100 * results[n]["knn_summary"] for n in names]
         patch = [100 * results[n]["knn_mean_patch"] for n in names]
@@ -81,8 +86,10 @@ def resolution_figure(results: dict, path: Path, knn_k: int) -> Path:
 
 
 @torch.no_grad()
-def pca_figure(photo: dict, teacher, student, sizes: list[int], path: Path) -> Path:
-    """Rows: the photo, the teacher's PCA map, the student's, at each size (one column per size)."""
+def pca_figure(photo: dict, teacher, student, sizes: list[int], path: Path, teacher_max_side: int | None = None) -> Path:
+    """Rows: the photo, the teacher's PCA map, the student's, at each size (one column per size). The teacher
+    runs only up to `teacher_max_side` (attention's cost grows with the square of the tokens: 64 s for the
+    ViT-S/14 at 1792 px on a 2-core CPU, against 11 s for the student); above it its panel says so."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,16 +103,36 @@ def pca_figure(photo: dict, teacher, student, sizes: list[int], path: Path) -> P
                             torch.tensor([0.485, 0.456, 0.406])).clamp(0, 1)).numpy())
         axes[0, j].set_title(f"{size} px")
         for i, enc in [(1, teacher), (2, student)]:
-            # the student through its adaptor: the features it offers the teacher's users
-            teacher_space = enc(x)[2]  # [1, h, w, D_t]
-            axes[i, j].imshow(pca_rgb(teacher_space[0])[0], interpolation="nearest")
             axes[i, 0].set_ylabel(enc.name)
+            if enc is teacher and teacher_max_side and size > teacher_max_side:
+                axes[i, j].text(0.5, 0.5, f"not run above {teacher_max_side} px\n(evaluate.pca_teacher_max_side)",
+                                ha="center", va="center", fontsize=8, transform=axes[i, j].transAxes)
+                continue
+            # the student through its adaptor: the features it offers the teacher's users
+            teacher_space = enc.forward(x).teacher_space  # [1, h, w, D_t]
+            axes[i, j].imshow(pca_rgb(teacher_space[0])[0], interpolation="nearest")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(f"first three principal components of the patch features ({photo.get('txt', b'').decode()})")
     fig.tight_layout()
     return _save(fig, path)
+
+
+def pca_sample(p: dict, splits, store, val_split: str, say=print) -> dict:
+    """The sample the PCA figure shows: evaluate.pca_photo of the photos split, else the first image of
+    `val_split` (named by its source file)."""
+    from cgspn.pipeline.errors import ParamError
+
+    if splits.has("photos"):
+        photo = next((s for s, _ in store.samples("photos") if s.get("txt", b"").decode() == p["pca_photo"]), None)
+        if photo is None:
+            raise ParamError(f"evaluate.pca_photo={p['pca_photo']!r}: no such photo in the photos split")
+        return photo
+    sample = store.samples(val_split)[0][0]
+    say(f"no photos split: the PCA figure shows {val_split}'s first image "
+        f"({sample.get('source.txt', sample['__key__'].encode()).decode()})")
+    return {**sample, "txt": sample.get("source.txt", sample["__key__"].encode())}
 
 
 if __name__ == "__main__":

