@@ -288,3 +288,36 @@ def test_the_training_table_and_curves_have_a_row_per_teacher(tmp_path):
                                   [{k: v for k, v in r.items() if cnn not in k} for r in val],
                                   tmp_path / "one.png", "distill_stage2")).size
     assert two[1] > 1.7 * one[1] and abs(two[0] - one[0]) < 0.1 * one[0]  # a row of panels per teacher
+
+
+def test_a_target_the_random_student_meets_too_is_not_shown():
+    """On colour-cluster data the random student segmented better than the teacher: beating the teacher
+    then says nothing about distillation, and the verdict must say so."""
+    from cgspn.report.build import verdicts
+
+    def model(knn, miou):
+        return {"knn_summary": knn, "knn_mean_patch": knn, "parameters": 1e6, "seg_miou": {"56": miou, "224": miou}}
+
+    models = {"teacher": model(0.744, 0.578), "random": model(0.597, 0.602), "distill_stage2": model(0.73, 0.59),
+              "highres": model(0.73, 0.59)}
+    seg = [r for r in verdicts(models, [56, 224], True, True) if "segmentation" in r[0]][0]
+    assert seg[2] == "not shown: the random student meets it too (60.2)" and "random student 60.2" in seg[1]
+    models["random"] = model(0.597, 0.30)  # below the teacher: the comparison means something again
+    seg = [r for r in verdicts(models, [56, 224], True, True) if "segmentation" in r[0]][0]
+    assert seg[2] == "met"
+    models["random"] = model(0.73, 0.30)  # the random student within 3 kNN points of the teacher too
+    knn = verdicts(models, [56, 224], True, True)[0]
+    assert knn[2] == "not shown: the random student meets it too (73.0)"
+
+
+def test_the_data_section_states_what_shard_changed(tmp_path):
+    from cgspn.report.build import data_section
+
+    metrics = tmp_path / "reports/metrics"
+    metrics.mkdir(parents=True)
+    shard = {"images": 8, "splits": {"train": {"count": 8, "shards": 1, "bytes": 1e6}},
+             "notes": ["1 16-bit image scaled to 8 bit (value / 257)"]}
+    (metrics / "shard.json").write_text(json.dumps(shard))
+    assert "Changed on the way in: 1 16-bit image scaled to 8 bit (value / 257)." in "\n".join(data_section(tmp_path))
+    (metrics / "shard.json").write_text(json.dumps({**shard, "notes": []}))
+    assert "No image was changed on the way in." in "\n".join(data_section(tmp_path))
