@@ -38,7 +38,7 @@ from cgspn.pipeline.outputs import replace_dir, write_json, write_timings
 from cgspn.pipeline.params import Param
 from cgspn.distill.phis import PhiS, phis_file
 from cgspn.pipeline.cli import run_stage
-from cgspn.teachers.registry import known_teachers, teacher_side
+from cgspn.teachers.registry import family_of, known_teachers, teacher_side
 
 SCHEMA = {
     "resolution": Param(int, min=14),  # images are resized and center-cropped to this square
@@ -135,7 +135,7 @@ def check_inputs(p: dict, root: Path) -> tuple[list[dict], list[tuple[str, Path]
         t["side"] = teacher_side(p["resolution"], t["scale"])
         patch = t["config"]["patch_size"]
         # a ViT cuts its input into patches; a CNN pads ("SAME") and takes any side
-        if t["config"].get("family", "vit") == "vit" and t["side"] % patch:
+        if family_of(t["config"]).patches and t["side"] % patch:
             at = f" (at teacher_scale {t['scale']}: {t['side']} px)" if t["scale"] != 1 else ""
             raise ParamError(f"cache_teacher.resolution={p['resolution']}{at} is not a multiple of "
                              f"teacher {t['name']}'s patch size {patch}")

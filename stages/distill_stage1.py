@@ -10,6 +10,7 @@ from cgspn.pipeline.errors import ParamError
 from cgspn.pipeline.params import Param
 from cgspn.pipeline.cli import run_stage
 from cgspn.pipeline.inputs import SHARDS, TEACHERS, Splits, check_splits, teacher_entry
+from cgspn.teachers.registry import family_of
 from cgspn.models.students import save_student
 from cgspn.train.driver import run_training
 from cgspn.train.schema import check_weights, train_schema
@@ -28,8 +29,8 @@ SCHEMA = {
 def main(p: dict, root: Path, run) -> dict:
     """Train the student's mixers block by block."""
     teacher = teacher_entry(root, p["teacher"], "distill_stage1.teacher")
-    family = teacher["config"].get("family", "vit")
-    if family != "vit":
+    if not family_of(teacher["config"]).blocks:
+        family = teacher["config"].get("family")
         raise ParamError(f"distill_stage1.teacher={p['teacher']!r} is not a ViT (family {family}): module-wise "
                          f"distillation needs a ViT's per-block attention inputs and outputs")
     if p["resolution"] % teacher["config"]["patch_size"]:

@@ -26,6 +26,7 @@ from cgspn.eval.fit import fit_fixed_steps
 from cgspn.eval.protocol import Context, Protocol, round4
 from cgspn.report.markdown import pct, table
 from cgspn.teachers.display import teacher_label
+from cgspn.teachers.registry import family_of
 from cgspn.distill.losses import cosine_distance
 from cgspn.distill.phis import PhiS
 from cgspn.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
@@ -162,7 +163,7 @@ class ImageNetReadout(Protocol):
         self.teacher = None
         if not any(enc.adaptor is not None for enc in ctx.encoders.values()):
             return "no student with adaptors (distill_stage2, highres) is among evaluate.models"
-        found = [t for t, o in ctx.others.items() if hasattr(o.model, "classify")]
+        found = [t for t, o in ctx.others.items() if family_of(o.model).classifier]
         if not found:
             names = ", ".join([ctx.p["teacher"], *ctx.others])
             return (f"stage 2's teachers ({names}) include no ImageNet-1k classifier (a teacher with `classify`, "

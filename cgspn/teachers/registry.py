@@ -28,7 +28,32 @@ from cgspn.data.preprocess import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401 (a t
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = REPO_ROOT / "models" / "teachers"
 
-FAMILIES = {"vit": (ViT, ViTConfig), "efficientnet_lite": (EfficientNetLite, EfficientNetLiteConfig)}
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What a family of teacher modules offers the pipeline, so that no stage asks a module what it is:
+    `blocks`, per-block attention inputs and outputs (module-wise distillation, block targets, block probes);
+    `classifier`, an ImageNet head `classify(summary)` (the ImageNet readout); `patches`, whether it cuts its
+    input into patches (its input side must be a multiple of the patch size; a CNN pads and takes any side).
+    Normalization, stride (`cfg.patch_size`), width and depth come with each teacher's config."""
+
+    model: type
+    config: type
+    blocks: bool
+    classifier: bool
+    patches: bool
+
+
+FAMILIES = {"vit": Family(ViT, ViTConfig, blocks=True, classifier=False, patches=True),
+            "efficientnet_lite": Family(EfficientNetLite, EfficientNetLiteConfig, blocks=False, classifier=True,
+                                        patches=False)}
+
+
+def family_of(teacher: "Teacher | dict") -> Family:
+    """The Family of a teacher module, or of a teachers.json config (its "family"; absent: a ViT)."""
+    name = teacher.get("family", "vit") if isinstance(teacher, dict) else family(teacher)
+    if name not in FAMILIES:
+        raise ValueError(f"unknown teacher family {name!r}; known: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
 Teacher = ViT | EfficientNetLite
 
 _REGISTRY: dict[str, Callable[..., Teacher]] = {}
@@ -79,7 +104,7 @@ def load_teacher_file(path: str | Path) -> Teacher:
     if kind not in FAMILIES:
         raise ValueError(f"{Path(path).with_suffix('.json').name}: unknown teacher family {kind!r}; "
                          f"known: {', '.join(FAMILIES)}")
-    model_cls, cfg_cls = FAMILIES[kind]
+    model_cls, cfg_cls = FAMILIES[kind].model, FAMILIES[kind].config
     unknown = set(cfg) - {f.name for f in dataclasses.fields(cfg_cls)}
     if unknown:
         raise ValueError(f"{Path(path).with_suffix('.json').name}: unknown {cfg_cls.__name__} keys {sorted(unknown)}")
@@ -97,8 +122,8 @@ def load_vit(path: str | Path) -> ViT:
 
 def family(model: Teacher) -> str:
     """The FAMILIES key of a teacher module ("vit", "efficientnet_lite")."""
-    for name, (model_cls, _) in FAMILIES.items():
-        if isinstance(model, model_cls):
+    for name, spec in FAMILIES.items():
+        if isinstance(model, spec.model):
             return name
     raise TypeError(f"{type(model).__name__} is not a teacher family ({', '.join(FAMILIES)})")
 
