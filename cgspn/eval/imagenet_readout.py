@@ -200,6 +200,7 @@ class ImageNetReadout(Protocol):
             fresh = cgspn_from_teacher_config(ctx.encoders["teacher"].model.cfg).eval().to(ctx.device)
             store.encoders["random"] = Encoder("random", fresh)
         control = store.encoders["random"].model
+        torch.manual_seed(p["seed"])  # the control head's initialization: the seed's, not whatever ran before it
         head = AdaptorMLP(like.norm.normalized_shape[0], like.fc2.out_features, like.fc1.out_features)
         side = teacher_side(ctx.base, teacher.scale)
         ctx.say(f"ImageNet readout through {name}'s classifier: students at {ctx.base} px, the teacher at {side} px")
