@@ -5,6 +5,9 @@ in a state named "Skipped"), streams the stage's output into the Prefect log, an
     python -m flows.pipeline                               # the whole pipeline on params.yaml
     python -m flows.pipeline -S distill_stage2.steps=300   # one run with overrides: one DVC experiment
 
+A stage that rejected its input (exit status 2 and one line, cgspn.pipeline.cli) is not retried: the same
+input fails the same way, and the flow ends with that line (`python -m flows.pipeline` exits 2 too).
+
 With overrides, params.yaml is edited for the run only: the run is recorded as one DVC experiment named
 after the Prefect flow run (`dvc exp show`, `dvc exp apply <name>`), and afterwards params.yaml, dvc.lock
 and the metrics, plots and report are back byte for byte (flows.experiment).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,23 +36,49 @@ set_defaults({"PREFECT_HOME": str(REPO / ".prefect")})
 from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
-from prefect.states import Completed  # noqa: E402
+from prefect.states import Completed, Failed  # noqa: E402
 
+from cgspn.pipeline.cli import BAD_INPUT  # noqa: E402
 from cgspn.pipeline.names import PARENT_RUN_ENV, STAGES  # noqa: E402
 from flows.experiment import OverrideRun, parse_override  # noqa: E402
 from flows.log_levels import OutputLevels  # noqa: E402
+
 SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for a stage that is up to date
+STAGE_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")  # how `dvc repro` reports the stage's status
 
 
 class StageFailed(RuntimeError):
-    pass
+    """A stage that failed under `dvc repro`: its last lines of output."""
+
+
+class StageInputError(StageFailed):
+    """A stage that rejected its input: its one error line. The same input fails the same way: not retried."""
+
+
+def stage_exit(lines: list[str]) -> int | None:
+    """The stage command's own exit status, as DVC reports it (DVC itself exits 255), or None."""
+    found = [int(m.group(1)) for line in lines if (m := STAGE_EXIT.search(line))]
+    return found[-1] if found else None
+
+
+def stage_error(stage: str, code: int, tail: list[str]) -> StageFailed:
+    """StageInputError with the stage's error line for bad input, StageFailed with the tail otherwise."""
+    own = [line for line in tail if line.startswith(f"stage {stage}: error: ")]
+    if stage_exit(tail) == BAD_INPUT and own:
+        return StageInputError(own[-1])
+    return StageFailed(f"stage {stage} failed (exit {code}):\n" + "\n".join(tail))
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Prefect's retry condition: any failure but a stage's bad input may pass on a second try."""
+    return not isinstance(state.result(raise_on_failure=False), StageInputError)
 
 
 def dvc_command(stage: str) -> list[str]:
     return [str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", stage]
 
 
-@task(retries=2, retry_delay_seconds=[5, 20], task_run_name="{stage}")
+@task(retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=retry_unless_bad_input, task_run_name="{stage}")
 def run_stage(stage: str, root: str, parent_run_id: str | None):
     """One DVC stage; its output goes line by line to the Prefect log. 'ran', or a Completed state named
     Skipped (result 'skipped') when DVC found it up to date."""
@@ -67,7 +97,7 @@ def run_stage(stage: str, root: str, parent_run_id: str | None):
             logger.log(level(line), "%s", line)
             tail = (tail + [line])[-15:]
     if proc.wait() != 0:
-        raise StageFailed(f"stage {stage} failed (exit {proc.returncode}):\n" + "\n".join(tail))
+        raise stage_error(stage, proc.returncode, tail)
     if any(SKIPPED in t for t in tail):
         return Completed(name="Skipped", message="up to date: DVC did not run it", data="skipped")
     return "ran"
@@ -86,17 +116,22 @@ def pipeline(overrides: list[str] | None = None, root: str = str(REPO), stages: 
         parse_override(text)  # a malformed override fails before anything runs
     name = flow_run.get_name() or "pipeline"
     outcome: dict[str, str] = {}
-    with ParentRun(name, overrides, rootp) as parent, OverrideRun(rootp, overrides) as experiment:
-        for stage in stages:
-            state = run_stage(stage, root, parent.id, return_state=True)
-            state.result()  # a failed stage (after its retries) raises its error here
-            outcome[stage] = "skipped" if state.name == "Skipped" else "ran"
-        ran = any(v == "ran" for v in outcome.values())
-        if ran:
-            experiment.save(name)
-            parent.finish(experiment.experiment, flow_run.get_id())
-        else:
-            parent.discard()
+    try:
+        with ParentRun(name, overrides, rootp) as parent, OverrideRun(rootp, overrides) as experiment:
+            for stage in stages:
+                state = run_stage(stage, root, parent.id, return_state=True)
+                state.result()  # a failed stage (after its retries) raises its error here
+                outcome[stage] = "skipped" if state.name == "Skipped" else "ran"
+            ran = any(v == "ran" for v in outcome.values())
+            if ran:
+                experiment.save(name)
+                parent.finish(experiment.experiment, flow_run.get_id())
+            else:
+                parent.discard()
+    except StageInputError as error:
+        # Failed as a returned state: Prefect logs its one line, not the traceback of a raised error; calling
+        # the flow still raises the error
+        return Failed(message=str(error), data=error)
     create_markdown_artifact(key="pipeline-run", markdown=parent.summary_markdown(outcome, experiment.experiment),
                              description="What ran, the headline figures, and where to look")
     return {"stages": outcome, "mlflow_parent_run": parent.id if ran else None, "dvc_experiment": experiment.experiment,
@@ -109,7 +144,11 @@ def main(argv=None) -> dict:
                         help="a parameter override for this run only (repeatable); the run is one DVC experiment")
     parser.add_argument("--stages", nargs="+", default=None, help=f"a subset of {list(STAGES)}, in pipeline order")
     args = parser.parse_args(argv)
-    result = pipeline(overrides=args.set_param, stages=args.stages)
+    try:
+        result = pipeline(overrides=args.set_param, stages=args.stages)
+    except StageInputError as error:
+        print(f"\n{error}", file=sys.stderr)
+        sys.exit(BAD_INPUT)
     from flows.tracking import runs_hint
 
     print(f"\nDone ({result['flow_run']}): {result['stages']}")

@@ -1,10 +1,14 @@
 """The flow's part of issue 29: the stages and the parent-run variable named in one place (cgspn.pipeline.names);
-`python -m flows.pipeline` sets its own quiet, offline defaults before Prefect is imported."""
+a stage that rejects its input (exit 2) is not retried and ends the flow with its one line; a crashing stage is
+still retried; `python -m flows.pipeline` sets its own quiet, offline defaults before Prefect is imported.
+
+The flow's own runs here are cheap: a micro repository (tests/micro.py) in which the first stage fails."""
 from __future__ import annotations
 
 import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +49,42 @@ def test_the_flow_and_the_pipeline_package_name_no_stage_and_no_parent_run_varia
         found += [f"{rel}:{node.lineno} {node.value!r}" for node in ast.walk(ast.parse(path.read_text()))
                   if isinstance(node, ast.Constant) and node.value == PARENT_RUN_ENV]
     assert not found, found
+
+
+def test_bad_input_is_not_retried_and_ends_the_flow_with_its_one_line(tmp_path):
+    """The README's override command, run from a shell on a micro repository: the shard stage rejects the
+    source (exit 2); it runs once, and the flow ends with that stage's line, exit status 2, no traceback."""
+    repo = with_flows(tmp_path / "repo")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    params = (repo / "params.yaml").read_bytes()
+    done = subprocess.run([sys.executable, "-m", "flows.pipeline", "-S", "shard.source=no_such_source"], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=400)
+    output = done.stdout + done.stderr
+    error = "stage shard: error: params.yaml: shard.source must be one of"
+    assert done.returncode == 2, output[-4000:]
+    assert output.count("Running stage 'shard'") == 1, output[-4000:]  # no retry
+    assert "Traceback" not in output, output[-4000:]
+    # what the flow printed itself, besides Prefect's log records ("12:34:56.789 | INFO | ..."), ends with the line
+    own = [line for line in output.splitlines() if line.strip() and not re.match(r"\d\d:\d\d:\d\d\.\d+ \| ", line)]
+    assert own[-1].startswith(error), output[-2000:]
+    assert (repo / "params.yaml").read_bytes() == params
+
+
+def test_a_crashing_stage_is_retried(tmp_path, prefect_harness, monkeypatch):
+    """Anything but bad input may be transient: a stage that exits 1 is tried three times."""
+    import pytest
+
+    from flows import pipeline as flow_module
+
+    repo = with_flows(tmp_path / "repo")
+    attempts = tmp_path / "attempts"
+    (repo / "stages/shard.py").write_text(f"import sys\nopen({str(attempts)!r}, 'a').write('x')\nsys.exit(1)\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(flow_module, "run_stage", flow_module.run_stage.with_options(retry_delay_seconds=0))
+    with pytest.raises(flow_module.StageFailed, match="stage shard failed"):
+        flow_module.pipeline(root=str(repo), stages=["shard"])
+    assert attempts.read_text() == "xxx"
 
 
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",

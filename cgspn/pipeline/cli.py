@@ -19,6 +19,8 @@ from cgspn.pipeline.errors import InputError, ParamError
 from cgspn.pipeline.params import Param, load_section
 from cgspn.pipeline.quiet_env import set_defaults
 
+BAD_INPUT = 2  # the exit status for bad input: the flow does not retry a stage that exits with it
+
 
 def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=(main.__doc__ or "").strip())
@@ -34,7 +36,7 @@ def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[st
             return main(params, Path(args.root), run)
     except (InputError, FileNotFoundError) as e:
         print(f"\nstage {name}: error: {error_line(e, args.params)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(BAD_INPUT)
 
 
 def error_line(e: Exception, params_file: str) -> str:
