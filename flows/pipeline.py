@@ -14,7 +14,8 @@ and the metrics, plots and report are back byte for byte (flows.experiment).
 
 MLflow: one parent run per flow run that ran something, named after the flow run, with the overrides as
 parameters, the commit, the DVC experiment and the Prefect flow run as tags, the headline figures as
-metrics (cgspn.report.build.headline) and the final student as a logged model; every stage's run is its child.
+metrics (cgspn.report.build.headline), REPORT.md as an artifact (after a run with overrides, the one copy of
+its report outside its DVC experiment) and the final student as a logged model; every stage's run is its child.
 A run in which DVC skipped every stage leaves no parent run behind.
 """
 from __future__ import annotations
@@ -135,7 +136,7 @@ def pipeline(overrides: list[str] | None = None, root: str = str(REPO), stages: 
     create_markdown_artifact(key="pipeline-run", markdown=parent.summary_markdown(outcome, experiment.experiment),
                              description="What ran, the headline figures, and where to look")
     return {"stages": outcome, "mlflow_parent_run": parent.id if ran else None, "dvc_experiment": experiment.experiment,
-            "flow_run": name}
+            "flow_run": name, "mlflow_report": parent.report_uri}
 
 
 def main(argv=None) -> dict:
@@ -143,18 +144,19 @@ def main(argv=None) -> dict:
     parser.add_argument("-S", "--set-param", action="append", default=[], metavar="KEY=VALUE",
                         help="a parameter override for this run only (repeatable); the run is one DVC experiment")
     parser.add_argument("--stages", nargs="+", default=None, help=f"a subset of {list(STAGES)}, in pipeline order")
+    parser.add_argument("--root", default=str(REPO), help="the DVC repository to run (default: this one)")
     args = parser.parse_args(argv)
     try:
-        result = pipeline(overrides=args.set_param, stages=args.stages)
+        result = pipeline(overrides=args.set_param, root=args.root, stages=args.stages)
     except StageInputError as error:
         print(f"\n{error}", file=sys.stderr)
         sys.exit(BAD_INPUT)
-    from flows.tracking import runs_hint
+    from flows.tracking import report_lines, runs_hint
 
     print(f"\nDone ({result['flow_run']}): {result['stages']}")
     if result["dvc_experiment"]:
         print(f"DVC experiment: {result['dvc_experiment']}  (dvc exp show; dvc exp apply {result['dvc_experiment']})")
-    print(f"Report:   {REPO / 'reports/REPORT.md'}")
+    print("\n".join(report_lines(Path(args.root), result["dvc_experiment"], result["mlflow_report"])))
     print(runs_hint(result["mlflow_parent_run"]))
     print("Prefect:  .venv/bin/prefect server start   then open http://127.0.0.1:4200 (flow runs, logs, artifacts)")
     return result

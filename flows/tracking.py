@@ -2,7 +2,7 @@
 
     with ParentRun("granite-hyena", ["distill_stage2.steps=300"], root) as parent:
         ... stages log their own runs as children of parent.id ...
-        parent.finish(dvc_experiment, prefect_flow_run_id)   # headline metrics, tags, the student as a model
+        parent.finish(dvc_experiment, prefect_flow_run_id)   # headline metrics, tags, the report, the student
     # or parent.discard() when DVC skipped every stage: no empty parent run is left behind
 """
 from __future__ import annotations
@@ -32,11 +32,25 @@ def runs_hint(parent_id: str | None) -> str:
             f"http://127.0.0.1:5000/{RUNS_VIEW.format(experiment=ParentRun.experiment())}")
 
 
+def report_lines(root: Path, dvc_experiment: str | None, report_uri: str | None) -> list[str]:
+    """Where a run's report is: reports/REPORT.md, or for a run with overrides (after which the workspace holds
+    the baseline's report again) its DVC experiment and its MLflow parent run's copy."""
+    report = Path(root) / "reports/REPORT.md"
+    if not dvc_experiment:
+        return [f"Report:   {report}"]
+    lines = [f"Report:   {report} holds the baseline's again; this run's is in",
+             f"          DVC experiment {dvc_experiment} (dvc exp apply {dvc_experiment} puts it back there)"]
+    if report_uri:
+        lines.append(f"          MLflow {report_uri} (mlflow artifacts download -u {report_uri})")
+    return lines
+
+
 class ParentRun:
     def __init__(self, name: str, overrides: list[str], root: Path):
         self.name, self.overrides, self.root = name, overrides, Path(root)
         self.id: str | None = None
         self.figures: dict[str, float] | None = None
+        self.report_uri: str | None = None  # runs:/<id>/REPORT.md once the report is logged
 
     @staticmethod
     def experiment() -> str:
@@ -60,7 +74,7 @@ class ParentRun:
         return self
 
     def finish(self, dvc_experiment: str | None, prefect_flow_run_id: str | None) -> None:
-        """Tags, the headline figures as metrics, and the final student as an MLflow logged model."""
+        """Tags, the headline figures as metrics, the report as an artifact, the final student as a logged model."""
         from mlflow.entities import Metric
 
         if dvc_experiment:
@@ -76,7 +90,16 @@ class ParentRun:
         if self.figures:
             self.client.log_batch(self.id, metrics=[Metric(metric_name(k), float(v), 0, 0)
                                                     for k, v in self.figures.items()])
+        self.log_report()
         self.log_student()
+
+    def log_report(self) -> None:
+        """reports/REPORT.md as it is at the end of the run: after a run with overrides the workspace's copy is
+        the baseline's again, this one stays with the run."""
+        report = self.root / "reports/REPORT.md"
+        if report.exists():
+            self.client.log_artifact(self.id, str(report))
+            self.report_uri = f"runs:/{self.id}/{report.name}"
 
     def log_student(self) -> None:
         """The final student (the last training stage that wrote one) as a logged model of this run."""
@@ -115,7 +138,7 @@ class ParentRun:
             lines += ["", "| figure | value |", "| --- | --- |"]
             lines += [f"| {k} | {100 * v:.1f}% |" if k.startswith(("knn", "miou")) else f"| {k} | {v:.3f} |"
                       for k, v in figures.items()]
-        lines += ["", f"Report: `{self.root / 'reports/REPORT.md'}`"]
+        lines += [""] + report_lines(self.root, dvc_experiment, self.report_uri)
         if dvc_experiment:
             lines.append(f"DVC experiment: `{dvc_experiment}` (`dvc exp show`, `dvc exp apply {dvc_experiment}`)")
         base = ui_base()

@@ -2,8 +2,8 @@
 (conftest.flow_run), under Prefect's test harness: every stage runs and writes its outputs, a second run
 skips them all (tasks in a state named Skipped, no MLflow parent run left), MLflow holds one parent run per
 run that ran something, named after the flow run, with a child per stage, the headline figures and the
-student as a logged model; a run with overrides is one DVC experiment and leaves params.yaml as it was; a
-stage that rejects its input is not retried and fails the flow with its own line."""
+student as a logged model; a run with overrides is one DVC experiment and leaves params.yaml as it was, and
+names where its report is; a stage that rejects its input is not retried and fails the flow with its own line."""
 from __future__ import annotations
 
 import json
@@ -114,12 +114,14 @@ def test_a_stage_that_fails_under_dvc_repro_loses_no_earlier_output(flow_run, tm
 
 
 def test_a_run_with_overrides_is_one_dvc_experiment_and_leaves_the_workspace_as_it_was(flow_run, tmp_path,
-                                                                                         monkeypatch):
+                                                                                         monkeypatch, capsys):
     """Two override runs of the report stage: `dvc exp show` has one row per run, named after its flow run,
-    holding its parameters; params.yaml, dvc.lock and the report are byte-identical afterwards."""
+    holding its parameters; params.yaml, dvc.lock and the report are byte-identical afterwards. Each run's
+    report is in its experiment and its MLflow parent run, and the flow's last lines say so."""
     import subprocess
     import sys
 
+    import mlflow
     import yaml
 
     from micro import digest
@@ -128,7 +130,8 @@ def test_a_run_with_overrides_is_one_dvc_experiment_and_leaves_the_workspace_as_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     before = {p: (repo / p).read_bytes() for p in ("params.yaml", "dvc.lock", "reports/REPORT.md")}
     outputs = digest(repo / "models")
-    results = [pipeline(root=str(repo), overrides=[f"report.title_note=run {i}"], stages=["report"]) for i in (1, 2)]
+    results = [pipeline(root=str(repo), overrides=["report.title_note=run 1"], stages=["report"]),
+               flow_module.main(["--root", str(repo), "--stages", "report", "-S", "report.title_note=run 2"])]
     assert {p: (repo / p).read_bytes() for p in before} == before and digest(repo / "models") == outputs
     dvc = str(Path(sys.executable).with_name("dvc"))
     shown = subprocess.run([dvc, "exp", "show", "--json"], cwd=repo, capture_output=True, text=True, check=True).stdout
@@ -141,6 +144,12 @@ def test_a_run_with_overrides_is_one_dvc_experiment_and_leaves_the_workspace_as_
         note = subprocess.run(["git", "show", f"{exp['rev']}:reports/REPORT.md"], cwd=repo, capture_output=True,
                               text=True, check=True).stdout
         assert f"run {i}" in note  # the experiment holds the report that run wrote
+        logged = mlflow.artifacts.download_artifacts(r["mlflow_report"], dst_path=str(tmp_path / f"report{i}"),
+                                                     tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+        assert r["mlflow_report"] == f"runs:/{r['mlflow_parent_run']}/REPORT.md" and f"run {i}" in Path(logged).read_text()
+    printed = capsys.readouterr().out
+    assert f"dvc exp apply {results[1]['dvc_experiment']}" in printed and results[1]["mlflow_report"] in printed
+    assert "holds the baseline's" in printed
     assert yaml.safe_load(before["params.yaml"])["report"]["title_note"] == "micro test run"
 
 

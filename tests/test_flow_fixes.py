@@ -1,6 +1,7 @@
 """The flow's part of issue 29: the stages and the parent-run variable named in one place (cgspn.pipeline.names);
 a stage that rejects its input (exit 2) is not retried and ends the flow with its one line; a crashing stage is
-still retried; `python -m flows.pipeline` sets its own quiet, offline defaults before Prefect is imported.
+still retried; a run with overrides says where its report is (its DVC experiment, its MLflow parent run, which
+holds REPORT.md); `python -m flows.pipeline` sets its own quiet, offline defaults before Prefect is imported.
 
 The flow's own runs here are cheap: a micro repository (tests/micro.py) in which the first stage fails."""
 from __future__ import annotations
@@ -85,6 +86,30 @@ def test_a_crashing_stage_is_retried(tmp_path, prefect_harness, monkeypatch):
     with pytest.raises(flow_module.StageFailed, match="stage shard failed"):
         flow_module.pipeline(root=str(repo), stages=["shard"])
     assert attempts.read_text() == "xxx"
+
+
+def test_an_override_runs_report_is_named_where_it_is_kept(tmp_path, monkeypatch):
+    """After an override run the workspace's REPORT.md is the baseline's again: the flow's last lines name the
+    run's DVC experiment and MLflow parent run instead, and the parent run holds the report as an artifact."""
+    import mlflow
+
+    from flows.tracking import ParentRun, report_lines
+
+    root = tmp_path / "root"
+    (root / "reports").mkdir(parents=True)
+    (root / "reports/REPORT.md").write_text("# the override run's report\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with ParentRun("granite-hyena", ["report.title_note=x"], root) as parent:
+        parent.finish("granite-hyena", None)
+    assert parent.report_uri == f"runs:/{parent.id}/REPORT.md"
+    local = mlflow.artifacts.download_artifacts(parent.report_uri, dst_path=str(tmp_path / "down"),
+                                                tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    assert Path(local).read_text() == "# the override run's report\n"
+
+    text = "\n".join(report_lines(root, "granite-hyena", parent.report_uri))
+    assert "dvc exp apply granite-hyena" in text and parent.report_uri in text
+    assert f"Report:   {root / 'reports/REPORT.md'}" in text and "holds the baseline's" in text
+    assert report_lines(root, None, parent.report_uri) == [f"Report:   {root / 'reports/REPORT.md'}"]
 
 
 QUIET = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
