@@ -77,12 +77,13 @@ def main(p: dict, root: Path, run) -> dict:
     store = FeatureStore(root, root / SHARDS, encoders, p["batch_size"], limit, cache_reader(root, folder, meta, limit))
     ctx = Context(p, root, device, meta["resolution"], Splits(root), encoders, store,
                   others=other_teachers(root, encoders, device), say=say)
-    active, not_measured = [], {}
+    active, inactive, not_measured = [], [], {}
     for protocol in protocols():
         why = protocol.prepare(ctx)
         if why:
             not_measured[protocol.name] = why
-            say(f"{protocol.name} not measured: {why}")
+            inactive.append(protocol)
+            say(f"{protocol.title} not measured: {why}")
         else:
             active.append(protocol)
     photo = pca_sample(p, ctx.splits, store, ctx.used["fidelity"], say)
@@ -91,6 +92,8 @@ def main(p: dict, root: Path, run) -> dict:
         start = time.perf_counter()
         say(f"[{n}/{len(encoders)}] {name} ...")
         results[name] = {"parameters": parameter_count(encoders[name].model)}
+        for protocol in inactive:
+            results[name].update(protocol.empty())
         for protocol in active:
             results[name].update(protocol.measure(ctx, name))
         if name != "teacher":  # every student's fidelity reads the teacher's

@@ -206,6 +206,6 @@ def stage_run(trained: dict, stage: str):
 
     client = mlflow.MlflowClient(trained["tracking_uri"])
     runs = client.search_runs([trained["experiment"]], f"tags.mlflow.parentRunId = '{trained['parent']}' "
-                              f"and tags.`cgspn.pipeline.cli` = '{stage}' and attributes.status = 'FINISHED'")
+                              f"and tags.`cgspn.stage` = '{stage}' and attributes.status = 'FINISHED'")
     assert len(runs) == 1, [r.info.run_id for r in runs]
     return runs[0]

@@ -35,6 +35,7 @@ class Fidelity(Protocol):
     normalization, its grid resized to the student's)."""
 
     name = "fidelity"
+    title = "fidelity"
 
     def prepare(self, ctx: Context) -> str | None:
         seg = ctx.used.get("seg")

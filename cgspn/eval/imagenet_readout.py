@@ -158,6 +158,7 @@ class ImageNetReadout(Protocol):
     max_images."""
 
     name = "imagenet_readout"
+    title = "ImageNet readout"
 
     def prepare(self, ctx: Context) -> str | None:
         self.teacher = None

@@ -29,6 +29,7 @@ class KNN(Protocol):
     Params: knn_bank_split, knn_query_split (auto: train / val), knn_k, knn_temperature."""
 
     name = "knn"
+    title = "kNN"
 
     def prepare(self, ctx: Context) -> str | None:
         p, splits = ctx.p, ctx.splits
@@ -44,6 +45,9 @@ class KNN(Protocol):
                 raise ParamError(f"evaluate.{param}={split!r}: no such split with labels (splits: {splits.names})")
         ctx.used[self.name] = tuple(knn)
         return None
+
+    def empty(self) -> dict:
+        return {"knn_summary": None, "knn_summary_adapted": None, "knn_mean_patch": None}
 
     def measure(self, ctx: Context, model: str) -> dict:
         bank, query = ctx.used[self.name]

@@ -37,6 +37,7 @@ class Protocol:
     they need; every method has a do-nothing default."""
 
     name = "protocol"
+    title = "protocol"  # how the log names it
 
     def prepare(self, ctx: Context) -> str | None:
         """Check the data and choose the splits (record them in ctx.used[self.name]); return why the
@@ -45,6 +46,11 @@ class Protocol:
 
     def measure(self, ctx: Context, model: str) -> dict:
         """The figures of one model: merged into evaluate.json's models[model]."""
+        return {}
+
+    def empty(self) -> dict:
+        """What models[model] holds for this protocol where the data does not allow it (its keys with no
+        figures), so that every evaluate.json has the same keys."""
         return {}
 
     def finish(self, ctx: Context, results: dict[str, dict]) -> dict:

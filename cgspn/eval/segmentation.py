@@ -114,6 +114,7 @@ class SegmentationProbe(Protocol):
     Params: seg_train_split, seg_val_split, seg_scales, seg_steps, seed."""
 
     name = "seg"
+    title = "segmentation"
 
     def prepare(self, ctx: Context) -> str | None:
         p, splits = ctx.p, ctx.splits
@@ -130,6 +131,9 @@ class SegmentationProbe(Protocol):
         info = splits.info
         self.classes, self.ignore = len(info["mask_classes"] or []), info.get("ignore_label")
         return None
+
+    def empty(self) -> dict:
+        return {"seg_miou": {}, "seg_miou_adapted": {}}
 
     def measure(self, ctx: Context, model: str) -> dict:
         enc, store = ctx.encoders[model], ctx.store
