@@ -20,7 +20,7 @@ import torch
 from cgspn.pipeline.errors import ShardError
 from cgspn.data.shards import TAR_MTIME, decode_image, encode_npy, iter_samples
 from cgspn.distill.phis import Moments
-from cgspn.data.preprocess import preprocess
+from cgspn.data.preprocess import to_batch
 from cgspn.teachers.registry import teacher_normalization
 
 T = TypeVar("T")
@@ -40,11 +40,17 @@ def teacher_features(teacher, images: list[np.ndarray], resolution: int, layers:
     """images: uint8 [H, W, 3] each (sizes may differ) -> {"summary": [B, D], "spatial": [B, h, w, D],
     "block<k>": [B, h, w, D]} as float32 tensors, all through the same `preprocess` the training uses, at
     `resolution` (the teacher's own side) with the teacher's own normalization (`teacher_normalization`)."""
-    x = torch.cat([preprocess(img, resolution, *teacher_normalization(teacher)) for img in images])
+    x = to_batch(images, resolution, next(teacher.parameters()).device, *teacher_normalization(teacher))
     out = teacher(x, layers=tuple(layers))
     feats = {"summary": out.summary, "spatial": out.patch_tokens}
     feats.update({f"block{k}": t for k, t in out.layer_tokens.items()})
     return {k: v.float() for k, v in feats.items()}
+
+
+def teacher_features_batched(teacher, images: list[np.ndarray], resolution: int, batch_size: int) -> dict:
+    """`teacher_features` over any number of images, `batch_size` at a time -> the same dict, on the CPU."""
+    parts = [teacher_features(teacher, images[i : i + batch_size], resolution) for i in range(0, len(images), batch_size)]
+    return {k: torch.cat([part[k].cpu() for part in parts]) for k in parts[0]}
 
 
 def cache_shard(teacher, image_shard: Path, out_shard: Path, resolution: int, layers: Sequence[int] = (),

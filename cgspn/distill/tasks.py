@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cgspn.data.memory import ShardSubset
+from cgspn.distill.fidelity import teacher_fidelity
 from cgspn.distill.losses import block_loss, cosine_distance, mean_cosine, spatial_loss
 from cgspn.models.adaptors import Adaptors, match_grid
 from cgspn.models.cgspn import cgspn_from_teacher_config, init_from_teacher
@@ -231,9 +232,10 @@ class AdaptedObjective:
         for t in self.teachers:
             preds, phis = self.predictions(trainable, t, out), self.phis[t]
             summary, spatial = (self.on_grid(targets[t][name], hw) for name in ("summary", "spatial"))
-            result[teacher_key(t, PATCH_COSINE)] = mean_cosine(phis["spatial"].destandardize(preds["spatial"]), spatial)
-            result[teacher_key(t, SUMMARY_COSINE)] = mean_cosine(phis["summary"].from_direction(preds["summary"]), summary)
-            result[teacher_key(t, SUMMARY_COSINE_Z)] = mean_cosine(preds["summary"], phis["summary"].standardize(summary))
+            figures = teacher_fidelity(phis["summary"].from_direction(preds["summary"]),
+                                       phis["spatial"].destandardize(preds["spatial"]), summary, spatial, phis["summary"])
+            for name, figure in ((PATCH_COSINE, "patch"), (SUMMARY_COSINE, "summary"), (SUMMARY_COSINE_Z, "summary_z")):
+                result[teacher_key(t, name)] = figures[figure]
             for name in self.names[t][2:]:
                 result[teacher_key(t, f"{name}_cosine")] = mean_cosine(phis[name].destandardize(preds[name]),
                                                            self.on_grid(targets[t][name], hw))

@@ -152,14 +152,3 @@ class OtherTeacher:
     model: torch.nn.Module
     scale: float
     folder: Path
-
-
-@torch.inference_mode()
-def teacher_features(model, images: list[np.ndarray], side: int, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """A teacher of any family on uint8 images at `side` with its own normalization -> (summary [N, D],
-    patch features [N, h, w, D]), float32 on the CPU."""
-    from cgspn.teachers.registry import teacher_normalization
-
-    mean, std = teacher_normalization(model)
-    parts = [model(to_batch(images[i : i + batch_size], side, device, mean, std)) for i in range(0, len(images), batch_size)]
-    return torch.cat([o.summary.float().cpu() for o in parts]), torch.cat([o.patch_tokens.float().cpu() for o in parts])

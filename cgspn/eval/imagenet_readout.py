@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cgspn.eval.features import teacher_features
+from cgspn.data.feature_cache import teacher_features_batched
 from cgspn.eval.fit import fit_fixed_steps
 from cgspn.eval.protocol import Context, Protocol, round4
 from cgspn.report.markdown import pct, table
@@ -29,7 +29,7 @@ from cgspn.teachers.display import teacher_label
 from cgspn.teachers.registry import family_of
 from cgspn.distill.losses import cosine_distance
 from cgspn.distill.phis import PhiS
-from cgspn.data.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from cgspn.data.preprocess import to_batch
 
 
 def readout_logits(summary_z: torch.Tensor, phis: PhiS, classify: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -78,24 +78,19 @@ def train_control_head(features: torch.Tensor, targets: torch.Tensor, head: nn.M
                            batch_size, lr=lr, weight_decay=1e-4, seed=seed)
 
 
-def batches(images: list[np.ndarray], side: int, batch_size: int, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """uint8 images [H, W, 3] -> batches [B, 3, side, side] on `device`, normalized with (mean, std)."""
-    for i in range(0, len(images), batch_size):
-        yield torch.cat([preprocess(img, side, mean, std) for img in images[i : i + batch_size]]).to(device)
-
-
 @torch.no_grad()
 def teacher_predictions(teacher: nn.Module, images: list[np.ndarray], side: int, batch_size: int, device):
     """The teacher's own predictions: images at `side` with its own normalization -> (summaries [N, D], logits
     [N, C]), on the CPU."""
-    summaries = teacher_features(teacher, images, side, batch_size, device)[0]
+    summaries = teacher_features_batched(teacher, images, side, batch_size)["summary"]
     return summaries, teacher.classify(summaries.to(device)).float().cpu()
 
 
 @torch.no_grad()
 def student_summaries(student: nn.Module, images: list[np.ndarray], side: int, batch_size: int, device) -> torch.Tensor:
     """The student's own summary vectors (what a summary adaptor reads) at `side` -> [N, D_s] (CPU)."""
-    return torch.cat([student(x).summary.float().cpu() for x in batches(images, side, batch_size, device)])
+    return torch.cat([student(to_batch(images[i : i + batch_size], side, device)).summary.float().cpu()
+                      for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
