@@ -64,7 +64,7 @@ def load_source(p: dict, root: Path):
     if p["source"] == "folder":
         return folder_data(path, p["val_fraction"], p["seed"])
     if p["source"] == "segmentation":
-        return segmentation_data(path)
+        return segmentation_data(path, p["val_fraction"], p["seed"])
     return table_data(path, p["val_fraction"], p["seed"])
 
 

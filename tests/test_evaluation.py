@@ -91,3 +91,26 @@ def test_a_label_map_is_framed_like_its_image():
         assert framed.shape == (size, size) and framed.dtype == torch.uint8
         disagree = (bright != framed.bool()).sum(0)  # per column: only the edge column may differ
         assert (disagree > 0).sum() <= 1, (h, w, size)
+
+
+def test_the_probe_and_miou_leave_mmseg_ignore_255_out():
+    """255 (mmseg's ignore) is not scored: the probe trains beside it, and mIoU equals the one on the other
+    pixels (a reference confusion over them alone), with and without an ignore label."""
+    torch.manual_seed(0)
+    features = torch.randn(6, 4, 4, 8)
+    masks = torch.randint(0, 3, (6, 16, 16), dtype=torch.uint8)
+    masks[:, :5, :5] = 255
+    for ignore in (None, 0):
+        probe = train_seg_probe(features, masks, 3, steps=5, ignore=ignore)
+        pred = probe(features, (16, 16)).argmax(1)
+        keep = (masks != 255) & (masks != (255 if ignore is None else ignore))
+        truth, guess = masks[keep].long(), pred[keep]
+        ious = []
+        for c in range(3):
+            if c == ignore:
+                continue
+            inter = ((truth == c) & (guess == c)).sum().item()
+            union = ((truth == c) | (guess == c)).sum().item()
+            if union:
+                ious.append(inter / union)
+        assert mean_iou(probe, features, masks, 3, ignore=ignore) == pytest.approx(sum(ious) / len(ious))

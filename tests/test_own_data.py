@@ -211,3 +211,33 @@ def test_dvc_reruns_shard_when_the_data_changes_and_only_then(tmp_path):
     dvc_run("repro", "--single-item", "shard")
     assert "up to date" in dvc_run("status", "shard")
     assert json.loads((repo / "reports/metrics/shard.json").read_text())["images"] == 9
+
+
+def test_mmseg_ignore_255_declared_classes_and_empty_or_missing_val(tmp_path):
+    """mmseg's 255 is no class (4 declared classes stay 5 mask classes, not 256); a value past the declared
+    classes is one error naming the file and the value; an empty split folder is refused at once; without a
+    val folder, shard.val_fraction of train becomes val."""
+    data = make_segmentation(tmp_path / "ade", n_train=6, n_val=2)
+    masks = sorted((data / "annotations/training").iterdir())
+    m = np.asarray(Image.open(masks[0])).copy()
+    m[:4, :4] = 255
+    Image.fromarray(m).save(masks[0])
+    own = segmentation_data(data)
+    samples = [s for split in own.splits().values() for s in split]
+    assert len(samples) == 8 and own.mask_classes == ["(0)", "darkest", "dark", "bright", "brightest"]
+    m[:4, :4] = 7
+    Image.fromarray(m).save(masks[0])
+    own = segmentation_data(data)
+    with pytest.raises(InputError, match=f"{masks[0]}: label value 7 is not a declared class"):
+        [s for split in own.splits().values() for s in split]
+    m[:4, :4] = 1
+    Image.fromarray(m).save(masks[0])
+    for f in (data / "images/validation").iterdir():
+        f.unlink()
+    with pytest.raises(InputError, match="images/validation: no images in this split folder"):
+        segmentation_data(data)
+    (data / "images/validation").rmdir()
+    with pytest.raises(InputError, match="no val .*shard.val_fraction is 0"):
+        segmentation_data(data, 0.0, 0)
+    splits = [r.split for r in segmentation_data(data, 0.5, 0).records]
+    assert sorted(set(splits)) == ["train", "val"] and len(splits) == 6

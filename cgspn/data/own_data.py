@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 
 from cgspn.pipeline.errors import InputError
-from cgspn.data.shards import Sample, encode_png, pil_reason
+from cgspn.data.shards import MMSEG_IGNORE, Sample, encode_png, pil_reason
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 SPLIT_NAMES = {"training": "train", "validation": "val"}  # ADE20K's folder names -> the pipeline's
@@ -85,7 +85,12 @@ class OwnData:
                 mask = None
                 if r.mask is not None:
                     mask_array = read_mask(r.mask, r.where)
-                    self.max_mask_label = max(self.max_mask_label, int(mask_array.max(initial=0)))
+                    labels = mask_array[mask_array != MMSEG_IGNORE]  # 255: mmseg's "ignore", never a class
+                    top = int(labels.max(initial=0))
+                    if self.mask_names and top >= len(self.mask_names):
+                        raise InputError(f"{r.mask}: label value {top} is not a declared class (the class names "
+                                         f"give values 0..{len(self.mask_names) - 1}; 255 is ignored)")
+                    self.max_mask_label = max(self.max_mask_label, top)
                     with Image.open(io.BytesIO(data)) as im:
                         if im.size[::-1] != mask_array.shape:
                             raise InputError(f"{r.where}: mask {r.mask} is {mask_array.shape[1]}x{mask_array.shape[0]} "
@@ -220,8 +225,10 @@ def folder_data(root: Path, val_fraction: float, seed: int) -> OwnData:
     return OwnData(records, classes, None)
 
 
-def segmentation_data(root: Path) -> OwnData:
-    """`root/images/<split>/<name>.<ext>` with `root/annotations/<split>/<name>.png` (ADE20K, mmseg)."""
+def segmentation_data(root: Path, val_fraction: float = 0.0, seed: int = 0) -> OwnData:
+    """`root/images/<split>/<name>.<ext>` with `root/annotations/<split>/<name>.png` (ADE20K, mmseg). A split
+    folder without images is refused; without a val (or test) folder, `val_fraction` of train goes to val
+    (by a hash of each path, as for the other sources). Mask value 255 is mmseg's "ignore": not a class."""
     images, annotations = root / "images", root / "annotations"
     for folder in (images, annotations):
         if not folder.is_dir():
@@ -230,6 +237,9 @@ def segmentation_data(root: Path) -> OwnData:
     records = []
     for split_dir in sorted(d for d in images.iterdir() if d.is_dir() and not d.name.startswith(".")):
         split = split_name(split_dir.name, str(split_dir))
+        if not image_files(split_dir):
+            raise InputError(f"{split_dir}: no images in this split folder (remove it, or put its images there; "
+                             f"without a val folder, shard.val_fraction of train becomes val)")
         for f in image_files(split_dir):
             rel = f.relative_to(split_dir)
             mask = annotations / split_dir.name / rel.with_suffix(".png")
@@ -238,6 +248,12 @@ def segmentation_data(root: Path) -> OwnData:
             records.append(Record(f, f.relative_to(root).as_posix(), str(f), split, mask=mask))
     if not records:
         raise InputError(f"{images}: no images under images/<split>/")
+    if not any(r.split in ("val", "test") for r in records):
+        if val_fraction <= 0:
+            raise InputError(f"{images}: no val (or test) folder, and shard.val_fraction is 0: give the data a "
+                             f"validation split (images/val/) or a shard.val_fraction > 0")
+        for r in records:
+            r.split = stable_split(r.source, val_fraction, seed) if r.split == "train" else r.split
     names = segmentation_class_names(root)
     return OwnData(records, None, names)
 

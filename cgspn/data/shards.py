@@ -30,6 +30,7 @@ from cgspn.pipeline.errors import ShardError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 TAR_MTIME = 0  # a fixed time stamp in every tar header: the same samples give byte-identical shards
+MMSEG_IGNORE = 255  # mmseg's ignore value in label maps: never a class, never scored
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cgspn.data.shards import MMSEG_IGNORE
 from cgspn.eval.fit import fit_fixed_steps
 from cgspn.eval.protocol import Context, Protocol, round4
 from cgspn.pipeline.errors import ParamError
@@ -77,8 +78,9 @@ def train_seg_probe(features: torch.Tensor, masks: torch.Tensor, classes: int, s
     torch.manual_seed(seed)
     probe = LinearSegProbe(features.shape[-1], classes)
     ignore_index = -100 if ignore is None else ignore
+    masks = masks.long().masked_fill(masks.long() == MMSEG_IGNORE, ignore_index)  # mmseg's 255: not scored
     fit_fixed_steps(probe, lambda idx: F.cross_entropy(probe(features[idx], tuple(masks.shape[-2:])),
-                                                       masks[idx].long(), ignore_index=ignore_index),
+                                                       masks[idx], ignore_index=ignore_index),
                     len(features), steps, batch_size, lr=lr, weight_decay=1e-4, seed=seed)
     return probe
 
@@ -92,9 +94,8 @@ def mean_iou(probe: LinearSegProbe, features: torch.Tensor, masks: torch.Tensor,
     for start in range(0, len(features), batch_size):
         pred = probe(features[start : start + batch_size], tuple(masks.shape[-2:])).argmax(1).reshape(-1)
         truth = masks[start : start + batch_size].long().reshape(-1)
-        if ignore is not None:
-            keep = truth != ignore
-            pred, truth = pred[keep], truth[keep]
+        keep = (truth != MMSEG_IGNORE) & (truth != (MMSEG_IGNORE if ignore is None else ignore))
+        pred, truth = pred[keep], truth[keep]
         confusion += torch.bincount(truth * classes + pred, minlength=classes**2).view(classes, classes)
     tp = confusion.diag().double()
     union = confusion.sum(0).double() + confusion.sum(1).double() - tp
