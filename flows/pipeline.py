@@ -62,11 +62,16 @@ def stage_exit(lines: list[str]) -> int | None:
     return found[-1] if found else None
 
 
-def stage_error(stage: str, code: int, tail: list[str]) -> StageFailed:
-    """StageInputError with the stage's error line for bad input, StageFailed with the tail otherwise."""
+def stage_error(stage: str, code: int, tail: list[str], ran: bool = True) -> StageFailed:
+    """StageInputError for bad input: the stage's error line where it exited BAD_INPUT, or DVC's own error where
+    DVC stopped before running the stage (a dependency that is not there, such as a shard.path that does not
+    exist: the same on every try; waiting for DVC's lock is the exception). StageFailed with the tail otherwise."""
     own = [line for line in tail if line.startswith(f"stage {stage}: error: ")]
     if stage_exit(tail) == BAD_INPUT and own:
         return StageInputError(own[-1])
+    dvc = [line for line in tail if line.startswith("ERROR: ") and "lock" not in line]
+    if not ran and dvc:
+        return StageInputError(f"stage {stage}: error: {dvc[-1][len('ERROR: '):]}")
     return StageFailed(f"stage {stage} failed (exit {code}):\n" + "\n".join(tail))
 
 
@@ -91,14 +96,16 @@ def run_stage(stage: str, root: str, parent_run_id: str | None):
     logger.info("$ dvc %s", " ".join(cmd[1:]))
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
+    ran = False  # whether DVC got as far as running the stage's command
     level = OutputLevels()  # DEBUG for advice and known-benign noise, INFO for the rest
     for line in proc.stdout:
         line = line.rstrip()
         if line:
             logger.log(level(line), "%s", line)
             tail = (tail + [line])[-15:]
+            ran = ran or line.startswith(f"Running stage '{stage}'")
     if proc.wait() != 0:
-        raise stage_error(stage, proc.returncode, tail)
+        raise stage_error(stage, proc.returncode, tail, ran)
     if any(SKIPPED in t for t in tail):
         return Completed(name="Skipped", message="up to date: DVC did not run it", data="skipped")
     return "ran"

@@ -139,3 +139,17 @@ def test_the_flow_sets_quiet_offline_defaults_before_prefect_is_imported(tmp_pat
     expected = {**QUIET, "PREFECT_HOME": str(root / ".prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "200"}
     assert {k: child["env"].get(k) for k in expected} == expected
     assert child["home"] == str(root / ".prefect") and child["analytics"] is False and child["startup"] == 200
+
+
+def test_dvc_stopping_before_the_stage_ran_is_bad_input_but_its_lock_is_not():
+    """A shard.path that does not exist stops DVC before the stage runs (exit 255, 'ERROR: failed to
+    reproduce'): the same on every try, so not retried; a stage that ran and crashed, or DVC's lock, is."""
+    from flows.pipeline import StageInputError, stage_error
+
+    missing = ["ERROR: failed to reproduce 'shard': [Errno 2] No such file or directory: '/data/x'"]
+    error = stage_error("shard", 255, missing, ran=False)
+    assert isinstance(error, StageInputError)
+    assert str(error) == "stage shard: error: failed to reproduce 'shard': [Errno 2] No such file or directory: '/data/x'"
+    assert not isinstance(stage_error("shard", 255, missing, ran=True), StageInputError)
+    locked = ["ERROR: Unable to acquire lock. Most likely another DVC process is running"]
+    assert not isinstance(stage_error("shard", 255, locked, ran=False), StageInputError)
