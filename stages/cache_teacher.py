@@ -69,11 +69,11 @@ class TeacherWorker:
         self.teacher = load_teacher_file(teacher_path).eval().requires_grad_(False).to(device)
         self.name = (ray.get_runtime_context().get_node_id(), os.getpid())  # (Ray node, process)
 
-    def cache(self, image_shard: str, out_shard: str, resolution: int, layers: list[int], batch_size: int):
-        """One shard at the teacher's own side `resolution`."""
+    def cache(self, image_shard, out_shard: str, resolution: int, layers: list[int], batch_size: int):
+        """One shard (a ShardRef) at the teacher's own side `resolution`."""
         from cgspn.data.feature_cache import cache_shard
 
-        return self.name, cache_shard(self.teacher, Path(image_shard), Path(out_shard), resolution, layers, batch_size)
+        return self.name, cache_shard(self.teacher, image_shard, Path(out_shard), resolution, layers, batch_size)
 
 
 def pool_size(p: dict) -> int:
@@ -156,7 +156,7 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> tu
     t1 = time.perf_counter()
     split_of = {shard.name: split for split, shard in jobs}
     index = {shard.name: i for i, (_, shard) in enumerate(jobs)}
-    tasks = [(str(shard), str(out_dir / shard.name)) for _, shard in jobs]
+    tasks = [(shard, str(out_dir / shard.name)) for _, shard in jobs]
     per_worker, per_split, moments = defaultdict(lambda: [0, 0.0]), dict.fromkeys(p["splits"], 0), None
     total = 0
     try:

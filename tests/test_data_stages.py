@@ -337,8 +337,8 @@ def test_shard_members_are_read_from_the_headers_and_a_truncation_is_found(micro
     assert [set(exts) for _, exts in shard_members(shard)] == [set(s) - {"__key__"} for s in samples]
     import tarfile
 
-    data = shard.read_bytes()
-    with tarfile.open(shard) as tar:
+    data = Path(shard.url).read_bytes()
+    with tarfile.open(shard.url) as tar:
         last = tar.getmembers()[-1]
     end_of_data = last.offset_data + -(-last.size // 512) * 512  # where the end-of-archive blocks begin
     for cut in (end_of_data, len(data) // 2, 700):  # no end marker, in a member's data, in a header

@@ -105,7 +105,7 @@ def test_a_student_that_reproduces_the_teacher_agrees_fully_and_a_permuted_one_h
     """The real EfficientNet and its PHI-S statistics (the flow's cache) on the micro validation images. Its
     classifier's bias is set to -W mean, so that the logits W (s - mean) rank classes the same at any norm of
     s - mean (the readout sets that norm to the typical one, `from_direction`)."""
-    from cgspn.data.memory import ShardSubset
+    from cgspn.data.subset import ShardSubset
     from cgspn.distill.phis import load_teacher_phis
     from cgspn.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
     from cgspn.teachers.registry import load_teacher_file, teacher_normalization
@@ -167,7 +167,7 @@ def test_evaluate_reports_fidelity_per_teacher_and_the_readout(evaluated):
     from cgspn.eval.features import FeatureStore
 
     teacher = load_teacher_file(evaluated["root"] / f"models/teachers/{CNN}.safetensors").eval()
-    samples = FeatureStore(evaluated["root"], evaluated["root"] / "data/shards", {}, 8, None).samples("photos")
+    samples = list(FeatureStore(evaluated["root"], evaluated["root"] / "data/shards", {}, 8, None).samples("photos"))
     x = torch.cat([preprocess(decode_image(s, sh), 56, *teacher_normalization(teacher)) for s, sh in samples])
     with torch.no_grad():
         expected = teacher.classify(teacher(x).summary).topk(5).indices.tolist()

@@ -73,7 +73,7 @@ def test_the_raw_term_matches_the_students_own_tokens_to_the_teachers(trained):
     """The objective with raw_weight w adds w x (MSE of the student's own patch tokens against the teacher's,
     both PHI-S standardized) to the same objective without it, and that term's gradient reaches the
     student's blocks but not the adaptors."""
-    from cgspn.data.memory import ShardSubset
+    from cgspn.data.subset import ShardSubset
     from cgspn.distill.tasks import AdaptedObjective, Stage2Task, cached_targets
     from cgspn.data.preprocess import to_batch
     from cgspn.distill.losses import spatial_loss
@@ -274,8 +274,8 @@ def test_bad_training_input_is_one_line_before_ray_starts(trained, tmp_path, cap
 
 
 def test_an_image_a_training_worker_cannot_decode_is_one_line_and_not_retried(micro, tmp_path):
-    """The shard is a complete tar (the checks before Ray pass); a worker finds the image while it loads its
-    share: the stage exits 2 with that error in one line, and Ray does not retry it (max_failures is 1).
+    """The shard is a complete tar (the checks before Ray pass); a worker finds the image when a batch (or the
+    validation) reads it: every worker stops at that step, the stage exits 2 with that error in one line, and Ray does not retry it (max_failures is 1).
     Another Ray instance runs on the machine meanwhile: the stage's own local Ray is unaffected, and Ray
     Train's helpers do not print "Found multiple active Ray instances" tracebacks (cgspn.pipeline.cluster pins
     RAY_ADDRESS in the job's workers)."""

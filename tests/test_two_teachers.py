@@ -67,7 +67,7 @@ def test_each_teachers_cache_is_its_own_forward_as_with_one_teacher(cached, teac
 
 def test_online_targets_are_what_the_cache_holds(cached):
     """`targets: online` and highres give each teacher what cache_teacher gave it (own side, own normalization)."""
-    from cgspn.data.memory import ShardSubset
+    from cgspn.data.subset import ShardSubset
     from cgspn.distill.tasks import cached_targets, load_teachers, online_targets
     from cgspn.data.preprocess import to_batch
     from cgspn.pipeline.inputs import teachers_config

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cgspn.pipeline.errors import ShardError
-from cgspn.data.shards import TAR_MTIME, decode_image, encode_npy, iter_samples
+from cgspn.data.shards import TAR_MTIME, ShardRef, decode_image, encode_npy, iter_samples
 from cgspn.distill.phis import Moments
 from cgspn.data.preprocess import to_batch
 from cgspn.teachers.registry import teacher_normalization
@@ -53,9 +53,10 @@ def teacher_features_batched(teacher, images: list[np.ndarray], resolution: int,
     return {k: torch.cat([part[k].cpu() for part in parts]) for k in parts[0]}
 
 
-def cache_shard(teacher, image_shard: Path, out_shard: Path, resolution: int, layers: Sequence[int] = (),
+def cache_shard(teacher, image_shard: ShardRef, out_shard: Path, resolution: int, layers: Sequence[int] = (),
                 batch_size: int = 64) -> ShardResult:
-    """Run `teacher` over every image of `image_shard`; write `out_shard` (same keys, same order)."""
+    """Run `teacher` over every image of `image_shard` (streamed: `batch_size` images in memory at a time);
+    write `out_shard` (same keys, same order)."""
     import webdataset as wds
 
     start = time.perf_counter()

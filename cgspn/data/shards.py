@@ -1,4 +1,5 @@
-"""Webdataset shards on local disk: write a split, index it for wids, read it back, zip it with features.
+"""Webdataset shards: write a split, index it for wids, read it back (streamed, or one sample at a time by
+its byte range), zip it with features.
 
 Layout of a shard directory (what the `shard` stage writes):
 
@@ -7,7 +8,10 @@ Layout of a shard directory (what the `shard` stage writes):
     <dir>/<split>.json             wids descriptor: {"wids_version": 1, "shardlist": [{"url", "nsamples"}]}
     <dir>/dataset.json             splits, counts, class names, the source
 
-Feature shards (the `cache_teacher` stage) mirror image shards file by file and key by key:
+The webdataset source writes no tars: it indexes the researcher's shards where they lie, and a split's
+index lists, per shard, its URL, the split's keys in it and each sample's byte range (`ShardRef`).
+
+Feature shards (the `cache_teacher` stage) mirror image shards key by key, named after the split's shards:
 `<features>/<teacher>/<split>-000000.tar` with `<key>.summary.npy` [D], `<key>.spatial.npy` [h, w, D], ...
 Readers raise ShardError naming the shard and the key.
 """
@@ -26,6 +30,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from cgspn.data.locations import is_pipe, is_remote, local_path, open_shard
 from cgspn.pipeline.errors import ShardError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
@@ -102,8 +107,24 @@ def write_split(out_dir: Path, split: str, samples: Iterable[Sample], max_per_sh
                      count > 0 and labels == count, count > 0 and masks == count)
 
 
-def split_shards(shard_dir: str | Path, split: str) -> list[Path]:
-    """The shard files of `split`, from its wids index; ShardError if the index or a shard is missing."""
+@dataclass(frozen=True)
+class ShardRef:
+    """One image shard of a split. `url`: where it is (a local path, an fsspec URL or a `pipe:` command);
+    `name`: what its feature shards are called (`<split>-NNNNNN.tar`); for a shard indexed in place (the
+    webdataset source), `keys`: the split's samples in it in tar order and `ranges`: each one's (offset,
+    length) in bytes, from its first header to the end of its last member's data. Prints as its URL."""
+
+    url: str
+    name: str
+    keys: tuple[str, ...] | None = None  # None: every sample of the tar, in order
+    ranges: tuple[tuple[int, int], ...] | None = None
+
+    def __str__(self) -> str:
+        return self.url
+
+
+def split_shards(shard_dir: str | Path, split: str) -> list[ShardRef]:
+    """The shards of `split`, from its index; ShardError if the index or a local shard is missing."""
     shard_dir = Path(shard_dir)
     index = shard_dir / f"{split}.json"
     if not index.exists():
@@ -111,82 +132,130 @@ def split_shards(shard_dir: str | Path, split: str) -> list[Path]:
         raise ShardError(f"{index}: no index for split {split!r} (splits here: {known})")
     try:
         entries = json.loads(index.read_text())["shardlist"]
-    except (json.JSONDecodeError, KeyError) as e:
+        refs = [shard_ref(shard_dir, split, i, e) for i, e in enumerate(entries)]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ShardError(f"{index}: not a wids index ({e})") from None
-    paths = [shard_dir / e["url"] for e in entries]
-    for p in paths:
-        if not p.exists():
-            raise ShardError(f"{p}: listed in {index.name} but missing")
-    return paths
+    for ref in refs:
+        if not (is_remote(ref.url) or is_pipe(ref.url)) and not local_path(ref.url).exists():
+            raise ShardError(f"{ref.url}: listed in {index} but missing")
+    return refs
 
 
-def iter_samples(path: str | Path) -> Iterator[dict]:
-    """Samples of one uncompressed tar in order: {"__key__": key, "<ext>": bytes, ...}.
+def shard_ref(shard_dir: Path, split: str, i: int, entry: dict) -> ShardRef:
+    """An index entry: a shard the stage wrote (a name beside the index) or one indexed in place."""
+    if "keys" not in entry:
+        return ShardRef(str(shard_dir / entry["url"]), entry["url"])
+    return ShardRef(entry["url"], f"{split}-{i:06d}.tar", tuple(entry["keys"]), tuple(map(tuple, entry["ranges"])))
+
+
+@dataclass
+class Member:
+    """A tar member as a sample entry: its sample's key, its extension, where its header and data start."""
+
+    key: str
+    ext: str
+    header: int
+    data: int
+    size: int
+
+
+def scan_members(f, size: int | None, where: str, read_data=False) -> Iterator[tuple[Member, bytes | None]]:
+    """The file members of an uncompressed tar with their data where `read_data` (True, or a function of the
+    member's extension) asks for it, or for a stream; else None.
 
     Python's tarfile takes a truncated archive for a shorter one; this reader does not: a member whose
-    data is short, or an archive without its end-of-archive blocks, raises ShardError naming the file.
-    """
-    path = Path(path)
+    data lies past the end, or an archive without its end-of-archive blocks, raises ShardError naming
+    `where`. `size` None: `f` is a stream (a `pipe:`), read through once, whose data is always read so a
+    short member is seen."""
+    stream = size is None
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            sample: dict = {}
-            for member in tar:
-                if not member.isfile():
+        with tarfile.open(fileobj=f, mode="r|" if stream else "r:") as tar:
+            for info in tar:
+                if not info.isfile():
                     continue
-                key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise ShardError(f"{path}: truncated in {member.name} ({len(data)} of {member.size} bytes)")
-                if sample and key != sample["__key__"]:
-                    yield sample
-                    sample = {}
-                sample["__key__"] = key
-                sample[ext] = data
-            f.seek(tar.offset)
-            end = f.read(2 * tarfile.BLOCKSIZE)
-            if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
-                raise ShardError(f"{path}: truncated (no end-of-archive marker after byte {tar.offset})")
-            if sample:
-                yield sample
-    except FileNotFoundError:
-        raise ShardError(f"{path}: no such shard") from None
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise ShardError(f"{path}: corrupt or truncated tar ({e})") from None
+                if not stream and info.offset_data + info.size > size:
+                    raise ShardError(f"{where}: truncated in {info.name} ({size - info.offset_data} of "
+                                     f"{info.size} bytes)")
+                key, _, ext = info.name.rsplit("/", 1)[-1].partition(".")
+                data = None
+                if stream or (read_data(ext) if callable(read_data) else read_data):
+                    data = tar.extractfile(info).read()
+                    if len(data) != info.size:
+                        raise ShardError(f"{where}: truncated in {info.name} ({len(data)} of {info.size} bytes)")
+                yield Member(key, ext, info.offset, info.offset_data, info.size), data
+            if not stream:
+                f.seek(tar.offset)
+                end = f.read(2 * tarfile.BLOCKSIZE)
+                if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
+                    raise ShardError(f"{where}: truncated (no end-of-archive marker after byte {tar.offset})")
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise ShardError(f"{where}: corrupt or truncated tar ({e})") from None
+    except OSError as e:
+        raise ShardError(f"{where}: cannot read ({e})") from None
 
 
-def shard_members(path: str | Path) -> list[tuple[str, tuple[str, ...]]]:
+def group_samples(members: Iterable[tuple[Member, bytes | None]]) -> Iterator[list[tuple[Member, bytes | None]]]:
+    """Consecutive members with the same key, as one sample's list."""
+    sample: list = []
+    for member, data in members:
+        if sample and member.key != sample[0][0].key:
+            yield sample
+            sample = []
+        sample.append((member, data))
+    if sample:
+        yield sample
+
+
+def iter_samples(shard: ShardRef | str | Path) -> Iterator[dict]:
+    """Samples of one shard in order: {"__key__": key, "<ext>": bytes, ...}; for a shard indexed in place,
+    only its split's samples (`ShardRef.keys`), streamed from wherever it lies."""
+    url = shard.url if isinstance(shard, ShardRef) else str(shard)
+    keep = set(shard.keys) if isinstance(shard, ShardRef) and shard.keys is not None else None
+    with open_shard(url) as (f, size):
+        for members in group_samples(scan_members(f, size, url, read_data=True)):
+            key = members[0][0].key
+            if keep is None or key in keep:
+                yield {"__key__": key, **{m.ext: data for m, data in members}}
+
+
+def shard_members(shard: ShardRef | str | Path) -> list[tuple[str, tuple[str, ...]]]:
     """[(key, its entries' extensions)] of one shard in order, from the tar headers alone (no member data is
-    read); ShardError naming the file if it is missing, not a tar, or truncated (a member's data or the
-    end-of-archive blocks past the end of the file)."""
-    path = Path(path)
-    members: list[tuple[str, list[str]]] = []
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                if member.offset_data + member.size > size:
-                    raise ShardError(f"{path}: truncated in {member.name} ({size - member.offset_data} of "
-                                     f"{member.size} bytes)")
-                key, _, ext = member.name.rsplit("/", 1)[-1].partition(".")
-                if not members or members[-1][0] != key:
-                    members.append((key, []))
-                members[-1][1].append(ext)
-            f.seek(tar.offset)
-            end = f.read(2 * tarfile.BLOCKSIZE)
-            if len(end) < 2 * tarfile.BLOCKSIZE or end.strip(b"\0"):
-                raise ShardError(f"{path}: truncated (no end-of-archive marker after byte {tar.offset})")
-    except FileNotFoundError:
-        raise ShardError(f"{path}: no such shard") from None
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardError(f"{path}: corrupt or truncated tar ({e})") from None
-    return [(k, tuple(exts)) for k, exts in members]
+    read from a file); ShardError naming the file if it is missing, not a tar, or truncated."""
+    return [(key, tuple(m.ext for m in ms)) for key, ms, _ in shard_layout(shard)]
 
 
-def shard_keys(path: str | Path) -> list[str]:
-    """The sample keys of one shard in order (see `shard_members`)."""
-    return [key for key, _ in shard_members(path)]
+def shard_layout(shard: ShardRef | str | Path) -> list[tuple[str, list[Member], tuple[int, int]]]:
+    """[(key, its members, its (offset, length) in bytes)] of one shard in order (a ShardRef indexed in
+    place: its split's samples only)."""
+    url = shard.url if isinstance(shard, ShardRef) else str(shard)
+    keep = set(shard.keys) if isinstance(shard, ShardRef) and shard.keys is not None else None
+    out = []
+    with open_shard(url) as (f, size):
+        for members in group_samples(scan_members(f, size, url)):
+            ms = [m for m, _ in members]
+            if keep is None or ms[0].key in keep:
+                out.append((ms[0].key, ms, (ms[0].header, ms[-1].data + ms[-1].size - ms[0].header)))
+    return out
+
+
+def shard_keys(shard: ShardRef | str | Path) -> list[str]:
+    """The sample keys of one shard in order (see `shard_members`); a shard indexed in place: its index's."""
+    if isinstance(shard, ShardRef) and shard.keys is not None:
+        return list(shard.keys)
+    return [key for key, _ in shard_members(shard)]
+
+
+def parse_sample(data: bytes, where: str) -> dict:
+    """One sample's bytes (`ShardRef.ranges`: its members' headers and data) -> {"__key__", "<ext>": bytes}."""
+    padded = data + b"\0" * (-len(data) % tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE)
+    sample: dict = {}
+    with io.BytesIO(padded) as f:
+        for member, value in scan_members(f, len(padded), where, read_data=True):
+            sample["__key__"] = member.key
+            sample[member.ext] = value
+    if not sample:
+        raise ShardError(f"{where}: no sample at the indexed offset (the shard changed; rerun the shard stage)")
+    return sample
 
 
 def check_shard_pair(image_shard: Path, keys: list[str], feature_shard: Path, names: tuple[str, ...] = ()) -> None:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from cgspn.data.memory import ShardSubset
+from cgspn.data.subset import ShardSubset
 from cgspn.distill.fidelity import teacher_fidelity
 from cgspn.distill.losses import block_loss, cosine_distance, mean_cosine, spatial_loss
 from cgspn.models.adaptors import Adaptors, match_grid

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from cgspn.data.memory import ShardSubset
+from cgspn.data.subset import ShardSubset
 from cgspn.data.preprocess import preprocess_mask, to_batch
 from cgspn.data.shards import decode_mask, iter_samples, split_shards
 from cgspn.distill.phis import PhiS
@@ -77,7 +78,7 @@ class Outputs:
 
 
 class FeatureStore:
-    """Images, label maps and labels of the splits (decoded once), and every model's Outputs per (split, side),
+    """Images, label maps and labels of the splits (read when asked for), and every model's Outputs per (split, side),
     computed once and kept until `release(model)`. `cached(split, side, blocks)` may return the teacher's
     Outputs from its feature cache instead (float16 there), or None."""
 
@@ -85,22 +86,20 @@ class FeatureStore:
                  limit: int | None, cached=None, say=print):
         self.root, self.shards, self.encoders, self.batch_size, self.limit = root, shards, encoders, batch_size, limit
         self.cached, self.say = cached, say
-        self._images, self._samples, self._outputs, self._summaries = {}, {}, {}, {}
+        self._images, self._masks, self._outputs, self._summaries = {}, {}, {}, {}
 
-    def samples(self, split: str) -> list[tuple[dict, Path]]:
-        """The first `limit` samples of a split, undecoded, with their shard."""
-        if split not in self._samples:
-            out = []
-            for shard in split_shards(self.shards, split):
-                for sample in iter_samples(shard):
-                    if self.limit and len(out) >= self.limit:
-                        break
-                    out.append((sample, shard))
-            self._samples[split] = out
-        return self._samples[split]
+    def samples(self, split: str) -> Iterator[tuple[dict, str]]:
+        """The first `limit` samples of a split, undecoded, with their shard's URL, streamed."""
+        count = 0
+        for shard in split_shards(self.shards, split):
+            for sample in iter_samples(shard):
+                if self.limit and count >= self.limit:
+                    return
+                count += 1
+                yield sample, shard.url
 
-    def images(self, split: str) -> list[np.ndarray]:
-        """uint8 [H, W, 3] images of the split."""
+    def images(self, split: str) -> Sequence[np.ndarray]:
+        """uint8 [H, W, 3] images of the split, each decoded when it is asked for (cgspn.data.subset)."""
         if split not in self._images:
             self._images[split] = ShardSubset(self.shards, [split], limit=self.limit).images
         return self._images[split]
@@ -110,8 +109,11 @@ class FeatureStore:
         return torch.tensor([int(s["cls"]) for s, _ in self.samples(split)])
 
     def masks(self, split: str, px: int) -> torch.Tensor:
-        """uint8 [N, px, px]: the split's label maps as `preprocess` frames their images at px."""
-        return torch.stack([preprocess_mask(decode_mask(s, sh), px) for s, sh in self.samples(split)])
+        """uint8 [N, px, px]: the split's label maps as `preprocess` frames their images at px (kept: small)."""
+        if (split, px) not in self._masks:
+            self._masks[split, px] = torch.stack([preprocess_mask(decode_mask(s, sh), px)
+                                                  for s, sh in self.samples(split)])
+        return self._masks[split, px]
 
     def outputs(self, model: str, split: str, px: int, others: bool = False) -> Outputs:
         """The model's Outputs on the split's images at px (with `others`: its other teachers' predictions too)."""

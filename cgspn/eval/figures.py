@@ -129,7 +129,7 @@ def pca_sample(p: dict, splits, store, val_split: str, say=print) -> dict:
         if photo is None:
             raise ParamError(f"evaluate.pca_photo={p['pca_photo']!r}: no such photo in the photos split")
         return photo
-    sample = store.samples(val_split)[0][0]
+    sample = next(store.samples(val_split))[0]
     say(f"no photos split: the PCA figure shows {val_split}'s first image "
         f"({sample.get('source.txt', sample['__key__'].encode()).decode()})")
     return {**sample, "txt": sample.get("source.txt", sample["__key__"].encode())}

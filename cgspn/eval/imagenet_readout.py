@@ -172,7 +172,7 @@ class ImageNetReadout(Protocol):
     def finish(self, ctx: Context, results: dict[str, dict]) -> dict:
         if self.teacher is None:
             return {}
-        from cgspn.data.memory import ShardSubset
+        from cgspn.data.subset import Chain, ShardSubset
         from cgspn.eval.features import Encoder
         from cgspn.distill.phis import load_teacher_phis
         from cgspn.models.adaptors import AdaptorMLP
@@ -187,8 +187,8 @@ class ImageNetReadout(Protocol):
         train_splits = ctx.splits.train("evaluate (ImageNet readout control)")
         parts = [ShardSubset(store.shards, [s], feature_dirs={name: teacher.folder}, feature_names=("summary",),
                              limit=store.limit) for s in train_splits]
-        train_images = [img for part in parts for img in part.images]
-        targets = torch.cat([part.features[name]["summary"].float() for part in parts])
+        train_images = Chain([part.images for part in parts])
+        targets = torch.cat([part.features[name]["summary"].all().float() for part in parts])
         students = {n: (enc.model, enc.others[name][0].summary) for n, enc in ctx.encoders.items() if name in enc.others}
         like = next(iter(students.values()))[1]  # stage 2's summary head for this teacher: the control's architecture
         if "random" not in store.encoders:  # the control's student is the `random` model, built with the same seed

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from cgspn.data.memory import ShardSubset
+from cgspn.data.subset import ShardSubset
 from cgspn.distill.phis import PhiS, load_teacher_phis
 from cgspn.eval.features import Encoder, OtherTeacher, Outputs
 from cgspn.models.cgspn import cgspn_from_teacher_config
@@ -89,7 +89,7 @@ def cache_reader(root: Path, folder: Path, meta: dict, limit: int | None):
             return None
         names = ("summary", "spatial", *(f"block{k}" for k in blocks))
         f = ShardSubset(root / SHARDS, [split], feature_dirs={"teacher": folder}, feature_names=names, limit=limit)
-        f = {n: v.float() for n, v in f.features["teacher"].items()}
+        f = {n: v.all().float() for n, v in f.features["teacher"].items()}
         stacked = (torch.stack([f[f"block{k}"] for k in blocks], 1) if blocks
                    else f["spatial"].new_zeros(len(f["summary"]), 0))
         return Outputs(f["summary"], f["summary"], f["spatial"], f["spatial"], stacked)

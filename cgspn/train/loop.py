@@ -113,11 +113,8 @@ def train_loop_per_worker(cfg: dict) -> None:
     try:
         task, error = TASKS[cfg["stage"]](cfg["task"], device, rank, world, cfg["seed"]), None
     except InputError as e:  # bad data is not a crash: no retry, every worker stops, the driver says why
-        task, error = None, {"kind": type(e).__name__, "message": str(e)}
-        path = Path(cfg["driver"]["errors"]) / f"rank{rank}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(error))
-    if any(gather_objects(error is not None, world)):
+        task, error = None, e
+    if stop_for_bad_input(error, cfg, rank, world):
         return
     nodes = sorted(set(gather_objects(ray.get_runtime_context().get_node_id(), world)))
     optimizer = build_optimizer(task, cfg["opt"])
@@ -146,7 +143,40 @@ def train_loop_per_worker(cfg: dict) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(d)
             ray.train.report({"step": state["step"], "loss": loss}, checkpoint=ckpt)
 
-    run_steps(task, optimizer, state, cfg, rank, world, logger, report)
+    try:
+        run_steps(task, optimizer, state, cfg, rank, world, logger, report)
+    except StopForBadInput:
+        return
+
+
+class StopForBadInput(Exception):
+    """Every worker stops here: one of them found bad input in the data it read (reported for the driver)."""
+
+
+def stop_for_bad_input(error: Exception | None, cfg: dict, rank: int, world: int) -> bool:
+    """Called by every worker at the same point: True when any of them met bad input (an InputError) since
+    the last call. Each such worker leaves its report where the driver reads it (WorkerInputError): bad data
+    is not a crash, so Ray Train does not retry it and no worker waits on another that stopped."""
+    if error is not None:
+        path = Path(cfg["driver"]["errors"]) / f"rank{rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"kind": type(error).__name__, "message": str(error)}))
+    return any(gather_objects(error is not None, world))
+
+
+def checked(fn, cfg: dict, rank: int, world: int, run: bool = True):
+    """fn() where `run` (every worker calls this at the same point); StopForBadInput when any worker's call
+    raised an InputError. Images are read as batches ask for them, so bad data shows up during training."""
+    from cgspn.pipeline.errors import InputError
+
+    result, error = None, None
+    try:
+        result = fn() if run else None
+    except InputError as e:
+        error = e
+    if stop_for_bad_input(error, cfg, rank, world):
+        raise StopForBadInput()
+    return result
 
 
 def build_optimizer(task, opt: dict) -> torch.optim.Optimizer:
@@ -182,13 +212,13 @@ def validates_at(step: int, total: int, val_every: int) -> bool:
     return step == total or (val_every > 0 and step % val_every == 0)
 
 
-def train_step(task, optimizer, params: list, step: int, opt: dict, world: int) -> dict:
+def train_step(task, optimizer, params: list, step: int, opt: dict, world: int, cfg: dict, rank: int) -> dict:
     """One optimizer step at `step` -> its row: step (after it), loss and parts averaged over the workers,
     lr, grad_norm, images_per_s."""
     t0 = time.perf_counter()
     lr = set_learning_rates(optimizer, step, opt)
     task.trainable.train()
-    loss, parts = task.loss(step)
+    loss, parts = checked(lambda: task.loss(step), cfg, rank, world)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     average_across_workers([p.grad for p in params if p.grad is not None], world)
@@ -206,10 +236,10 @@ def run_steps(task, optimizer, state: dict, cfg: dict, rank: int, world: int, lo
     `checkpoint_every` steps and at the end (Ray Train's checkpoint)."""
     opt, total = cfg["opt"], cfg["opt"]["steps"]
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if state["step"] == 0 and rank == 0:
-        validate(task, state, logger)
+    if state["step"] == 0:
+        checked(lambda: validate(task, state, logger), cfg, rank, world, run=rank == 0)
     while state["step"] < total:
-        row = train_step(task, optimizer, params, state["step"], opt, world)
+        row = train_step(task, optimizer, params, state["step"], opt, world, cfg, rank)
         state["step"] = step = row["step"]
         if rank == 0:
             state["history"].append(row)
@@ -217,8 +247,8 @@ def run_steps(task, optimizer, state: dict, cfg: dict, rank: int, world: int, lo
             if step % cfg["log_every"] == 0 or step == total:
                 print(f"{cfg['stage']}: step {step}/{total} loss {row['loss']:.4f} lr {row['lr']:.2e} "
                       f"{row['images_per_s']:.1f} img/s", flush=True)
-        if rank == 0 and validates_at(step, total, cfg["val_every"]):
-            validate(task, state, logger)
+        if validates_at(step, total, cfg["val_every"]):
+            checked(lambda: validate(task, state, logger), cfg, rank, world, run=rank == 0)
         if step % cfg["checkpoint_every"] == 0 or step == total:  # after validation: the checkpoint holds it
             report(state, row["loss"])
 
