@@ -1,6 +1,7 @@
 """The pipeline as a Prefect flow: every DVC stage in order, each a task that asks DVC to run that one
 stage (`dvc repro --single-item`: DVC skips it when nothing it depends on changed, and the task then ends
 in a state named "Skipped"), streams the stage's output into the Prefect log, and retries with backoff.
+Before shard, the data_listing task lists what is at shard.path (it always runs; not counted as a stage).
 
     python -m flows.pipeline                               # the whole pipeline on params.yaml
     python -m flows.pipeline -S distill_stage2.steps=300   # one run with overrides: one DVC experiment
@@ -40,7 +41,7 @@ from prefect.runtime import flow_run  # noqa: E402
 from prefect.states import Completed, Failed  # noqa: E402
 
 from cgspn.pipeline.cli import BAD_INPUT  # noqa: E402
-from cgspn.pipeline.names import PARENT_RUN_ENV, STAGES  # noqa: E402
+from cgspn.pipeline.names import LISTING_STAGE, PARENT_RUN_ENV, STAGES  # noqa: E402
 from flows.experiment import OverrideRun, parse_override  # noqa: E402
 from flows.log_levels import OutputLevels  # noqa: E402
 
@@ -126,6 +127,8 @@ def pipeline(overrides: list[str] | None = None, root: str = str(REPO), stages: 
     outcome: dict[str, str] = {}
     try:
         with ParentRun(name, overrides, rootp) as parent, OverrideRun(rootp, overrides) as experiment:
+            if "shard" in stages:  # what is at shard.path now: shard reruns only if that changed
+                run_stage(LISTING_STAGE, root, parent.id, return_state=True).result()
             for stage in stages:
                 state = run_stage(stage, root, parent.id, return_state=True)
                 state.result()  # a failed stage (after its retries) raises its error here

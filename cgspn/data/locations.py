@@ -129,16 +129,24 @@ def open_shard(url: str) -> Iterator[tuple[IO[bytes], int | None]]:
     A `pipe:` command that exits non-zero is a ShardError with its last line of stderr."""
     if is_pipe(url):
         proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        failure = None
         try:
             yield proc.stdout, None
             proc.stdout.read()  # drain: the command's status is only known at its end
+        except BaseException as e:  # the reader's error (the command's own explains it better), or it stopped
+            failure = e
         finally:
             proc.stdout.close()
+            if failure is not None:
+                proc.kill()
             err = proc.stderr.read().decode(errors="replace").strip().splitlines()
             proc.stderr.close()
             code = proc.wait()
-        if code != 0:
+        stopped = isinstance(failure, GeneratorExit)  # the reader had what it wanted
+        if not stopped and (code > 0 or (code != 0 and failure is None)):  # it failed by itself, not by our kill
             raise ShardError(f"{url}: the command exited with {code}" + (f" ({err[-1]})" if err else ""))
+        if failure is not None:
+            raise failure
         return
     if is_remote(url):
         fs, path = filesystem(url)

@@ -22,14 +22,19 @@ from cgspn.pipeline.quiet_env import set_defaults
 BAD_INPUT = 2  # the exit status for bad input: the flow does not retry a stage that exits with it
 
 
-def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[str] | None = None) -> dict:
+def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[str] | None = None,
+              section: str | None = None, tracked: bool = True) -> dict:
+    """`section`: the params.yaml section to read (default: the stage's name); `tracked` False: no MLflow
+    run (a stage that runs on every `dvc repro`, such as data_listing, would leave one each time)."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=(main.__doc__ or "").strip())
     parser.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
     parser.add_argument("--root", default=".", help="folder the stage's outputs are relative to (default: .)")
     args = parser.parse_args(argv)
     set_defaults()
     try:
-        params = load_section(args.params, name, schema)
+        params = load_section(args.params, section or name, schema)
+        if not tracked:
+            return main(params, Path(args.root), None)
         from cgspn.pipeline.tracking import stage_run
 
         with stage_run(name, params) as run:

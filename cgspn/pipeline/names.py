@@ -11,6 +11,9 @@ from __future__ import annotations
 
 STAGES = ("shard", "teacher", "cache_teacher", "distill_stage1", "distill_stage2", "highres", "evaluate",
           "benchmark", "report")
+# Lists what is at shard.path for DVC on every repro, before shard (dvc.yaml); not among STAGES: it always runs,
+# writes the same listing while the data stays the same, and logs no MLflow run.
+LISTING_STAGE = "data_listing"
 TRAINING_STAGES = ("distill_stage1", "distill_stage2", "highres")
 EVAL_MODELS = ("teacher", "random", *TRAINING_STAGES)  # the models evaluate can compare, in this order
 PARENT_RUN_ENV = "CGSPN_PARENT_RUN_ID"  # set by the flow, read by every stage's MLflow run

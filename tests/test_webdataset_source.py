@@ -1,0 +1,170 @@
+"""The webdataset source: img2dataset shards (benchmarks/img2dataset_shards.py, JPEG + caption + metadata,
+some samples failed) indexed where they lie, from a brace pattern, lists of shards per split, a pipe:
+command and an S3-compatible server (tests/object_store.py, moto's own process); read back exactly,
+streamed and by byte range; cache_teacher and a training stage straight from object storage; bad input
+in one line. The whole pipeline on such shards runs in tests/test_own_data_pipeline.py."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from benchmarks.img2dataset_shards import write_shards
+from micro import copy_tree, expect_exit, run, write_params
+
+REPO = Path(__file__).resolve().parents[1]
+N, PER_SHARD, FAILED_EVERY = 40, 10, 7  # 4 shards; samples 6, 13, 20, 27, 34 failed to download
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("img2dataset")
+    write_shards(folder, N, PER_SHARD, side=48, labels=True, failed_every=FAILED_EVERY)
+    return folder
+
+
+def tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    """Every sample of a tar read with Python's tarfile alone: {key: {ext: bytes}}."""
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return out
+
+
+def shard_params(tmp_path: Path, path, **changes) -> Path:
+    return write_params(tmp_path / "params.yaml", shard__source="webdataset", shard__path=path, **changes)
+
+
+def test_img2dataset_shards_are_indexed_in_place_and_read_back_exactly(shards, tmp_path):
+    from cgspn.data.shards import iter_samples, split_shards
+    from cgspn.data.subset import ShardSubset
+
+    root = tmp_path / "root"
+    m = run("shard", shard_params(tmp_path, f"{shards}/{{00000..00003}}.tar"), root)
+    assert m["samples_seen"] == N and m["skipped"] == {"status failed_to_download": 5} and m["copied"] is False
+    assert m["images"] == N - 5 == sum(s["count"] for s in m["splits"].values())
+    assert sorted(m["splits"]) == ["train", "val"] and all(s["captions"] and s["labels"] for s in m["splits"].values())
+    assert sorted(p.name for p in (root / "data/shards").iterdir()) == ["dataset.json", "train.json", "val.json"]
+    assert json.loads((root / "data/shards/dataset.json").read_text())["splits"]["val"]["captions"] is True
+    original = {k: v for p in sorted(shards.glob("*.tar")) for k, v in tar_samples(p).items()}
+    good = {k for k, v in original.items() if "jpg" in v}
+    seen = []
+    for split in ("train", "val"):
+        refs = split_shards(root / "data/shards", split)
+        streamed = [s for ref in refs for s in iter_samples(ref)]
+        subset = ShardSubset(root / "data/shards", [split])
+        assert [s["__key__"] for s in streamed] == subset.keys
+        for i in np.random.default_rng(0).permutation(len(subset))[:6]:
+            key = subset.keys[i]
+            expected = np.array(Image.open(io.BytesIO(original[key]["jpg"])).convert("RGB"))
+            np.testing.assert_array_equal(subset.images[i], expected)
+            sample = subset.sample(i)
+            assert sample["txt"] == original[key]["txt"] and sample["json"] == original[key]["json"]
+        seen += subset.keys
+    assert sorted(seen) == sorted(good)  # every good sample once, in one split; no failed one
+
+
+def test_splits_by_lists_of_shards_and_from_a_pipe_command(shards, tmp_path):
+    from cgspn.data.subset import ShardSubset
+
+    root = tmp_path / "lists"
+    path = {"train": f"{shards}/{{00000..00002}}.tar", "val": [f"pipe:cat {shards}/00003.tar"]}
+    m = run("shard", shard_params(tmp_path, path), root)
+    assert {s: v["shards"] for s, v in m["splits"].items()} == {"train": 3, "val": 1}
+    val = ShardSubset(root / "data/shards", ["val"])
+    expected = [k for k, v in tar_samples(shards / "00003.tar").items() if "jpg" in v]
+    assert val.keys == expected
+    np.testing.assert_array_equal(val.images[len(val) - 1], np.array(Image.open(io.BytesIO(
+        tar_samples(shards / "00003.tar")[expected[-1]]["jpg"])).convert("RGB")))
+    folder = run("shard", shard_params(tmp_path, str(shards), shard__val_fraction=0.0), tmp_path / "folder")
+    assert list(folder["splits"]) == ["train"] and folder["images"] == N - 5
+
+
+def test_bad_webdataset_input_is_one_line_and_exit_2(shards, tmp_path, capsys):
+    root = tmp_path / "root"
+    expect_exit(capsys, "shard", shard_params(tmp_path, f"{shards}/{{00007..00008}}.tar"), root,
+                "00007.tar: no such file")
+    data = (shards / "00001.tar").read_bytes()
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut/00000.tar").write_bytes(data[: len(data) // 2])
+    expect_exit(capsys, "shard", shard_params(tmp_path, str(tmp_path / "cut/00000.tar")), root,
+                "cut/00000.tar: truncated in ")
+    no_image = tmp_path / "no-image"
+    no_image.mkdir()
+    with tarfile.open(no_image / "00000.tar", "w") as tar:
+        for name, payload in [("000000000.txt", b"a caption"), ("000000000.json", b'{"status": "success"}')]:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    expect_exit(capsys, "shard", shard_params(tmp_path, str(no_image)), root,
+                "00000.tar: sample '000000000' has no image")
+    expect_exit(capsys, "shard", shard_params(tmp_path, f"pipe:cat {tmp_path}/nothing.tar"), root,
+                "the command exited with 1")
+    assert not (root / "data/shards").exists()  # nothing half-written
+
+
+def stage(name: str, params: Path, root: Path, env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", f"stages.{name}", "--params", str(params), "--root", str(root)]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+
+
+def test_shards_in_object_storage_feed_cache_teacher_and_training(shards, micro, tmp_path):
+    """On the S3 test server: the shard stage indexes the shards in the bucket (the listing records their
+    ETags), cache_teacher's Ray workers read them from there, and distill_stage1 trains from them. The
+    features equal the teacher's own forward on the images read from the local tars."""
+    import torch
+
+    from object_store import s3_server
+    from cgspn.data.shards import decode_npy, iter_samples
+    from cgspn.data.preprocess import to_batch
+    from cgspn.teachers.registry import load_teacher_file
+
+    root = tmp_path / "root"
+    copy_tree(micro["root"] / "models/teachers", root / "models/teachers")
+    with s3_server() as s3:
+        s3.upload(shards, "img2dataset/")
+        env = {**os.environ, **s3.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+        env.pop("RAY_ADDRESS", None)
+        params = shard_params(tmp_path, f"s3://{s3.bucket}/img2dataset/{{00000..00003}}.tar",
+                              distill_stage1__steps=2, distill_stage1__workers=1, distill_stage1__val_count=4,
+                              distill_stage1__checkpoint_every=2)
+        for name in ("data_listing", "shard", "cache_teacher", "distill_stage1"):
+            done = stage(name, params, root, env)
+            assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+            assert s3.secret not in done.stdout + done.stderr
+        listing = json.loads((root / "data/listing.json").read_text())
+        assert [f["url"].rsplit("/", 1)[-1] for f in listing["files"]] == [f"0000{i}.tar" for i in range(4)]
+        assert all(f["etag"] and f["size"] for f in listing["files"])
+        index = json.loads((root / "data/shards/val.json").read_text())
+        assert all(e["url"].startswith(f"s3://{s3.bucket}/") for e in index["shardlist"])
+        features = root / "data/features/dinov2_vits14_imgfocus/val-000000.tar"
+        cached = list(iter_samples(features))[:3]
+        local = tar_samples(shards / Path(index["shardlist"][0]["url"]).name)
+        images = [np.array(Image.open(io.BytesIO(local[s["__key__"]]["jpg"])).convert("RGB")) for s in cached]
+        teacher = load_teacher_file(root / "models/teachers/dinov2_vits14_imgfocus.safetensors").eval()
+        with torch.no_grad():
+            summary = teacher(to_batch(images, 28, "cpu")).summary
+        torch.testing.assert_close(torch.from_numpy(np.stack([decode_npy(s, "summary") for s in cached])).float(),
+                                   summary, atol=2e-2, rtol=1e-2)
+        assert (root / "models/distill_stage1/student.safetensors").exists()
+
+        wrong = {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+        done = stage("shard", params, tmp_path / "denied", wrong)
+        assert done.returncode == 2 and "access denied" in done.stderr, done.stderr[-2000:]
+        assert "not-the-secret" not in done.stdout + done.stderr and "Traceback" not in done.stderr
+    from object_store import free_port
+
+    gone = {**env, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_MAX_ATTEMPTS": "1"}
+    done = stage("shard", params, tmp_path / "gone", gone)
+    assert done.returncode == 2 and "unreachable" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
