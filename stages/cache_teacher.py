@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from cgspn.pipeline.cluster import start_ray
 from cgspn.data.feature_cache import in_order
-from cgspn.data.shards import split_shards
+from cgspn.data.locations import remote_listing
+from cgspn.data.shards import FEATURE_STORE, split_shards
 from cgspn.pipeline.inputs import SHARDS, TEACHERS, Splits, check_splits
 from cgspn.pipeline.errors import InputError, ParamError
 from cgspn.pipeline.outputs import replace_dir, write_json, write_timings
@@ -50,6 +51,10 @@ SCHEMA = {
     "cpus_per_worker": Param(int, min=1),
     "gpus_per_worker": Param(float, min=0.0),
     "batch_size": Param(int, min=1),
+    # null: feature shards in data/features/<teacher>/; a URI prefix (s3://bucket/prefix): there instead,
+    # under <teacher>/<run id>/ (a new folder per run: nothing earlier is overwritten), with
+    # data/features/<teacher>/shards.json pointing to it beside meta.json and the PHI-S statistics
+    "store": Param(str, optional=True),
 }
 OUT = Path("data/features")
 METRICS = Path("reports/metrics/cache_teacher.json")
@@ -70,10 +75,19 @@ class TeacherWorker:
         self.name = (ray.get_runtime_context().get_node_id(), os.getpid())  # (Ray node, process)
 
     def cache(self, image_shard, out_shard: str, resolution: int, layers: list[int], batch_size: int):
-        """One shard (a ShardRef) at the teacher's own side `resolution`."""
-        from cgspn.data.feature_cache import cache_shard
+        """One shard (a ShardRef) at the teacher's own side `resolution`, to a local path or a URL."""
+        import tempfile
 
-        return self.name, cache_shard(self.teacher, image_shard, Path(out_shard), resolution, layers, batch_size)
+        from cgspn.data.feature_cache import cache_shard
+        from cgspn.data.locations import is_remote, upload
+
+        if not is_remote(out_shard):
+            return self.name, cache_shard(self.teacher, image_shard, Path(out_shard), resolution, layers, batch_size)
+        with tempfile.TemporaryDirectory(prefix="cgspn-features-") as tmp:
+            local = Path(tmp) / Path(out_shard).name
+            result = cache_shard(self.teacher, image_shard, local, resolution, layers, batch_size)
+            upload(local, out_shard)
+        return self.name, result
 
 
 def pool_size(p: dict) -> int:
@@ -147,6 +161,9 @@ def check_inputs(p: dict, root: Path) -> tuple[list[dict], list[tuple[str, Path]
 def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> tuple[dict, dict]:
     """One teacher over every shard; returns its metrics and its timings."""
     out_dir.mkdir()
+    shards_at = str(out_dir)
+    if p["store"]:  # a new folder per run under the prefix: an earlier run's features stay where they are
+        shards_at = f"{p['store'].rstrip('/')}/{teacher['name']}/{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     n = pool_size(p)
     path = str((root / TEACHERS / teacher["file"]).resolve())
     t0 = time.perf_counter()
@@ -156,7 +173,7 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> tu
     t1 = time.perf_counter()
     split_of = {shard.name: split for split, shard in jobs}
     index = {shard.name: i for i, (_, shard) in enumerate(jobs)}
-    tasks = [(shard, str(out_dir / shard.name)) for _, shard in jobs]
+    tasks = [(shard, f"{shards_at}/{shard.name}") for _, shard in jobs]
     per_worker, per_split, moments = defaultdict(lambda: [0, 0.0]), dict.fromkeys(p["splits"], 0), None
     total = 0
     try:
@@ -183,7 +200,12 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> tu
     phis = {kind: PhiS.estimate(m) for kind, m in moments.items()}
     for kind, stats in phis.items():
         stats.save(out_dir / phis_file(kind))
-    feature_bytes = sum(f.stat().st_size for f in out_dir.glob("*.tar"))
+    if p["store"]:
+        listed = remote_listing(shards_at)
+        write_json(out_dir / FEATURE_STORE, {"store": shards_at, "shards": listed})
+        feature_bytes = sum(f["size"] for f in listed.values())
+    else:
+        feature_bytes = sum(f.stat().st_size for f in out_dir.glob("*.tar"))
     grid = math.ceil(teacher["side"] / teacher["config"]["patch_size"])  # a ViT's side is a multiple
     meta = {"teacher": teacher["name"], "resolution": p["resolution"], "teacher_resolution": teacher["side"],
             "scale": teacher["scale"], "grid": [grid, grid], "dim": teacher["config"]["dim"],

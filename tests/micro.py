@@ -33,7 +33,7 @@ MICRO = {
     "cache_teacher": {
         "resolution": 28, "splits": "auto", "layers": {"dinov2_vits14_imgfocus": [5]},
         "teacher_scale": {"efficientnet_lite0": 2}, "phis_splits": ["train"],
-        "workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 8,
+        "workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0, "batch_size": 8, "store": None,
     },
     "distill_stage1": {**TRAIN_COMMON, "teacher": "dinov2_vits14_imgfocus", "resolution": 28,
                        "splits": "auto", "val_split": "auto", "block_weights": [],

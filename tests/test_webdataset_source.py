@@ -120,13 +120,15 @@ def stage(name: str, params: Path, root: Path, env: dict) -> subprocess.Complete
 
 def test_shards_in_object_storage_feed_cache_teacher_and_training(shards, micro, tmp_path):
     """On the S3 test server: the shard stage indexes the shards in the bucket (the listing records their
-    ETags), cache_teacher's Ray workers read them from there, and distill_stage1 trains from them. The
-    features equal the teacher's own forward on the images read from the local tars."""
+    ETags), cache_teacher's Ray workers read them from there and write the features back into it
+    (cache_teacher.store), distill_stage1 trains from the bucket's shards, and training's reader takes the
+    features from the bucket too: they equal the teacher's own forward on the images of the local tars."""
     import torch
 
     from object_store import s3_server
-    from cgspn.data.shards import decode_npy, iter_samples
     from cgspn.data.preprocess import to_batch
+    from cgspn.data.shards import split_shards
+    from cgspn.data.subset import ShardSubset
     from cgspn.teachers.registry import load_teacher_file
 
     root = tmp_path / "root"
@@ -136,7 +138,7 @@ def test_shards_in_object_storage_feed_cache_teacher_and_training(shards, micro,
         env = {**os.environ, **s3.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
         env.pop("RAY_ADDRESS", None)
         params = shard_params(tmp_path, f"s3://{s3.bucket}/img2dataset/{{00000..00003}}.tar",
-                              distill_stage1__steps=2, distill_stage1__workers=1, distill_stage1__val_count=4,
+                              cache_teacher__store=f"s3://{s3.bucket}/features", distill_stage1__steps=2, distill_stage1__workers=1, distill_stage1__val_count=4,
                               distill_stage1__checkpoint_every=2)
         for name in ("data_listing", "shard", "cache_teacher", "distill_stage1"):
             done = stage(name, params, root, env)
@@ -147,15 +149,29 @@ def test_shards_in_object_storage_feed_cache_teacher_and_training(shards, micro,
         assert all(f["etag"] and f["size"] for f in listing["files"])
         index = json.loads((root / "data/shards/val.json").read_text())
         assert all(e["url"].startswith(f"s3://{s3.bucket}/") for e in index["shardlist"])
-        features = root / "data/features/dinov2_vits14_imgfocus/val-000000.tar"
-        cached = list(iter_samples(features))[:3]
+        folder = root / "data/features/dinov2_vits14_imgfocus"
+        assert sorted(p.name for p in folder.glob("*.tar")) == []  # the feature shards went to the bucket
+        store = json.loads((folder / "shards.json").read_text())
+        assert store["store"].startswith(f"s3://{s3.bucket}/features/dinov2_vits14_imgfocus/")
+        expected = {ref.name for s in ("train", "val") for ref in split_shards(root / "data/shards", s)}
+        assert set(store["shards"]) == expected and all(v["etag"] for v in store["shards"].values())
+        env_before = dict(os.environ)
+        os.environ.update(s3.env)
+        try:
+            val = ShardSubset(root / "data/shards", ["val"], feature_dirs={"t": folder}, feature_names=("summary",))
+            cached = val.features["t"]["summary"][range(3)].float()
+            images = val.images[0:3]
+        finally:
+            os.environ.clear()
+            os.environ.update(env_before)
+        index = json.loads((root / "data/shards/val.json").read_text())
         local = tar_samples(shards / Path(index["shardlist"][0]["url"]).name)
-        images = [np.array(Image.open(io.BytesIO(local[s["__key__"]]["jpg"])).convert("RGB")) for s in cached]
+        assert [np.array(Image.open(io.BytesIO(local[k]["jpg"])).convert("RGB")).tolist() for k in val.keys[:3]] == [
+            im.tolist() for im in images]
         teacher = load_teacher_file(root / "models/teachers/dinov2_vits14_imgfocus.safetensors").eval()
         with torch.no_grad():
             summary = teacher(to_batch(images, 28, "cpu")).summary
-        torch.testing.assert_close(torch.from_numpy(np.stack([decode_npy(s, "summary") for s in cached])).float(),
-                                   summary, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(cached, summary, atol=2e-2, rtol=1e-2)
         assert (root / "models/distill_stage1/student.safetensors").exists()
 
         wrong = {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cgspn.data.locations import describe, expand_shards, file_digest, filesystem, is_pipe, is_remote, remote_call
+from cgspn.data.locations import describe, etag, expand_shards, file_digest, filesystem, is_pipe, is_remote, remote_call
 from cgspn.pipeline.errors import InputError
 
 
@@ -35,8 +35,7 @@ def list_shards(spec, md5_cache: dict) -> list[dict]:
     for url in urls:
         info = remote_info.get(url)
         if info is not None:
-            tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("LastModified")
-            out.append({"url": url, "size": info.get("size"), "etag": str(tag).strip('"') if tag else None})
+            out.append({"url": url, "size": info.get("size"), "etag": etag(info)})
         else:
             out.append(describe(url, md5_cache))
     return out

@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -165,13 +166,17 @@ def open_shard(url: str) -> Iterator[tuple[IO[bytes], int | None]]:
         yield f, os.fstat(f.fileno()).st_size
 
 
+OPEN_FILES = 64  # descriptors a RangeReader keeps open (the least recently used is closed past that)
+
+
 class RangeReader:
-    """Byte ranges of shards, for random access to samples: local files through one open descriptor each,
+    """Byte ranges of shards, for random access to samples: local files through an open descriptor each
+    (the `OPEN_FILES` most recently read),
     object storage through one ranged GET per read, `pipe:` streams through a local copy made on first use
     (in a temporary folder removed by `close`)."""
 
     def __init__(self):
-        self._fds: dict[str, int] = {}
+        self._fds: OrderedDict[str, int] = OrderedDict()
         self._spool: Path | None = None
 
     def read(self, url: str, offset: int, length: int) -> bytes:
@@ -182,6 +187,9 @@ class RangeReader:
             fd = self._fds.get(url)
             if fd is None:
                 fd = self._fds[url] = self._open(url)
+                if len(self._fds) > OPEN_FILES:
+                    os.close(self._fds.popitem(last=False)[1])
+            self._fds.move_to_end(url)
             data = os.pread(fd, length, offset)
         if len(data) != length:
             raise ShardError(f"{url}: truncated ({len(data)} of {length} bytes at offset {offset}); "
@@ -193,8 +201,10 @@ class RangeReader:
             if self._spool is None:
                 self._spool = Path(tempfile.mkdtemp(prefix="cgspn-pipe-"))
             copy = self._spool / hashlib.sha1(url.encode()).hexdigest()
-            with open_shard(url) as (stream, _), open(copy, "wb") as out:
-                shutil.copyfileobj(stream, out)
+            if not copy.exists():  # once per process: the command runs again only if its copy is gone
+                with open_shard(url) as (stream, _), open(copy.with_suffix(".partial"), "wb") as out:
+                    shutil.copyfileobj(stream, out)
+                copy.with_suffix(".partial").replace(copy)
             return os.open(copy, os.O_RDONLY)
         try:
             return os.open(local_path(url), os.O_RDONLY)
@@ -220,6 +230,26 @@ class RangeReader:
             self.close()
 
 
+def upload(local: Path, url: str) -> None:
+    """A local file to object storage (one-line ShardError naming the URL if it fails)."""
+    fs, path = filesystem(url)
+    remote_call(url, fs.put_file, str(local), path)
+
+
+def remote_listing(prefix: str) -> dict[str, dict]:
+    """{file name: {"size", "etag"}} of the objects directly under a prefix."""
+    fs, path = filesystem(prefix)
+    found = remote_call(prefix, fs.ls, path, detail=True, refresh=True)
+    return {info["name"].rsplit("/", 1)[-1]: {"size": info.get("size"), "etag": etag(info)}
+            for info in sorted(found, key=lambda i: i["name"]) if info.get("type") != "directory"}
+
+
+def etag(info: dict) -> str | None:
+    """The content tag fsspec reports for an object (S3's ETag, GCS's md5Hash), quotes removed."""
+    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    return str(tag).strip('"') if tag else None
+
+
 def describe(url: str, md5_cache: dict | None = None) -> dict:
     """What identifies a shard's content without reading it where we can: object storage's size and ETag;
     a local file's size and MD5 (taken once per (size, mtime, inode) when `md5_cache` is given); a `pipe:`
@@ -229,8 +259,7 @@ def describe(url: str, md5_cache: dict | None = None) -> dict:
     if is_remote(url):
         fs, path = filesystem(url)
         info = remote_call(url, fs.info, path)
-        tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("LastModified")
-        return {"url": url, "size": info.get("size"), "etag": str(tag).strip('"') if tag else None}
+        return {"url": url, "size": info.get("size"), "etag": etag(info)}
     path = local_path(url)
     return {"url": url, **file_digest(path, md5_cache)}
 

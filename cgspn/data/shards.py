@@ -258,22 +258,36 @@ def parse_sample(data: bytes, where: str) -> dict:
     return sample
 
 
-def check_shard_pair(image_shard: Path, keys: list[str], feature_shard: Path, names: tuple[str, ...] = ()) -> None:
+FEATURE_STORE = "shards.json"  # in a feature folder whose shards lie in object storage: {"store": URL prefix}
+
+
+def feature_shard(folder: str | Path, name: str) -> str:
+    """Where the feature shard `name` of a teacher's feature folder is: beside its meta.json, or under the
+    object-storage prefix its shards.json names (cache_teacher.store)."""
+    index = Path(folder) / FEATURE_STORE
+    if index.exists():
+        return f"{json.loads(index.read_text())['store']}/{name}"
+    return str(Path(folder) / name)
+
+
+def check_shard_pair(image_shard: ShardRef | Path, keys: list[str], partner: str | Path, names: tuple[str, ...] = (),
+                     members: list | None = None) -> None:
     """The feature shard holds exactly `keys` (the image shard's, in order), each with `<name>.npy` for every
-    name; ShardError naming the feature shard and the first key that differs."""
-    members = shard_members(feature_shard)
+    name; ShardError naming the feature shard and the first key that differs. `members`: the feature shard's
+    `shard_members`, where the caller has them."""
+    members = shard_members(partner) if members is None else members
     for i in range(max(len(keys), len(members))):
         key = keys[i] if i < len(keys) else None
         f_key, exts = members[i] if i < len(members) else (None, ())
         if key is None:
-            raise ShardError(f"{feature_shard}: extra key {f_key!r} that {image_shard} does not have")
+            raise ShardError(f"{partner}: extra key {f_key!r} that {image_shard} does not have")
         if f_key is None:
-            raise ShardError(f"{feature_shard}: key {key!r} of {image_shard} is missing")
+            raise ShardError(f"{partner}: key {key!r} of {image_shard} is missing")
         if key != f_key:
-            raise ShardError(f"{feature_shard}: key {f_key!r} where {image_shard} has {key!r} (sample {i})")
+            raise ShardError(f"{partner}: key {f_key!r} where {image_shard} has {key!r} (sample {i})")
         missing = [n for n in names if f"{n}.npy" not in exts]
         if missing:
-            raise ShardError(f"{feature_shard}: sample {key!r} has no {', '.join(n + '.npy' for n in missing)} "
+            raise ShardError(f"{partner}: sample {key!r} has no {', '.join(n + '.npy' for n in missing)} "
                              f"(has: {sorted(e[:-4] for e in exts if e.endswith('.npy'))})")
 
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from cgspn.data.locations import RangeReader
-from cgspn.data.shards import check_shard_pair, decode_image, decode_npy, parse_sample, shard_layout, split_shards
+from cgspn.data.shards import (check_shard_pair, decode_image, decode_npy, feature_shard, parse_sample, shard_layout,
+                               split_shards)
 
 RECENT = 512  # feature samples kept parsed: a batch's names are read from one parse
 
@@ -54,10 +55,11 @@ class ShardSubset:
             keys = [key for key, _ in layout]
             partners = {}
             for t, folder in feature_dirs.items():
-                path = Path(folder) / shard.name
-                check_shard_pair(shard, keys, path, names[t])
-                partners[t] = [rng for _, _, rng in shard_layout(path)]
-                feature_urls[t].append(str(path))
+                path = feature_shard(folder, shard.name)
+                layout_t = shard_layout(path)
+                check_shard_pair(shard, keys, path, names[t], [(k, tuple(m.ext for m in ms)) for k, ms, _ in layout_t])
+                partners[t] = [rng for _, _, rng in layout_t]
+                feature_urls[t].append(path)
             self.urls.append(shard.url)
             for j, (key, (offset, length)) in enumerate(layout):
                 seen += 1

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from cgspn.models.checkpoint import read_config
-from cgspn.data.shards import check_shard_pair, shard_keys, split_shards
+from cgspn.data.shards import check_shard_pair, feature_shard, shard_keys, split_shards
 from cgspn.pipeline.errors import ParamError, ShardError
 
 SHARDS = Path("data/shards")
@@ -119,7 +119,7 @@ def check_splits(shards: Path, splits: list[str], param: str, feature_dirs: dict
             count += len(keys)
             for teacher, folder in (feature_dirs or {}).items():
                 names = (feature_names or {}).get(teacher, ())
-                check_shard_pair(shard, keys, Path(folder) / shard.name, names)
+                check_shard_pair(shard, keys, feature_shard(folder, shard.name), names)
         if count == 0:
             raise ParamError(f"{param}: split {split!r} holds no samples ({shards / (split + '.json')})")
         total += count
