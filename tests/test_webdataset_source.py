@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.img2dataset_shards import write_shards
-from micro import copy_tree, expect_exit, run, write_params
+from micro import TRAIN_STAGES, copy_tree, expect_exit, run, write_params
 
 REPO = Path(__file__).resolve().parents[1]
 N, PER_SHARD, FAILED_EVERY = 40, 10, 7  # 4 shards; samples 6, 13, 20, 27, 34 failed to download
@@ -119,10 +119,11 @@ def stage(name: str, params: Path, root: Path, env: dict) -> subprocess.Complete
 
 
 def test_shards_in_object_storage_feed_cache_teacher_and_training(shards, micro, tmp_path):
-    """On the S3 test server: the shard stage indexes the shards in the bucket (the listing records their
-    ETags), cache_teacher's Ray workers read them from there and write the features back into it
-    (cache_teacher.store), distill_stage1 trains from the bucket's shards, and training's reader takes the
-    features from the bucket too: they equal the teacher's own forward on the images of the local tars."""
+    """The whole pipeline on the S3 test server: the shard stage indexes the shards in the bucket (the listing
+    records their ETags), cache_teacher's Ray workers read them from there and write the features back into it
+    (cache_teacher.store), the training stages train from the bucket's shards and features, evaluate and
+    report follow. Training's reader takes the features from the bucket: they equal the teacher's own forward
+    on the images of the local tars."""
     import torch
 
     from object_store import s3_server
@@ -137,10 +138,11 @@ def test_shards_in_object_storage_feed_cache_teacher_and_training(shards, micro,
         s3.upload(shards, "img2dataset/")
         env = {**os.environ, **s3.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
         env.pop("RAY_ADDRESS", None)
+        fast = {f"{stage}__{k}": v for stage in ("distill_stage1", "distill_stage2")
+                for k, v in {"steps": 2, "checkpoint_every": 2, "val_count": 4, "workers": 1}.items()}
         params = shard_params(tmp_path, f"s3://{s3.bucket}/img2dataset/{{00000..00003}}.tar",
-                              cache_teacher__store=f"s3://{s3.bucket}/features", distill_stage1__steps=2, distill_stage1__workers=1, distill_stage1__val_count=4,
-                              distill_stage1__checkpoint_every=2)
-        for name in ("data_listing", "shard", "cache_teacher", "distill_stage1"):
+                              cache_teacher__store=f"s3://{s3.bucket}/features", evaluate__seg_steps=4, **fast)
+        for name in ("data_listing", "shard", "cache_teacher", *TRAIN_STAGES, "evaluate", "report"):
             done = stage(name, params, root, env)
             assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
             assert s3.secret not in done.stdout + done.stderr
@@ -172,7 +174,10 @@ def test_shards_in_object_storage_feed_cache_teacher_and_training(shards, micro,
         with torch.no_grad():
             summary = teacher(to_batch(images, 28, "cpu")).summary
         torch.testing.assert_close(cached, summary, atol=2e-2, rtol=1e-2)
-        assert (root / "models/distill_stage1/student.safetensors").exists()
+        assert all((root / "models" / s / "student.safetensors").exists() for s in TRAIN_STAGES)
+        evaluated = json.loads((root / "reports/metrics/evaluate.json").read_text())
+        assert evaluated["models"]["distill_stage2"]["knn_summary"] is not None  # the .cls labels reached kNN
+        assert "s3://" in (root / "reports/REPORT.md").read_text()  # the report names the data's place
 
         wrong = {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
         done = stage("shard", params, tmp_path / "denied", wrong)

@@ -460,7 +460,11 @@ def data_sentence(root: Path, ev: dict | None, params: dict | None = None) -> st
     where = f" from `{path}`" if path else ""
     what = {"fashion_mnist": f"Fashion-MNIST garments (28 px){where} and mosaics of them with label maps",
             "folder": f"an image folder, `{path}`", "table": f"a table, `{path}`",
-            "segmentation": f"a segmentation data set, `{path}`"}.get(source, f"source `{source}`{where}")
+            "segmentation": f"a segmentation data set, `{path}`",
+            "webdataset": f"webdataset shards read in place, `{path}`"}.get(source, f"source `{source}`{where}")
+    if shard.get("skipped"):
+        reasons = ", ".join(f"{n} {why}" for why, n in shard["skipped"].items())
+        what += f" ({shard['samples_seen']} samples, {sum(shard['skipped'].values())} skipped: {reasons})"
     splits = shard.get("splits", {})
     sizes = ", ".join(f"{s} {v['count']}" for s, v in splits.items())
     stages = {s: m for s in TRAINING_STAGES if (m := _load(root / "reports/metrics" / f"{s}.json"))}
