@@ -189,3 +189,35 @@ def test_shards_in_object_storage_feed_cache_teacher_and_training(shards, micro,
     done = stage("shard", params, tmp_path / "gone", gone)
     assert done.returncode == 2 and "unreachable" in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
+
+
+def test_dvc_reruns_shard_when_a_shard_changes_and_only_then(shards, tmp_path):
+    """Through DVC itself: data_listing runs on every repro and lists the shards with their MD5s; shard
+    depends on that listing, so rewriting one shard reruns it, and an unchanged listing leaves it alone."""
+    import shutil
+
+    from micro import make_repo
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards, data)
+    repo = make_repo(tmp_path / "repo")
+    write_params(repo / "params.yaml", shard__source="webdataset", shard__path=f"{data}/{{00000..00003}}.tar")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    dvc = str(Path(sys.executable).with_name("dvc"))
+
+    def repro() -> str:
+        done = subprocess.run([dvc, "repro", "shard"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    first = repro()
+    assert "Running stage 'data_listing'" in first and "Running stage 'shard'" in first
+    again = repro()
+    assert "Running stage 'data_listing'" in again and "Stage 'shard' didn't change, skipping" in again
+    write_shards(data, 20, PER_SHARD, side=48, seed=1)  # shards 00000 and 00001 rewritten with other images
+    changed = repro()
+    assert "Running stage 'shard'" in changed
+    listing = json.loads((repo / "data/listing.json").read_text())
+    assert [f["url"] for f in listing["files"]] == [f"{data}/{i:05d}.tar" for i in range(4)]
+    assert all(len(f["md5"]) == 32 for f in listing["files"])
