@@ -179,6 +179,10 @@ def test_shards_in_object_storage_feed_cache_teacher_and_training(shards, micro,
         assert evaluated["models"]["distill_stage2"]["knn_summary"] is not None  # the .cls labels reached kNN
         assert "s3://" in (root / "reports/REPORT.md").read_text()  # the report names the data's place
 
+        (tmp_path / "missing").mkdir()
+        missing = shard_params(tmp_path / "missing", f"s3://{s3.bucket}/img2dataset/{{00003..00004}}.tar")
+        done = stage("shard", missing, tmp_path / "missing", env)
+        assert done.returncode == 2 and "img2dataset/00004.tar: not found" in done.stderr, done.stderr[-2000:]
         wrong = {**env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
         done = stage("shard", params, tmp_path / "denied", wrong)
         assert done.returncode == 2 and "access denied" in done.stderr, done.stderr[-2000:]

@@ -19,7 +19,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import IO, Iterator
 
@@ -83,22 +83,36 @@ def expand_shards(spec: str | list) -> list[str]:
 
     specs = spec if isinstance(spec, list) else [spec]
     urls: list[str] = []
+    listed: dict[str, set[str]] = {}  # remote folder -> the objects in it, listed once for many shards
     for s in specs:
         if not isinstance(s, str) or not s:
             raise InputError(f"shard.path: {s!r} is not a shard URL or pattern")
         for url in braceexpand(s):
-            urls.extend([url] if is_pipe(url) else expand_one(url))
-    if len(set(urls)) != len(urls):
-        twice = sorted({u for u in urls if urls.count(u) > 1})
+            urls.extend([url] if is_pipe(url) else expand_one(url, listed))
+    twice = sorted(u for u, n in Counter(urls).items() if n > 1)
+    if twice:
         raise InputError(f"shard.path names {twice[0]} more than once ({len(twice)} shards repeated)")
     return urls
 
 
-def expand_one(url: str) -> list[str]:
-    """One URL after brace expansion: a file, a folder/prefix of .tar files, or a glob."""
+def expand_one(url: str, listed: dict[str, set[str]]) -> list[str]:
+    """One URL after brace expansion: a file, a folder/prefix of .tar files, or a glob. A remote .tar is
+    looked up in its folder's listing (one request per folder, not per shard)."""
     if is_remote(url):
         fs, path = filesystem(url)
         scheme = url.split("://", 1)[0]
+        if url.endswith(".tar") and not any(c in path for c in "*?["):
+            folder = path.rsplit("/", 1)[0]
+            if folder not in listed:
+                try:
+                    listed[folder] = set(remote_call(url, fs.ls, folder, detail=False))
+                except ShardError as e:
+                    if not str(e).startswith(f"{url}: not found"):
+                        raise
+                    listed[folder] = set()
+            if path not in listed[folder]:
+                raise ShardError(f"{url}: not found (shard.path matches no object)")
+            return [url]
         if any(c in path for c in "*?["):
             found = remote_call(url, fs.glob, path)
         elif url.endswith("/") or remote_call(url, fs.isdir, path):
