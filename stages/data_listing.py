@@ -12,9 +12,9 @@ from pathlib import Path
 
 from cgspn.data.listing import listing
 from cgspn.data.locations import load_md5_cache
+from cgspn.data.shard_params import SCHEMA
 from cgspn.pipeline.cli import run_stage
 from cgspn.pipeline.outputs import write_json
-from stages.shard import SCHEMA
 
 OUT = Path("data/listing.json")
 MD5_CACHE = Path("data/.listing-md5.json")  # untracked: MD5s of local files by (size, mtime, inode)

@@ -53,8 +53,9 @@ def test_the_flow_and_the_pipeline_package_name_no_stage_and_no_parent_run_varia
 
 
 def test_bad_input_is_not_retried_and_ends_the_flow_with_its_one_line(tmp_path):
-    """The README's override command, run from a shell on a micro repository: the shard stage rejects the
-    source (exit 2); it runs once, and the flow ends with that stage's line, exit status 2, no traceback."""
+    """The README's override command, run from a shell on a micro repository: the first stage to read the
+    shard section, data_listing, rejects the source (exit 2); it runs once, shard never, and the flow ends with
+    that stage's line, exit status 2, no traceback."""
     repo = with_flows(tmp_path / "repo")
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
@@ -62,9 +63,10 @@ def test_bad_input_is_not_retried_and_ends_the_flow_with_its_one_line(tmp_path):
     done = subprocess.run([sys.executable, "-m", "flows.pipeline", "-S", "shard.source=no_such_source"], cwd=repo,
                           env=env, capture_output=True, text=True, timeout=400)
     output = done.stdout + done.stderr
-    error = "stage shard: error: params.yaml: shard.source must be one of"
+    error = "stage data_listing: error: params.yaml: shard.source must be one of"
     assert done.returncode == 2, output[-4000:]
-    assert output.count("Running stage 'shard'") == 1, output[-4000:]  # no retry
+    assert output.count("Running stage 'data_listing'") == 1, output[-4000:]  # no retry
+    assert "Running stage 'shard'" not in output, output[-4000:]
     assert "Traceback" not in output, output[-4000:]
     # what the flow printed itself, besides Prefect's log records ("12:34:56.789 | INFO | ..."), ends with the line
     own = [line for line in output.splitlines() if line.strip() and not re.match(r"\d\d:\d\d:\d\d\.\d+ \| ", line)]

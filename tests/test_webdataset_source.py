@@ -179,6 +179,13 @@ def test_shards_in_object_storage_feed_cache_teacher_and_training(shards, micro,
         assert evaluated["models"]["distill_stage2"]["knn_summary"] is not None  # the .cls labels reached kNN
         assert "s3://" in (root / "reports/REPORT.md").read_text()  # the report names the data's place
 
+        # a changed object changes the listing (its ETag), which is what makes DVC rerun shard
+        other = tmp_path / "other"
+        write_shards(other, 10, PER_SHARD, side=48, seed=5)
+        s3.client().upload_file(str(other / "00000.tar"), s3.bucket, "img2dataset/00001.tar")
+        assert stage("data_listing", params, root, env).returncode == 0
+        relisted = json.loads((root / "data/listing.json").read_text())["files"]
+        assert [a["etag"] == b["etag"] for a, b in zip(listing["files"], relisted)] == [True, False, True, True]
         (tmp_path / "missing").mkdir()
         missing = shard_params(tmp_path / "missing", f"s3://{s3.bucket}/img2dataset/{{00003..00004}}.tar")
         done = stage("shard", missing, tmp_path / "missing", env)
