@@ -55,6 +55,14 @@ def load_source(p: dict, root: Path):
     return table_data(path, p["val_fraction"], p["seed"])
 
 
+def write_dataset(staging: Path, p: dict, splits: dict, classes, mask_classes, ignore_label, **extra) -> None:
+    """dataset.json: the source, class names, and what each split holds, with its index file."""
+    write_json(staging / "dataset.json", {
+        "source": p["source"], "path": p["path"], "classes": classes, "mask_classes": mask_classes,
+        "ignore_label": ignore_label, **extra, "splits": {s: {**v, "index": f"{s}.json"} for s, v in splits.items()},
+    })
+
+
 def index_in_place(p: dict, staging: Path) -> tuple[dict, dict]:
     """The webdataset source: an index per split of the shards where they lie; (splits, what was seen)."""
     found = index_webdataset(p["path"], p["val_fraction"], p["seed"])
@@ -63,10 +71,7 @@ def index_in_place(p: dict, staging: Path) -> tuple[dict, dict]:
         write_json(staging / f"{split}.json", {"wids_version": 1, "name": split, "in_place": True,
                                                "shardlist": info.pop("entries")})
         splits[split] = {**info, "masks": False}
-    write_json(staging / "dataset.json", {
-        "source": p["source"], "path": p["path"], "classes": found["classes"], "mask_classes": None,
-        "ignore_label": None, "in_place": True, "splits": {s: {**v, "index": f"{s}.json"} for s, v in splits.items()},
-    })
+    write_dataset(staging, p, splits, found["classes"], None, None, in_place=True)
     return splits, {"samples_seen": found["seen"], "skipped": found["skipped"], "copied": False}
 
 
@@ -86,11 +91,8 @@ def main(p: dict, root: Path, run) -> dict:
             splits[split] = {"count": info.count, "shards": len(info.shards), "bytes": info.bytes,
                              "labels": info.labels, "masks": info.masks}
         mask_classes = data.mask_classes
-        write_json(staging / "dataset.json", {
-            "source": p["source"], "path": p["path"], "classes": data.classes, "mask_classes": mask_classes,
-            "ignore_label": None if p["source"] == "fashion_mnist" or mask_classes is None else p["ignore_label"],
-            "splits": {s: {**v, "index": f"{s}.json"} for s, v in splits.items()},
-        })
+        ignore = None if p["source"] == "fashion_mnist" or mask_classes is None else p["ignore_label"]
+        write_dataset(staging, p, splits, data.classes, mask_classes, ignore)
     return finish(p, root, run, splits, start, notes=data.notes, changed=data.changed)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cgspn.data.locations import describe, etag, expand_shards, file_digest, filesystem, is_pipe, is_remote, remote_call
+from cgspn.data.locations import describe, expand_shards, file_digest, is_pipe, is_remote, remote_listing
 from cgspn.pipeline.errors import InputError
 
 
@@ -25,20 +25,10 @@ def list_shards(spec, md5_cache: dict) -> list[dict]:
     """The webdataset source's shards (every split's, in order); object storage listed one folder at a time."""
     specs = spec.values() if isinstance(spec, dict) else [spec]
     urls = [u for s in specs for u in expand_shards(s)]
-    remote_info: dict[str, dict] = {}
+    remote: dict[str, dict] = {}  # one listing per folder, not one request per shard
     for parent in sorted({u.rsplit("/", 1)[0] for u in urls if is_remote(u)}):
-        fs, path = filesystem(parent)
-        scheme = parent.split("://", 1)[0]
-        for info in remote_call(parent, fs.ls, path, detail=True):
-            remote_info[f"{scheme}://{info['name']}"] = info
-    out = []
-    for url in urls:
-        info = remote_info.get(url)
-        if info is not None:
-            out.append({"url": url, "size": info.get("size"), "etag": etag(info)})
-        else:
-            out.append(describe(url, md5_cache))
-    return out
+        remote.update({f"{parent}/{name}": info for name, info in remote_listing(parent).items()})
+    return [{"url": url, **remote[url]} if url in remote else describe(url, md5_cache) for url in urls]
 
 
 def listing(source: str, path, md5_cache: dict) -> dict:
