@@ -3,14 +3,15 @@
 Writes data/features/<teacher>/<split>-NNNNNN.tar mirroring data/shards key by key (float16 summary,
 spatial grid and the intermediate blocks `layers` names for it), PHI-S statistics over the features of `phis_splits`
 (`phis.safetensors` for the spatial grid, `phis_summary.safetensors` for the summary vectors,
-`phis_block<k>.safetensors` for each cached block) and `meta.json` beside them. An actor pool of `workers` actors, each loading
-its teacher once; one task per shard.
+`phis_block<k>.safetensors` for each cached block) and `meta.json` beside them. A pool of `workers` actors, each loading
+its teacher once; one job per shard (cgspn.pipeline.actor_jobs: a shard whose actor is lost runs again).
 
 Every teacher sees the same images (the same resize and centre crop) with its own normalization, at
 `teacher_scale[teacher]` x `resolution` (default 1): the student trains at `resolution`, and a CNN teacher
 of stride 32 at scale 2 gives the student's 4 x 4 grid of 14-px patches at 56 px. meta.json records the
-student's `resolution`, the teacher's own side (`teacher_resolution`), `scale`, `grid` and `dim`. `ray.init` joins the cluster at RAY_ADDRESS when it is set (the
-paths must then be on a filesystem every node sees), else starts Ray locally.
+student's `resolution`, the teacher's own side (`teacher_resolution`), `scale`, `grid` and `dim`. Ray joins the cluster at RAY_ADDRESS when it is set
+(cgspn.pipeline.cluster: local paths must then be on a file system every node sees), else starts locally.
+An actor that dies with its node starts again on another and redoes its shard.
 
 The same shards and teachers give byte-identical outputs however many workers finish in whatever order:
 results are added up in job order. reports/metrics/cache_teacher.json holds only what the input decides;
@@ -21,17 +22,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import ray
-from ray.util import ActorPool
 from tqdm import tqdm
 
-from cgspn.pipeline.cluster import start_ray
+from cgspn.pipeline.actor_jobs import run_jobs
+from cgspn.pipeline.cluster import check_resources, start_ray
 from cgspn.data.feature_cache import in_order
-from cgspn.data.locations import remote_listing
+from cgspn.data.locations import is_pipe, is_remote, local_path, remote_listing
 from cgspn.data.shards import FEATURE_STORE, split_shards
 from cgspn.pipeline.inputs import SHARDS, TEACHERS, Splits, check_splits
 from cgspn.pipeline.errors import InputError, ParamError
@@ -57,6 +59,7 @@ SCHEMA = {
     "store": Param(str, optional=True),
 }
 OUT = Path("data/features")
+ACTOR_RESTARTS = 3  # per actor: a node lost (or an actor killed) this many times over, the stage fails
 METRICS = Path("reports/metrics/cache_teacher.json")
 
 
@@ -167,20 +170,33 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> tu
     n = pool_size(p)
     path = str((root / TEACHERS / teacher["file"]).resolve())
     t0 = time.perf_counter()
-    actors = [TeacherWorker.options(num_cpus=p["cpus_per_worker"], num_gpus=p["gpus_per_worker"]).remote(
-        path, p["cpus_per_worker"]) for _ in range(n)]
-    ray.get([a.__ray_ready__.remote() for a in actors])
+    per_actor = {"CPU": p["cpus_per_worker"], **({"GPU": p["gpus_per_worker"]} if p["gpus_per_worker"] else {})}
+    check_resources(per_actor, n, f"cache_teacher's {n} workers")
+    # An actor whose node dies starts again elsewhere and retries the shard it had (ACTOR_RESTARTS times);
+    # the shards already written stay. Spread over the nodes: a lost node takes the fewest shards with it.
+    actors = [TeacherWorker.options(num_cpus=p["cpus_per_worker"], num_gpus=p["gpus_per_worker"],
+                                    max_restarts=ACTOR_RESTARTS,
+                                    scheduling_strategy="SPREAD").remote(path, p["cpus_per_worker"])
+              for _ in range(n)]
+    try:
+        ray.get([a.__ray_ready__.remote() for a in actors])
+    except ray.exceptions.RayActorError:  # lost as it started: it starts again, run_jobs waits for it
+        pass
     t1 = time.perf_counter()
     split_of = {shard.name: split for split, shard in jobs}
-    index = {shard.name: i for i, (_, shard) in enumerate(jobs)}
     tasks = [(shard, f"{shards_at}/{shard.name}") for _, shard in jobs]
     per_worker, per_split, moments = defaultdict(lambda: [0, 0.0]), dict.fromkeys(p["splits"], 0), None
-    total = 0
+    total, redone = 0, []
     try:
-        arrivals = ActorPool(actors).map_unordered(
-            lambda a, job: a.cache.remote(job[0], job[1], teacher["side"], teacher["layers"], p["batch_size"]), tasks)
-        # summed in job order, not in the order the workers finish: the same input gives the same bits
-        results = in_order((index[r.shard], (worker, r)) for worker, r in arrivals)
+        # (worker, result) per shard, summed in job order, not in the order the workers finish: the same input
+        # gives the same bits
+        def lost(index: int, error: Exception) -> None:
+            redone.append(tasks[index][0].name)
+            tqdm.write(f"cache_teacher: a worker was lost with shard {tasks[index][0].name} ({type(error).__name__}); "
+                       "the shard runs again", file=sys.stderr)
+
+        results = in_order(run_jobs(actors, tasks, lambda a, job: a.cache.remote(
+            job[0], job[1], teacher["side"], teacher["layers"], p["batch_size"]), ACTOR_RESTARTS, lost))
         with tqdm(total=len(tasks), desc=f"cache {teacher['name']}", unit="shard") as bar:
             for worker, r in results:
                 per_worker[worker][0] += r.count
@@ -218,7 +234,8 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> tu
     metrics = {"images": total, "workers": n, "bytes": feature_bytes,
                "bytes_per_image": round(feature_bytes / max(total, 1))}
     timings = {"nodes": len({node for node, _ in per_worker}), "startup_seconds": round(t1 - t0, 2),
-               "seconds": round(seconds, 2), "images_per_s": round(total / seconds, 1), "images_per_s_per_worker": round(sum(rates) / len(rates), 1)}
+               "seconds": round(seconds, 2), "images_per_s": round(total / seconds, 1), "images_per_s_per_worker": round(sum(rates) / len(rates), 1),
+               "shards_redone": len(redone)}
     return metrics, timings
 
 
@@ -227,7 +244,11 @@ def main(p: dict, root: Path, run) -> dict:
     teachers, jobs = check_inputs(p, root)
     metrics, timings = {}, {}
     with replace_dir(root / OUT) as staging:
-        started = start_ray(p["workers"] * p["cpus_per_worker"])
+        # what the actors read and write on local paths: folders every node of a cluster must see
+        local = [root / TEACHERS, *{local_path(shard.url).parent for _, shard in jobs
+                                     if not (is_remote(shard.url) or is_pipe(shard.url))}]
+        started = start_ray(p["workers"] * p["cpus_per_worker"], "cache_teacher",
+                            shared=local if p["store"] else [staging, *local])
         try:  # Ray stops before replace_dir removes a failed run's staging folder
             for t in teachers:
                 m, tm = cache_teacher(t, jobs, p, root, staging / Path(t["file"]).stem)

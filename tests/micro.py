@@ -20,7 +20,7 @@ from cgspn.pipeline.cli import run_stage
 TRAIN_COMMON = {
     "batch_size": 4, "lr": 0.001, "weight_decay": 0.0, "warmup_steps": 1, "min_lr_ratio": 0.1, "grad_clip": 1.0,
     "checkpoint_every": 3, "val_every": 0, "val_count": 8, "log_every": 1, "seed": 0, "workers": 2,
-    "cpus_per_worker": 1, "use_gpu": False, "max_failures": 0, "storage_path": "runs/ray", "steps": 6,
+    "cpus_per_worker": 1, "gpus_per_worker": 0, "max_failures": 0, "storage_path": "runs/ray", "steps": 6,
 }
 MICRO = {
     "shard": {

@@ -10,7 +10,7 @@ was free a moment ago (the head's GCS, dashboard and Ray client server) or 0, wh
 a free port itself and report it through the session folder (the dashboard agent's HTTP port, whose default
 52365 is what a plain `ray.init()` elsewhere on the machine takes; its gRPC port; the runtime env agent; the
 metrics export; node and object managers; worker ports 0..0 = any free port, not the shared 10002-19999).
-The dashboard stays on (bound to 127.0.0.1): Ray Train V2 and the state API use it. The nodes' environment
+The dashboard is on (bound to 127.0.0.1) unless a test turns it off: Ray Train V2 and the state API use it. The nodes' environment
 differs from the tests' in three variables (see RayCluster): RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 (else a
 second node refuses to join), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 (stop without a 30 s drain) and
 RAY_ADDRESS = the head's address, fixed before it starts (so that Ray's own processes on the nodes find their
@@ -84,16 +84,19 @@ def tail(path: Path, lines: int = 25) -> str:
 class RayNode:
     """One `ray start --block ...` in a session of its own; knows every process of the node."""
 
-    def __init__(self, name: str, args: list[str], log: Path, env: dict):
+    def __init__(self, name: str, args: list[str], log: Path, env: dict, prefix: tuple[str, ...] = ()):
+        """`prefix`: a command that runs the node's `ray start` as its last argument (a shell that ends in
+        `exec "$@"`, say), to start the node in other circumstances (a mount namespace)."""
         self.name, self.log = name, log
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([str(RAY), "start", "--block", *args], stdin=subprocess.DEVNULL,
+            self.proc = subprocess.Popen([*prefix, str(RAY), "start", "--block", *args], stdin=subprocess.DEVNULL,
                                          stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.sid = self.proc.pid  # session leader: the session's id is its pid
         self.seen: dict[tuple[int, float], psutil.Process] = {}  # (pid, start time) -> process
         self.titles: dict[tuple[int, float], set[str]] = {}
         self.killed: list[str] = []
         self.stop_seconds: float | None = None
+        self.killed_by_test = False  # kill(): the test took the node down, as when its machine dies
         self.track()
 
     def current(self) -> list[psutil.Process]:
@@ -141,6 +144,18 @@ class RayNode:
         self.track()
         return [p for p in self.seen.values() if running(p)]
 
+    def kill(self) -> list[str]:
+        """SIGKILL to every process of the node at once, as when its machine dies; returns their titles."""
+        self.killed_by_test = True
+        victims, titles = self.track(), set()
+        for p in victims:
+            try:
+                titles.add(title(p))
+                p.kill()
+            except psutil.Error:
+                pass
+        return sorted(titles)
+
     def stop(self, grace: float = 20.0) -> list[str]:
         """SIGTERM to `ray start` (it stops its node), SIGKILL to whatever is left after `grace` seconds.
         Returns the processes that still run after that (none, normally)."""
@@ -170,8 +185,8 @@ class RayNode:
 class RayCluster:
     """A head and `len(cpus) - 1` worker nodes on this machine (see the module's doc)."""
 
-    def __init__(self, folder: Path, env: dict | None = None):
-        self.folder = folder
+    def __init__(self, folder: Path, env: dict | None = None, dashboard: bool = True):
+        self.folder, self.dashboard = folder, dashboard
         self.folder.mkdir(parents=True, exist_ok=True)
         self.real_temp = folder / "ray"
         self.real_temp.mkdir(exist_ok=True)
@@ -205,9 +220,11 @@ class RayCluster:
                 "--runtime-env-agent-port", "0", "--min-worker-port", "0", "--max-worker-port", "0"]
 
     def start_head(self, cpus: int, timeout: float) -> str:
-        head = RayNode("head", ["--head", "--port", str(self.port), "--dashboard-host", "127.0.0.1",
-                                "--dashboard-port", str(free_port()), "--ray-client-server-port", str(free_port()),
-                                *self.common_args(cpus)], self.folder / "head.log", self.env)
+        dashboard = (["--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port())] if self.dashboard
+                     else ["--include-dashboard", "false"])
+        head = RayNode("head", ["--head", "--port", str(self.port), *dashboard,
+                                "--ray-client-server-port", str(free_port()), *self.common_args(cpus)],
+                       self.folder / "head.log", self.env)
         self.nodes.append(head)
         address_file = self.temp_dir / "ray_current_cluster"  # written once the head is up
         deadline = time.monotonic() + timeout
@@ -222,12 +239,19 @@ class RayCluster:
         assert written == self.address, f"the head says its address is {written}, not {self.address}"
         return self.address
 
-    def add_worker(self, cpus: int) -> RayNode:
+    @property
+    def client_address(self) -> str:
+        """The head's Ray client server: ray://<ip>:<port>."""
+        args = self.nodes[0].proc.args
+        return f"ray://{self.ip}:{args[args.index('--ray-client-server-port') + 1]}"
+
+    def add_worker(self, cpus: int, env: dict | None = None, prefix: tuple[str, ...] = ()) -> RayNode:
+        """A worker node of `cpus` CPUs joining the head (`env`: variables of its own, over the cluster's)."""
         # One log monitor per host (the head's): the nodes share the session's log folder, and a second
         # monitor sends every worker's output to the drivers twice.
         node = RayNode(f"worker{len(self.nodes)}", ["--address", self.address, "--include-log-monitor", "false",
                                                     *self.common_args(cpus)],
-                       self.folder / f"worker{len(self.nodes)}.log", self.env)
+                       self.folder / f"worker{len(self.nodes)}.log", {**self.env, **(env or {})}, prefix)
         self.nodes.append(node)
         return node
 
@@ -243,7 +267,7 @@ class RayCluster:
     def wait_for_nodes(self, count: int, timeout: float) -> list[dict]:
         deadline, alive, error = time.monotonic() + timeout, [], None
         while time.monotonic() < deadline:
-            dead = [n.name for n in self.nodes if not n.alive()]
+            dead = [n.name for n in self.nodes if not n.alive() and not n.killed_by_test]
             if dead:
                 raise AssertionError(f"Ray node(s) {dead} exited while the cluster started\n{self.logs()}")
             try:
@@ -305,10 +329,11 @@ def short_link(target: Path) -> Path:
 
 
 @contextmanager
-def ray_cluster(folder: Path, cpus: tuple[int, ...] = (1, 1), env: dict | None = None, timeout: float = 90.0):
+def ray_cluster(folder: Path, cpus: tuple[int, ...] = (1, 1), env: dict | None = None, timeout: float = 90.0,
+                dashboard: bool = True):
     """A started cluster of len(cpus) nodes (cpus[0] on the head), every node registered; stopped on exit.
     After the block, `cluster.leftovers` lists the nodes' processes that survived the stop (should be [])."""
-    cluster = RayCluster(folder, env)
+    cluster = RayCluster(folder, env, dashboard)
     cluster.leftovers = None
     try:
         cluster.start_head(cpus[0], timeout)

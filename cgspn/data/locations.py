@@ -250,6 +250,39 @@ def upload(local: Path, url: str) -> None:
     remote_call(url, fs.put_file, str(local), path)
 
 
+def write_text(url: str, text: str) -> None:
+    """`text` into a file at a local path (its folders made) or a URL (one-line ShardError if it fails)."""
+    if not is_remote(url):
+        local_path(url).parent.mkdir(parents=True, exist_ok=True)
+        local_path(url).write_text(text)
+        return
+    fs, path = filesystem(url)
+    remote_call(url, fs.pipe_file, path, text.encode())
+
+
+def read_texts(folder: str, suffix: str) -> dict[str, str]:
+    """{file name: text} of the files ending in `suffix` directly in a local folder or under a URL prefix
+    ({} where there is none)."""
+    if not is_remote(folder):
+        found = sorted(local_path(folder).glob(f"*{suffix}")) if local_path(folder).is_dir() else []
+        return {f.name: f.read_text() for f in found}
+    fs, path = filesystem(folder)
+    if not remote_call(folder, fs.exists, path):
+        return {}
+    names = [n for n in remote_call(folder, fs.ls, path, detail=False, refresh=True) if n.endswith(suffix)]
+    return {n.rsplit("/", 1)[-1]: remote_call(folder, fs.cat_file, n).decode() for n in sorted(names)}
+
+
+def remove_tree(url: str) -> None:
+    """A local folder or everything under a URL prefix, gone (nothing there: nothing to do)."""
+    if not is_remote(url):
+        shutil.rmtree(local_path(url), ignore_errors=True)
+        return
+    fs, path = filesystem(url)
+    if remote_call(url, fs.exists, path):
+        remote_call(url, fs.rm, path, recursive=True)
+
+
 def remote_listing(prefix: str) -> dict[str, dict]:
     """{file name: {"size", "etag"}} of the objects directly under a prefix."""
     fs, path = filesystem(prefix)

@@ -19,3 +19,8 @@ class ShardError(InputError):
 
 class MissingLibraryError(InputError):
     """An optional library that the chosen input needs (a `timm:` teacher needs timm); says what to install."""
+
+
+class ClusterError(InputError):
+    """A Ray cluster the stage cannot use: unreachable, a node without the project's packages or without a
+    folder the run needs, storage that not every node sees. Says which node and what to do."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -59,34 +58,54 @@ class WorkerInputError(InputError):
         self.kind = kind
 
 
-def fit(cfg: dict, scaling: dict, storage: Path, name: str) -> dict:
-    """Run the training on Ray Train as run `name` under `storage`; returns the final checkpoint's state
-    (model, history, ...). WorkerInputError for bad input a worker found."""
+def storage_uri(storage_path: str, root: Path) -> str:
+    """Where a stage's Ray Train runs go: a URI (s3://...) as it is, a local path resolved against root."""
+    from cgspn.data.locations import is_remote
+
+    return storage_path if is_remote(storage_path) else str((root / storage_path).resolve())
+
+
+def worker_input_error(folder: str) -> WorkerInputError | None:
+    """The first rank's bad-input report in `folder` (a path or URI; removed once read), else None."""
+    from cgspn.data.locations import read_texts, remove_tree
+
+    reports = read_texts(folder, ".json")
+    if not reports:
+        return None
+    first = json.loads(reports[min(reports, key=lambda name: int(name[4:-5]))])  # rank<k>.json
+    remove_tree(folder)
+    return WorkerInputError(first["message"], first["kind"])
+
+
+def fit(cfg: dict, scaling: dict, storage: str, name: str) -> dict:
+    """Run the training on Ray Train as run `name` under `storage` (a local folder or a URI); returns the
+    final checkpoint's state (model, history, ...). WorkerInputError for bad input a worker found."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from cgspn.pipeline.cluster import start_ray
+    from cgspn.data.locations import is_remote
+    from cgspn.pipeline.cluster import check_resources, start_ray
 
-    started = start_ray(scaling["num_workers"] * scaling["cpus_per_worker"])
+    local = [] if is_remote(storage) else [Path(storage)]  # local storage must be one every node sees
+    started = start_ray(scaling["num_workers"] * scaling["cpus_per_worker"], cfg["stage"],
+                        shared=local + [Path(p) for p in cfg["driver"]["reads"]])
     try:
-        resources = {"CPU": scaling["cpus_per_worker"]}
-        if scaling["use_gpu"]:
-            resources["GPU"] = 1
+        gpus = scaling["gpus_per_worker"]
+        resources = {"CPU": scaling["cpus_per_worker"], **({"GPU": gpus} if gpus else {})}
+        check_resources(resources, scaling["num_workers"], f"{cfg['stage']}'s {scaling['num_workers']} workers")
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=cfg,
-            scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=scaling["use_gpu"],
+            scaling_config=ScalingConfig(num_workers=scaling["num_workers"], use_gpu=gpus > 0,
                                          resources_per_worker=resources),
-            run_config=RunConfig(name=name, storage_path=str(storage.resolve()),
+            run_config=RunConfig(name=name, storage_path=storage,
                                  failure_config=FailureConfig(max_failures=scaling["max_failures"]),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)),
         )
         result = trainer.fit()
-        errors = sorted(Path(cfg["driver"]["errors"]).glob("rank*.json"), key=lambda f: int(f.stem[4:]))
-        if errors:
-            first = json.loads(errors[0].read_text())
-            shutil.rmtree(cfg["driver"]["errors"], ignore_errors=True)
-            raise WorkerInputError(first["message"], first["kind"])
+        error = worker_input_error(cfg["driver"]["errors"])
+        if error:
+            raise error
         with result.checkpoint.as_directory() as d:
             return torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     finally:
@@ -109,16 +128,17 @@ def run_training(stage: str, p: dict, root: Path, run, task_cfg: dict, inputs: l
                                   "backbone_lr_scale", "head_only_steps") if k in p},
         "checkpoint_every": p["checkpoint_every"], "val_every": p["val_every"], "log_every": p["log_every"],
     }
-    scaling = {"num_workers": p["workers"], "cpus_per_worker": p["cpus_per_worker"], "use_gpu": p["use_gpu"],
-               "max_failures": p["max_failures"]}
+    scaling = {"num_workers": p["workers"], "cpus_per_worker": p["cpus_per_worker"],
+               "gpus_per_worker": p["gpus_per_worker"], "max_failures": p["max_failures"]}
     key = run_key(stage, cfg, inputs, root)
     # An attempt of the same run that was killed stays RUNNING in MLflow: mark it failed, and pass it on so
     # that a worker that resumes from its checkpoint tags this run as its continuation.
     previous = supersede_attempts(run, key)
     cfg["mlflow"] = {"uri": tracking_uri(), "run_id": run.id, "previous_run": previous}
-    storage = root / p["storage_path"]
-    cfg["driver"] = {"errors": str((storage / key / f"input-errors-{run.id}").resolve())}  # workers' bad input
-    print(f"{stage}: Ray run {key} (checkpoints under {storage / key})", flush=True)
+    storage = storage_uri(p["storage_path"], root)
+    # where workers report bad input (beside the checkpoints), and the local folders they read
+    cfg["driver"] = {"errors": f"{storage}/{key}/input-errors-{run.id}", "reads": [str(root.resolve())]}
+    print(f"{stage}: Ray run {key} (checkpoints under {storage}/{key})", flush=True)
     start = time.perf_counter()
     state = fit(cfg, scaling, storage, key)
     seconds = time.perf_counter() - start

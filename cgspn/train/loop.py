@@ -158,9 +158,10 @@ def stop_for_bad_input(error: Exception | None, cfg: dict, rank: int, world: int
     the last call. Each such worker leaves its report where the driver reads it (WorkerInputError): bad data
     is not a crash, so Ray Train does not retry it and no worker waits on another that stopped."""
     if error is not None:
-        path = Path(cfg["driver"]["errors"]) / f"rank{rank}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"kind": type(error).__name__, "message": str(error)}))
+        from cgspn.data.locations import write_text  # the run's storage: a shared folder or object storage
+
+        write_text(f"{cfg['driver']['errors']}/rank{rank}.json",
+                   json.dumps({"kind": type(error).__name__, "message": str(error)}))
     return any(gather_objects(error is not None, world))
 
 

@@ -25,9 +25,9 @@ def train_schema(batch_size: bool = True) -> dict[str, Param]:
         "seed": Param(int, min=0),
         "workers": Param(int, min=1),
         "cpus_per_worker": Param(int, min=1),
-        "use_gpu": Param(bool),
+        "gpus_per_worker": Param(float, min=0.0),  # 0: CPU only; a fraction shares a GPU between workers
         "max_failures": Param(int, min=0),
-        "storage_path": Param(str),  # Ray Train checkpoints, relative to the root
+        "storage_path": Param(str),  # Ray Train checkpoints: relative to the root, absolute, or s3://... URI
     }
     if not batch_size:
         del schema["batch_size"]
