@@ -137,15 +137,14 @@ def nothing_written_into_the_checkout():
     assert not appeared, f"the test session wrote into the checkout: {appeared}"
 
 
-# `make test` runs `pytest -n 2 --dist loadgroup` (pytest-xdist). The tests that share a session fixture run in
-# one worker, so that the fixture is built once: those of the Prefect flow's run with both teachers (group
-# "flow") in one, those of the one-teacher micro root (group "micro") in the other; the kernel, model and
-# report tests fill in around them. The two groups each start local Ray instances, at the same time: a second
-# local Ray on a machine finds the dashboard agent's HTTP port (52365) taken and runs without that server,
-# which nothing here uses. A test needs one group's fixtures, never both. pytest is held below 9:
-# pytest-xdist 3.8's groups do not take under pytest 9.2 (every test is its own unit). A plain `pytest` runs
-# everything serially.
-FIXTURE_GROUPS = {"flow_run": "flow", "micro": "micro"}
+# `make test` runs `pytest -n 2 --dist loadgroup` (pytest-xdist). The tests of the Prefect flow's run with both
+# teachers (fixture flow_run, group "flow": some three minutes to build) run in one worker, so that it is built
+# once; every other test goes to whichever worker is free, and each worker builds the one-teacher micro root
+# (fixture micro, ~15 s) the first time one of its tests needs it. Local Ray instances of the two workers start
+# at the same time: a second local Ray on a machine finds the dashboard agent's HTTP port (52365) taken and
+# runs without that server, which nothing here uses. pytest is held below 9: pytest-xdist 3.8's groups do not
+# take under pytest 9.2 (every test is its own unit). A plain `pytest` runs everything serially.
+FIXTURE_GROUPS = {"flow_run": "flow"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's hook turns the mark into the node id's @group

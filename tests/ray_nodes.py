@@ -212,18 +212,19 @@ class RayCluster:
         self.env["RAY_ADDRESS"] = self.address
         self.nodes: list[RayNode] = []
 
-    def common_args(self, cpus: int) -> list[str]:
-        return ["--node-ip-address", self.ip, "--num-cpus", str(cpus), "--num-gpus", "0",
+    def common_args(self, cpus: int, gpus: int = 0) -> list[str]:
+        """`gpus`: logical GPUs (a CPU machine's node can offer them; Ray schedules by the count alone)."""
+        return ["--node-ip-address", self.ip, "--num-cpus", str(cpus), "--num-gpus", str(gpus),
                 "--object-store-memory", str(256 * 2**20), "--temp-dir", str(self.temp_dir), "--disable-usage-stats",
                 "--node-manager-port", "0", "--object-manager-port", "0", "--metrics-export-port", "0",
                 "--dashboard-agent-listen-port", "0", "--dashboard-agent-grpc-port", "0",
                 "--runtime-env-agent-port", "0", "--min-worker-port", "0", "--max-worker-port", "0"]
 
-    def start_head(self, cpus: int, timeout: float) -> str:
+    def start_head(self, cpus: int, timeout: float, gpus: int = 0) -> str:
         dashboard = (["--dashboard-host", "127.0.0.1", "--dashboard-port", str(free_port())] if self.dashboard
                      else ["--include-dashboard", "false"])
         head = RayNode("head", ["--head", "--port", str(self.port), *dashboard,
-                                "--ray-client-server-port", str(free_port()), *self.common_args(cpus)],
+                                "--ray-client-server-port", str(free_port()), *self.common_args(cpus, gpus)],
                        self.folder / "head.log", self.env)
         self.nodes.append(head)
         address_file = self.temp_dir / "ray_current_cluster"  # written once the head is up
@@ -330,13 +331,14 @@ def short_link(target: Path) -> Path:
 
 @contextmanager
 def ray_cluster(folder: Path, cpus: tuple[int, ...] = (1, 1), env: dict | None = None, timeout: float = 90.0,
-                dashboard: bool = True):
-    """A started cluster of len(cpus) nodes (cpus[0] on the head), every node registered; stopped on exit.
-    After the block, `cluster.leftovers` lists the nodes' processes that survived the stop (should be [])."""
+                dashboard: bool = True, head_gpus: int = 0):
+    """A started cluster of len(cpus) nodes (cpus[0] on the head, with `head_gpus` logical GPUs), every node
+    registered; stopped on exit. After the block, `cluster.leftovers` lists the nodes' processes that survived
+    the stop (should be [])."""
     cluster = RayCluster(folder, env, dashboard)
     cluster.leftovers = None
     try:
-        cluster.start_head(cpus[0], timeout)
+        cluster.start_head(cpus[0], timeout, head_gpus)
         for c in cpus[1:]:
             cluster.add_worker(c)
         cluster.wait_for_nodes(len(cpus), timeout)

@@ -125,46 +125,6 @@ def test_all_zero_loss_weights_are_a_parameter_error(micro, tmp_path, capsys):
                     root, f"{stage}.yaml: {stage}.teacher_weights are all 0")
 
 
-def significant(value: float, digits: int = 4) -> bool:
-    """Whether `value` is written with at most `digits` significant digits."""
-    return float(f"{value:.{digits}g}") == value
-
-
-def figures(tree) -> list[float]:
-    """Every float in a JSON tree."""
-    if isinstance(tree, dict):
-        return [v for x in tree.values() for v in figures(x)]
-    if isinstance(tree, list):
-        return [v for x in tree for v in figures(x)]
-    return [tree] if isinstance(tree, float) else []
-
-
-def test_a_training_stage_run_twice_writes_the_same_bytes(micro, tmp_path):
-    """distill_stage1 (two workers: the gradients are all-reduced), distill_stage2 (validating every 2 steps)
-    and highres (its PHI-S statistics estimated online) run twice, each on its own copy of the same input
-    (and each root goes on from its own, identical, outputs): the student, its config, the metrics,
-    the curves and the plot are byte-identical, and the tracked figures carry 4 significant digits, so that
-    another machine's last bits do not show in them."""
-    import json
-
-    from micro import copy_root, digest, run, write_params
-
-    params = write_params(tmp_path / "p.yaml", distill_stage2__val_every=2)
-    roots = [copy_root(micro["root"], tmp_path / f"root{i}") for i in (0, 1)]
-    for stage in ("distill_stage1", "distill_stage2", "highres"):
-        for root in roots:
-            run(stage, params, root)
-        outputs = [f"models/{stage}", f"reports/metrics/{stage}.json", f"reports/plots/{stage}.csv",
-                   f"reports/plots/{stage}.png"]
-        a, b = ({o: digest(root / o) if (root / o).is_dir() else (root / o).read_bytes() for o in outputs}
-                for root in roots)
-        assert a == b, [o for o in outputs if a[o] != b[o]]
-        metrics = json.loads((roots[0] / "reports/metrics" / f"{stage}.json").read_text())
-        curves = (roots[0] / "reports/plots" / f"{stage}.csv").read_text().splitlines()
-        cells = [float(c) for row in curves[1:] for c in row.split(",") if c]
-        assert figures(metrics) and all(map(significant, figures(metrics) + cells)), stage
-
-
 class ToyStudent(nn.Module):
     """Images [B, 3, h, w] -> patch tokens [B, h, w, 16] (a linear map per pixel) and their mean as summary."""
 

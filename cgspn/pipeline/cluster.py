@@ -4,14 +4,13 @@
 
 Local (RAY_ADDRESS unset): Ray starts on this machine and its workers import the driver's own code.
 
-A cluster (RAY_ADDRESS = `host:port` of the head's GCS, or `ray://host:10001`, Ray's client): the working
-tree's code goes to every node as the job's working directory (Ray packs the repository minus what
-.gitignore names: data, models, .venv stay behind). Before any work, one task per alive node checks that the
-node imports the stage's code (its whole import closure, cgspn.pipeline.code_closure), that it is the same
-code as the driver's, and that every folder of `shared` is the driver's own folder there (a file the driver
-just wrote in it is visible). A node that fails either is a ClusterError naming it, in one line: the nodes
-need the project's Python packages installed (not its code), and local paths need a file system every node
-sees; object storage (`s3://...`) needs neither.
+A cluster (RAY_ADDRESS = `host:port` of the head's GCS, or `ray://host:10001`, Ray's client): the stage's
+code goes to every node with the job (Ray's `py_modules`: the top-level packages of the stage's import
+closure, from the driver's working tree). Before any work, one task per alive node checks that the node
+imports that closure, that it is the driver's code file for file, and that every folder of `shared` is the
+driver's own folder there (a file the driver just wrote in it is visible). Each node that fails is named in
+one ClusterError line: the nodes need the project's Python dependencies installed (not its code), and local
+paths need a file system every node sees; object storage (`s3://...`) needs neither. docs/cluster.md.
 """
 from __future__ import annotations
 
@@ -40,7 +39,7 @@ def start_ray(local_cpus: int, stage: str, shared: list[Path] = ()) -> bool:
         ray.init(num_cpus=max(os.cpu_count() or 1, local_cpus), log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": local_setup_hook()})
         return True
-    connect(address)
+    connect(address, stage)
     try:
         check_nodes(stage, shared)
     except BaseException:
@@ -49,10 +48,7 @@ def start_ray(local_cpus: int, stage: str, shared: list[Path] = ()) -> bool:
     return True
 
 
-CODE_PACKAGES = ("cgspn", "stages", "kernels", "benchmarks")  # the top-level packages the stages import
-
-
-def connect(address: str, attempts: int = 3) -> None:
+def connect(address: str, stage: str, attempts: int = 3) -> None:
     """ray.init at the cluster's address; ClusterError (one line) when it fails `attempts` times. Ray's client
     server on the head sometimes exits as it starts ("Starting Ray client server failed"): a new connection
     gets a new one."""
@@ -62,7 +58,7 @@ def connect(address: str, attempts: int = 3) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(address=address, log_to_driver=True, runtime_env=cluster_runtime_env())
+            ray.init(address=address, log_to_driver=True, runtime_env=cluster_runtime_env(stage))
             return
         except (ConnectionError, TimeoutError, RuntimeError) as e:
             text = " ".join(str(e).split())
@@ -73,16 +69,16 @@ def connect(address: str, attempts: int = 3) -> None:
             time.sleep(2.0 * attempt)
 
 
-def cluster_runtime_env() -> dict:
-    """The job's runtime environment on a cluster: the project's packages from this working tree, first on
-    every worker's path, and the hook that pins RAY_ADDRESS (named by import path: it runs from that code).
-    Packages rather than the whole tree as `working_dir`: Ray's client server starts in a fresh working_dir
-    that is then deleted under it, and torch's MKL cannot load from a deleted folder ("Intel oneMKL FATAL
-    ERROR: Cannot load libtorch_cpu.so": Ray 2.60)."""
-    from cgspn.pipeline.code_closure import REPO_ROOT
+def cluster_runtime_env(stage: str) -> dict:
+    """The job's runtime environment on a cluster: the top-level packages `stages.<stage>` imports, from this
+    working tree, first on every worker's path; and the hook that pins RAY_ADDRESS (named by import path: it
+    runs from that code). Packages, not the whole tree as `working_dir`: Ray's client server starts in a fresh
+    working_dir that is then deleted under it, and torch's MKL cannot load from a deleted folder ("Intel
+    oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", Ray 2.60)."""
+    from cgspn.pipeline.code_closure import REPO_ROOT, module_closure
 
-    return {"py_modules": [str(REPO_ROOT / name) for name in CODE_PACKAGES],
-            "excludes": ["__pycache__", "*.pyc"],
+    packages = sorted({path.split("/")[0] for path in module_closure(f"stages.{stage}")})
+    return {"py_modules": [str(REPO_ROOT / name) for name in packages], "excludes": ["__pycache__", "*.pyc"],
             "worker_process_setup_hook": "cgspn.pipeline.cluster.pin_ray_address"}
 
 
