@@ -54,6 +54,7 @@ def connect(address: str, stage: str, attempts: int = 3) -> None:
     gets a new one."""
     import ray
 
+    check_reachable(address)
     for name in ("ray.client_builder", "ray._private.runtime_env.packaging"):  # what it packs and passes
         logging.getLogger(name).setLevel(logging.WARNING)
     for attempt in range(1, attempts + 1):
@@ -67,6 +68,21 @@ def connect(address: str, stage: str, attempts: int = 3) -> None:
                                    f"{text[-300:]}") from None
             ray.shutdown()
             time.sleep(2.0 * attempt)
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """ClusterError when nothing accepts a connection at RAY_ADDRESS's host and port: Ray itself would try a
+    GCS address for minutes. An address without a port ("auto") is left to Ray."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterError(f"RAY_ADDRESS={address}: nothing answers there ({e.strerror or e}); is the head "
+                           f"running, and its port reachable from here?") from None
 
 
 def cluster_runtime_env(stage: str) -> dict:
