@@ -241,6 +241,7 @@ def cache_teacher(teacher: dict, jobs, p: dict, root: Path, out_dir: Path) -> tu
 
 def main(p: dict, root: Path, run) -> dict:
     """Cache the teachers' features."""
+    root = root.resolve()  # the actors' paths: on a cluster their working directory is not the driver's
     teachers, jobs = check_inputs(p, root)
     metrics, timings = {}, {}
     with replace_dir(root / OUT) as staging:
