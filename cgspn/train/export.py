@@ -42,10 +42,11 @@ def write_outputs(stage: str, p: dict, root: Path, run, model, state: dict, expo
     write_csv(root / "reports" / "plots" / f"{stage}.csv", curves)
     plot_history(curves, val, root / "reports" / "plots" / f"{stage}.png", stage)
     rates = sorted(r["images_per_s"] for r in history)
-    timings = {"seconds": round(seconds, 1), "images_per_s": round(rates[len(rates) // 2], 2)}  # median over steps
+    # where it ran is the run's circumstance, as its times are: timings file and MLflow, not the tracked metrics
+    timings = {"seconds": round(seconds, 1), "images_per_s": round(rates[len(rates) // 2], 2),  # median over steps
+               "nodes": len(state.get("nodes", []))}  # the Ray nodes the workers ran on
     metrics = {
         "steps": state["step"], "workers": p["workers"],
-        "nodes": len(state.get("nodes", [])),  # Ray nodes the workers ran on
         "train_last10": figures(mean_rows(science[-min(len(science), 10):])),
         "val_start": val[0], "val_end": val[-1],
     }
