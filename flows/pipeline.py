@@ -127,6 +127,7 @@ def pipeline(overrides: list[str] | None = None, root: str = str(REPO), stages: 
     outcome: dict[str, str] = {}
     try:
         with ParentRun(name, overrides, rootp) as parent, OverrideRun(rootp, overrides) as experiment:
+            parent.log_params(rootp / "params.yaml")
             if "shard" in stages:  # what is at shard.path now: shard reruns only if that changed
                 run_stage(LISTING_STAGE, root, parent.id, return_state=True).result()
             for stage in stages:
@@ -168,8 +169,19 @@ def main(argv=None) -> dict:
         print(f"DVC experiment: {result['dvc_experiment']}  (dvc exp show; dvc exp apply {result['dvc_experiment']})")
     print("\n".join(report_lines(Path(args.root), result["dvc_experiment"], result["mlflow_report"])))
     print(runs_hint(result["mlflow_parent_run"]))
-    print("Prefect:  .venv/bin/prefect server start   then open http://127.0.0.1:4200 (flow runs, logs, artifacts)")
+    print(prefect_hint())
     return result
+
+
+def prefect_hint() -> str:
+    """Where to see the flow's runs: the configured server's UI, or the command that serves this history (the
+    temporary server kept it in PREFECT_HOME, <repo>/.prefect unless set; a bare `prefect server start`
+    would read ~/.prefect and show none of it)."""
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        return f"Prefect:  {api.rstrip('/').removesuffix('/api')} (flow runs, logs, artifacts)"
+    return (f"Prefect:  PREFECT_HOME={os.environ['PREFECT_HOME']} .venv/bin/prefect server start   then open "
+            "http://127.0.0.1:4200 (flow runs, logs, artifacts)")
 
 
 if __name__ == "__main__":

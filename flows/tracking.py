@@ -73,6 +73,20 @@ class ParentRun:
             self.client.log_param(self.id, key.strip(), value.strip()[:6000])
         return self
 
+    def log_params(self, params_file: Path) -> None:
+        """Every effective parameter (params.yaml as this run has it, overrides applied) as `section.key`, so
+        that the runs view compares any two runs, an override beside a default run, key by key."""
+        import yaml
+        from mlflow.entities import Param
+
+        from cgspn.pipeline.tracking import flatten, metric_name
+
+        given = {text.partition("=")[0].strip() for text in self.overrides}  # logged on entry, as written
+        flat = flatten(yaml.safe_load(params_file.read_text()) or {})
+        params = [Param(metric_name(k), str(v)[:6000]) for k, v in sorted(flat.items()) if k not in given]
+        for start in range(0, len(params), 100):  # MLflow takes at most 100 parameters a call
+            self.client.log_batch(self.id, params=params[start:start + 100])
+
     def finish(self, dvc_experiment: str | None, prefect_flow_run_id: str | None) -> None:
         """Tags, the headline figures as metrics, the report as an artifact, the final student as a logged model."""
         from mlflow.entities import Metric

@@ -10,6 +10,8 @@ import json
 import os
 from pathlib import Path
 
+import yaml
+
 import pytest
 
 from flows import pipeline as flow_module
@@ -56,6 +58,11 @@ def test_mlflow_has_one_parent_run_per_run_that_ran_with_a_child_per_stage(flow_
     assert parent.info.status == "FINISHED" and parent.info.run_name == flow_run["first"]["flow_run"]
     assert parent.data.tags["cgspn.prefect_flow_run"] == flow_run["first"]["flow_run"]
     assert parent.data.tags["cgspn.prefect_flow_run_id"] and parent.data.tags["mlflow.source.git.commit"]
+    # every effective parameter, so that the runs view sets any two runs side by side
+    from cgspn.pipeline.tracking import flatten
+
+    params = flatten(yaml.safe_load((flow_run["root"] / "params.yaml").read_text()))
+    assert parent.data.params == {k: str(v) for k, v in params.items()}
     # the headline figures, comparable across pipeline runs in the runs view
     assert 0 <= parent.data.metrics["knn/distill_stage2"] <= 1 and "knn/teacher" in parent.data.metrics
     assert any(k.startswith("miou_") and k.endswith("/highres") for k in parent.data.metrics)

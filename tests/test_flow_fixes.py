@@ -155,3 +155,13 @@ def test_dvc_stopping_before_the_stage_ran_is_bad_input_but_its_lock_is_not():
     assert not isinstance(stage_error("shard", 255, missing, ran=True), StageInputError)
     locked = ["ERROR: Unable to acquire lock. Most likely another DVC process is running"]
     assert not isinstance(stage_error("shard", 255, locked, ran=False), StageInputError)
+
+
+def test_the_closing_line_names_the_configured_prefect_server_or_the_history_the_run_kept(monkeypatch):
+    from flows.pipeline import prefect_hint
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://prefect.example:4200/api")
+    assert prefect_hint().startswith("Prefect:  http://prefect.example:4200 ")
+    monkeypatch.delenv("PREFECT_API_URL")
+    monkeypatch.setenv("PREFECT_HOME", "/somewhere/.prefect")  # the temporary server's database is there
+    assert "PREFECT_HOME=/somewhere/.prefect .venv/bin/prefect server start" in prefect_hint()
