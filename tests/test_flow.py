@@ -150,6 +150,8 @@ def test_a_run_with_overrides_is_one_dvc_experiment_and_leaves_the_workspace_as_
     for i, r in enumerate(results, 1):
         exp = experiments[r["dvc_experiment"]]
         assert exp["data"]["params"]["params.yaml"]["data"]["report"]["title_note"] == f"run {i}"
+        # DVC's metrics are the headline figures alone (the stages' own files are outputs): a narrow table
+        assert set(exp["data"]["metrics"]) == {"reports/metrics/headline.json"}, exp["data"]["metrics"].keys()
         note = subprocess.run(["git", "show", f"{exp['rev']}:reports/REPORT.md"], cwd=repo, capture_output=True,
                               text=True, check=True).stdout
         assert f"run {i}" in note  # the experiment holds the report that run wrote
