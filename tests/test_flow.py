@@ -18,6 +18,8 @@ from flows import pipeline as flow_module
 from flows.pipeline import STAGES, pipeline
 from micro import copy_tree
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_first_run_runs_every_stage_and_writes_its_outputs(flow_run):
     assert flow_run["first"]["stages"] == {s: "ran" for s in STAGES}
@@ -184,3 +186,26 @@ def test_a_successful_run_logs_no_traceback_and_no_error_line(flow_run):
     bad = [r.message for r in logs if r.level >= 40 or "Traceback" in r.message
            or re.search(r"\d E \d+ \d+\] ", r.message)]
     assert not bad, bad[:5]
+
+
+def test_dvc_plots_show_draws_offline_with_the_vendored_vega(flow_run, tmp_path):
+    """The template .dvc/config names (made by `make venv`: scripts/vendor_vega.py) carries Vega itself, so the
+    loss curves of `dvc plots show` draw without a network: no script is loaded from anywhere."""
+    import configparser
+    import re
+    import subprocess
+    import sys
+
+    config = configparser.ConfigParser()
+    config.read(REPO / ".dvc/config")
+    template = (REPO / ".dvc" / config["plots"]["html_template"]).resolve()
+    assert template.is_file(), f"{template} is missing: `make venv` writes it (scripts/vendor_vega.py)"
+    repo = copy_tree(flow_run["root"], tmp_path / "repo", skip=("runs", "data", "models", ".dvc/cache"))
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    subprocess.run([dvc, "config", "plots.html_template", str(template)], cwd=repo, check=True)
+    subprocess.run([dvc, "plots", "show", "-o", str(tmp_path / "plots")], cwd=repo, check=True, capture_output=True)
+    page = (tmp_path / "plots/index.html").read_text()
+    assert not re.search(r"<script[^>]*\bsrc=", page), "a script is loaded from elsewhere"
+    assert all(f"/* {name} " in page for name in ("vega", "vega-lite", "vega-embed"))
+    curves = sorted((repo / "reports/plots").glob("*.csv"))
+    assert curves and page.count("vegaEmbed('#") == len(curves)
