@@ -68,9 +68,10 @@ class ParentRun:
             tags["mlflow.source.git.commit"] = commit
         run = self.client.create_run(self.experiment(), run_name=self.name, tags=tags)
         self.id = run.info.run_id
-        for text in self.overrides:
-            key, _, value = text.partition("=")
-            self.client.log_param(self.id, key.strip(), value.strip()[:6000])
+        # a key given twice is set to its last value (flows.experiment.apply_overrides): log that one
+        given = dict((k.strip(), v.strip()) for k, _, v in (text.partition("=") for text in self.overrides))
+        for key, value in given.items():
+            self.client.log_param(self.id, key, value[:6000])
         return self
 
     def log_params(self, params_file: Path) -> None:

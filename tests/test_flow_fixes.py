@@ -165,3 +165,17 @@ def test_the_closing_line_names_the_configured_prefect_server_or_the_history_the
     monkeypatch.delenv("PREFECT_API_URL")
     monkeypatch.setenv("PREFECT_HOME", "/somewhere/.prefect")  # the temporary server's database is there
     assert "PREFECT_HOME=/somewhere/.prefect .venv/bin/prefect server start" in prefect_hint()
+
+
+def test_a_key_overridden_twice_is_logged_with_its_last_value(tmp_path, monkeypatch):
+    """`-S shard.path=a -S shard.path=b` sets b (the later wins); the parent run logs b instead of failing
+    with MLflow's "Changing param values is not allowed"."""
+    import mlflow
+
+    from flows.tracking import ParentRun
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with ParentRun("twice", ["shard.path=/a", "shard.path=/b", "teacher.names=[x]"], tmp_path) as parent:
+        pass
+    params = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(parent.id).data.params
+    assert params == {"shard.path": "/b", "teacher.names": "[x]"}
