@@ -21,7 +21,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PYTHONUNBUFFERED := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo pipeline serve test bench venv clean-venv system-data
+.PHONY: demo pipeline serve pull worker test bench venv clean-venv system-data
 
 # The embedded default data: Fashion-MNIST from Debian (`dataset-fashion-mnist`). Installed here when we
 # may (root with apt-get); otherwise the shard stage says how to get it, or downloads it with a network.
@@ -69,6 +69,16 @@ pipeline: $(STAMP) $(PLOTS_TEMPLATE) system-data
 # A scheduled deployment for a Prefect server (see README): PREFECT_API_URL must point at it.
 serve: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m flows.serve $(if $(CRON),--cron "$(CRON)")
+
+# A team's clone (docs/team.md): what the default DVC remote holds of dvc.lock and the run-cache; names what it lacks.
+pull: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m flows.remote pull
+
+# A Prefect worker for the deployment in prefect.yaml (PREFECT_API_URL must point at the server); its runs find
+# this venv's python and dvc on PATH.
+POOL ?= cgspn
+worker: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/prefect worker start --pool $(POOL) --type process
 
 bench: $(STAMP)
 	$(PY) -m kernels.bench

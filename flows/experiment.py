@@ -60,16 +60,10 @@ def apply_overrides(params: Path, overrides: list[str]) -> None:
 def uncached_outputs(root: Path) -> list[Path]:
     """The outputs dvc.yaml keeps out of DVC's cache (metrics, plots, the report, benchmarks): git's to track,
     so DVC cannot check them out again; they are restored from a copy."""
+    from cgspn.pipeline.restore import uncached_paths
+
     stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    paths = []
-    for stage in stages.values():
-        for kind in ("outs", "metrics", "plots"):
-            for entry in stage.get(kind, []):
-                if isinstance(entry, dict):
-                    (path, options), = entry.items()
-                    if isinstance(options, dict) and options.get("cache") is False:
-                        paths.append(root / path)
-    return paths
+    return [root / path for stage in stages for path in sorted(uncached_paths(root, stage))]
 
 
 class OverrideRun:

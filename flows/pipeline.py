@@ -1,10 +1,13 @@
 """The pipeline as a Prefect flow: every DVC stage in order, each a task that asks DVC to run that one
 stage (`dvc repro --single-item`: DVC skips it when nothing it depends on changed, and the task then ends
-in a state named "Skipped"), streams the stage's output into the Prefect log, and retries with backoff.
-Before shard, the data_listing task lists what is at shard.path (it always runs; not counted as a stage).
+in a state named "Skipped"; it checks out the outputs of a run its run-cache holds, a state named
+"Restored"), streams the stage's output into the Prefect log, and retries with backoff. A stage that fails
+gets its earlier outputs back (cgspn.pipeline.restore: DVC deleted them before running it). Before shard,
+the data_listing task lists what is at shard.path (it always runs; not counted as a stage).
 
     python -m flows.pipeline                               # the whole pipeline on params.yaml
     python -m flows.pipeline -S distill_stage2.steps=300   # one run with overrides: one DVC experiment
+    python -m flows.pipeline --push                        # then push outputs and run-cache (flows.remote)
 
 A stage that rejected its input (exit status 2 and one line, cgspn.pipeline.cli) is not retried: the same
 input fails the same way, and the flow ends with that line (`python -m flows.pipeline` exits 2 too).
@@ -46,6 +49,7 @@ from flows.experiment import OverrideRun, parse_override  # noqa: E402
 from flows.log_levels import OutputLevels  # noqa: E402
 
 SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for a stage that is up to date
+RESTORED = "is cached - skipping run"  # what it prints for a stage whose run the run-cache holds
 STAGE_EXIT = re.compile(r"failed to run: .*, exited with (-?\d+)")  # how `dvc repro` reports the stage's status
 
 
@@ -106,15 +110,28 @@ def run_stage(stage: str, root: str, parent_run_id: str | None):
             tail = (tail + [line])[-15:]
             ran = ran or line.startswith(f"Running stage '{stage}'")
     if proc.wait() != 0:
-        raise stage_error(stage, proc.returncode, tail, ran)
+        error = stage_error(stage, proc.returncode, tail, ran)
+        if ran:  # DVC deleted the stage's outputs before running it: dvc.lock still names the earlier ones
+            from cgspn.pipeline.restore import restore
+
+            restored, problems = restore(Path(root), stage)
+            logger.info("restored the earlier outputs of %s: %s", stage, ", ".join(restored) or "none")
+            for line in problems:
+                logger.warning("could not restore: %s", line)
+        raise error
     if any(SKIPPED in t for t in tail):
         return Completed(name="Skipped", message="up to date: DVC did not run it", data="skipped")
+    if any(RESTORED in t for t in tail):
+        return Completed(name="Restored", message="DVC's run-cache had this run: outputs checked out",
+                         data="restored")
     return "ran"
 
 
 @flow(name="cgspn-pipeline", log_prints=True)
-def pipeline(overrides: list[str] | None = None, root: str = str(REPO), stages: list[str] | None = None) -> dict:
-    """Run the DVC stages in order under one MLflow parent run; publish the headline figures and links."""
+def pipeline(overrides: list[str] | None = None, root: str = str(REPO), stages: list[str] | None = None,
+             push: bool = False) -> dict:
+    """Run the DVC stages in order under one MLflow parent run; publish the headline figures and links.
+    `push`: afterwards, the outputs and the run-cache go to the default DVC remote (flows.remote.push)."""
     from flows.tracking import ParentRun
 
     overrides, stages, rootp = list(overrides or []), list(stages or STAGES), Path(root)
@@ -133,8 +150,8 @@ def pipeline(overrides: list[str] | None = None, root: str = str(REPO), stages: 
             for stage in stages:
                 state = run_stage(stage, root, parent.id, return_state=True)
                 state.result()  # a failed stage (after its retries) raises its error here
-                outcome[stage] = "skipped" if state.name == "Skipped" else "ran"
-            ran = any(v == "ran" for v in outcome.values())
+                outcome[stage] = {"Skipped": "skipped", "Restored": "restored"}.get(state.name, "ran")
+            ran = any(v != "skipped" for v in outcome.values())
             if ran:
                 experiment.save(name)
                 parent.finish(experiment.experiment, flow_run.get_id())
@@ -144,6 +161,10 @@ def pipeline(overrides: list[str] | None = None, root: str = str(REPO), stages: 
         # Failed as a returned state: Prefect logs its one line, not the traceback of a raised error; calling
         # the flow still raises the error
         return Failed(message=str(error), data=error)
+    if push:
+        from flows.remote import push as dvc_push
+
+        get_run_logger().info("%s", dvc_push(rootp))
     create_markdown_artifact(key="pipeline-run", markdown=parent.summary_markdown(outcome, experiment.experiment),
                              description="What ran, the headline figures, and where to look")
     return {"stages": outcome, "mlflow_parent_run": parent.id if ran else None, "dvc_experiment": experiment.experiment,
@@ -156,9 +177,11 @@ def main(argv=None) -> dict:
                         help="a parameter override for this run only (repeatable); the run is one DVC experiment")
     parser.add_argument("--stages", nargs="+", default=None, help=f"a subset of {list(STAGES)}, in pipeline order")
     parser.add_argument("--root", default=str(REPO), help="the DVC repository to run (default: this one)")
+    parser.add_argument("--push", action="store_true",
+                        help="afterwards, push the outputs and the run-cache to the default DVC remote")
     args = parser.parse_args(argv)
     try:
-        result = pipeline(overrides=args.set_param, root=args.root, stages=args.stages)
+        result = pipeline(overrides=args.set_param, root=args.root, stages=args.stages, push=args.push)
     except StageInputError as error:
         print(f"\n{error}", file=sys.stderr)
         sys.exit(BAD_INPUT)

@@ -8,13 +8,25 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from cgspn.pipeline.names import TRAINING_STAGES
 from cgspn.report.build import headline
 from cgspn.pipeline.tracking import (DEFAULT_EXPERIMENT, EXPERIMENT_ENV, experiment_id, git_commit, metric_name, tracking_uri)
 
+HOST_TAG, PID_TAG = "cgspn.host", "cgspn.pid"  # where the flow process runs: a dead one's parent run is closed
 RUNS_VIEW = "#/experiments/{experiment}/runs?workflowType=machine_learning"  # MLflow 3 opens GenAI traces otherwise
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def ui_base() -> str | None:
@@ -63,7 +75,9 @@ class ParentRun:
         import mlflow
 
         self.client = mlflow.MlflowClient(tracking_uri())
-        tags = {"cgspn.overrides": " ".join(self.overrides) or "(none)", "cgspn.prefect_flow_run": self.name}
+        self.close_abandoned()
+        tags = {"cgspn.overrides": " ".join(self.overrides) or "(none)", "cgspn.prefect_flow_run": self.name,
+                HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
         if commit := git_commit():
             tags["mlflow.source.git.commit"] = commit
         run = self.client.create_run(self.experiment(), run_name=self.name, tags=tags)
@@ -73,6 +87,23 @@ class ParentRun:
         for key, value in given.items():
             self.client.log_param(self.id, key, value[:6000])
         return self
+
+    def close_abandoned(self) -> list[str]:
+        """Parent runs (and their children) left RUNNING by a flow process of this machine that no longer
+        exists (killed, or the machine restarted) -> FAILED, tagged with what happened; their ids."""
+        host, closed = socket.gethostname(), []
+        for run in self.client.search_runs([self.experiment()], f"attributes.status = 'RUNNING' and "
+                                           f"tags.`{HOST_TAG}` = '{host}'"):
+            pid = int(run.data.tags.get(PID_TAG, "0"))
+            if pid and not process_exists(pid):
+                children = self.client.search_runs([self.experiment()], "attributes.status = 'RUNNING' and "
+                                                   f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+                for r in [run, *children]:
+                    self.client.set_tag(r.info.run_id, "cgspn.outcome", f"abandoned: flow process {pid} on {host} "
+                                        "ended without closing this run")
+                    self.client.set_terminated(r.info.run_id, "FAILED")
+                closed.append(run.info.run_id)
+        return closed
 
     def log_params(self, params_file: Path) -> None:
         """Every effective parameter (params.yaml as this run has it, overrides applied) as `section.key`, so

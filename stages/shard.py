@@ -9,7 +9,7 @@ layout), local or in object storage, indexed where they lie and not copied: data
 indexes (cgspn.data.webdataset_source). dataset.json says what each split holds (labels, masks, captions),
 so later stages pick their splits from it. The new tree replaces data/shards only when whole.
 
-reports/metrics/shard.json (tracked) holds only what the input decides: counts, sizes, the source, and
+reports/metrics/shard.json (a DVC output) holds only what the input decides: counts, sizes, the source, and
 "notes", one sentence per kind of change made to the images (e.g. "12 16-bit images scaled to 8 bit
 (value / 257)"), [] when none; times and rates go to reports/timings/ (untracked) and MLflow.
 """

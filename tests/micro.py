@@ -116,6 +116,15 @@ def copy_tree(src: Path, dest: Path, skip: tuple[str, ...] = ()) -> Path:
     return dest
 
 
+def copy_repo(root: Path, dest: Path) -> Path:
+    """A DVC repository copied to `dest` without its Ray checkpoints (runs/), with a DVC cache of its own: the
+    original's files hard-linked (DVC never writes a cache file in place; it replaces workspace files whole)."""
+    repo = copy_tree(root, dest, skip=("runs", ".dvc/cache"))
+    if (root / ".dvc/cache").exists():
+        shutil.copytree(root / ".dvc/cache", repo / ".dvc/cache", copy_function=os.link)
+    return repo
+
+
 def copy_root(root: Path, dest: Path, parts=("data/shards", "data/features", "models/teachers")) -> Path:
     for sub in parts:
         copy_tree(root / sub, dest / sub)
@@ -178,7 +187,7 @@ def make_repo(dest: Path) -> Path:
     for sub in ["stages", "cgspn", "kernels", "benchmarks"]:
         shutil.copytree(repo / sub, dest / sub, ignore=shutil.ignore_patterns("__pycache__"))
     write_params(dest / "params.yaml", **TWO_TEACHERS)
-    (dest / ".gitignore").write_text("/data/\n/models/\n/runs/\n__pycache__/\nmlflow.db\n")
+    (dest / ".gitignore").write_text("/data/*\n!/data/listing.json\n/models/\n/runs/\n__pycache__/\nmlflow.db\n")
     dvc = str(Path(sys.executable).with_name("dvc"))
     for cmd in (["git", "init", "-q"], [dvc, "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "micro pipeline"]):

@@ -16,7 +16,7 @@ import pytest
 
 from flows import pipeline as flow_module
 from flows.pipeline import STAGES, pipeline
-from micro import copy_tree
+from micro import copy_repo, copy_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,9 +99,10 @@ def test_a_stage_with_bad_input_is_not_retried_and_fails_the_flow_with_its_line(
     assert (repo / "models/teachers/dinov2_vits14_imgfocus.safetensors").exists()  # the good output stays
 
 
-def test_a_stage_that_fails_under_dvc_repro_loses_no_earlier_output(flow_run, tmp_path):
-    """DVC deletes a stage's outputs before it runs its command, unless they are `persist`: a failed
-    distill_stage2 must leave its model, metrics, plots and everything else byte-identical."""
+def test_a_stage_that_fails_loses_no_earlier_output(flow_run, tmp_path, monkeypatch):
+    """DVC deletes a stage's outputs before it runs its command (they are not `persist`, for the run-cache's
+    sake). A distill_stage2 that fails under `dvc repro` names the one command that puts them back, and after
+    it the model, metrics, plots and everything else are byte-identical; the flow puts them back itself."""
     import subprocess
     import sys
 
@@ -109,18 +110,26 @@ def test_a_stage_that_fails_under_dvc_repro_loses_no_earlier_output(flow_run, tm
 
     from micro import digest
 
-    repo = copy_tree(flow_run["root"], tmp_path / "repo", skip=("runs", ".dvc/cache"))
+    repo = copy_repo(flow_run["root"], tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["distill_stage2"]["lr"] = float("nan")
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     before = {part: digest(repo / part) for part in ("models", "reports", "data")}
     assert "metrics/distill_stage2.json" in before["reports"] and "plots/distill_stage2.png" in before["reports"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", "distill_stage2"],
                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert "params.yaml: distill_stage2.lr must be a finite number, got nan" in done.stdout + done.stderr
+    hint = "put them back with: python -m cgspn.pipeline.restore distill_stage2"
+    assert hint in done.stdout + done.stderr
+    assert not (repo / "models/distill_stage2").exists()  # DVC removed it before running the stage
+    subprocess.run([sys.executable, "-m", "cgspn.pipeline.restore", "distill_stage2"], cwd=repo, env=env,
+                   check=True, capture_output=True, timeout=120)
+    assert {part: digest(repo / part) for part in ("models", "reports", "data")} == before
+    with pytest.raises(flow_module.StageInputError, match="distill_stage2.lr must be a finite number"):
+        pipeline(root=str(repo), stages=["distill_stage2"])
     assert {part: digest(repo / part) for part in ("models", "reports", "data")} == before
 
 

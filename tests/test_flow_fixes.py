@@ -179,3 +179,37 @@ def test_a_key_overridden_twice_is_logged_with_its_last_value(tmp_path, monkeypa
         pass
     params = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(parent.id).data.params
     assert params == {"shard.path": "/b", "teacher.names": "[x]"}
+
+
+def test_a_parent_run_left_running_by_a_dead_flow_process_is_closed_by_the_next_flow_run(tmp_path, monkeypatch):
+    """A flow process that was killed leaves its MLflow parent run (and the stage run it was in) RUNNING: the
+    next flow run on the machine marks them FAILED, saying so; a live process's run is left alone. A stage run
+    outside a flow run goes to the "-stages" experiment, beside the flow's, not among its pipeline runs."""
+    import socket
+
+    import mlflow
+
+    from cgspn.pipeline.tracking import stage_run
+    from flows.tracking import HOST_TAG, PID_TAG, ParentRun
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("CGSPN_EXPERIMENT", "abandoned")
+    monkeypatch.delenv("CGSPN_PARENT_RUN_ID", raising=False)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names no process now
+    client = mlflow.MlflowClient(uri)
+    experiment = ParentRun.experiment()
+    host = socket.gethostname()
+    killed = client.create_run(experiment, run_name="killed", tags={HOST_TAG: host, PID_TAG: str(dead.pid)})
+    child = client.create_run(experiment, run_name="shard", tags={"mlflow.parentRunId": killed.info.run_id})
+    live = client.create_run(experiment, run_name="live", tags={HOST_TAG: host, PID_TAG: str(os.getpid())})
+    with ParentRun("next", [], tmp_path) as parent:
+        parent.discard()
+    status = {r: client.get_run(r.info.run_id) for r in (killed, child, live)}
+    assert [status[r].info.status for r in (killed, child, live)] == ["FAILED", "FAILED", "RUNNING"]
+    assert status[killed].data.tags["cgspn.outcome"].startswith(f"abandoned: flow process {dead.pid} on {host}")
+
+    with stage_run("shard", {"seed": 0}) as run:
+        pass
+    assert client.get_experiment(client.get_run(run.id).info.experiment_id).name == "abandoned-stages"

@@ -6,7 +6,8 @@ each, on this machine (tests/ray_nodes.py), joined through Ray's client (`ray://
   undisturbed and once with the worker node killed (SIGKILL to all its processes) mid-stage and a new node
   joining, and both give the same bytes.
 - `test_a_node_that_cannot_run_the_stage_is_named`: a worker node that lacks a package and does not see the
-  driver's folders (its own mount namespace) is refused in one line naming it, through `host:port`, with the
+  driver's folders, MLflow's SQLite database among them (its own mount namespace), is refused in one line
+  naming it and each fault, through `host:port`, with the
   dashboard off; without it, cache_teacher runs two actors on half a GPU each and a training stage runs,
   with no traceback.
 - `test_gpus_this_machine_lacks_are_refused_in_one_line`: a local Ray asked for a GPU it does not have;
@@ -173,7 +174,8 @@ def test_a_node_that_cannot_run_the_stage_is_named(micro, tmp_path):
     root = copy_root(micro["root"], tmp_path / "root")
     params = write_params(tmp_path / "params.yaml", cache_teacher__workers=1, distill_stage1__workers=1,
                           distill_stage1__steps=2, distill_stage1__checkpoint_every=2)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "CGSPN_EXPERIMENT": "cluster"}
+    # MLflow's database in the folder the node does not see: its workers would log into one of their own
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "CGSPN_EXPERIMENT": "cluster"}
     for k in ("CGSPN_PARENT_RUN_ID", "RAY_ADDRESS"):
         env.pop(k, None)
     # A node without safetensors (a package that shadows it and fails to import) that does not see the
@@ -194,6 +196,7 @@ def test_a_node_that_cannot_run_the_stage_is_named(micro, tmp_path):
         assert f"Ray node {ip}" in line and "cannot import the code of stage cache_teacher" in line, line
         assert "No module named 'safetensors'" in line, line
         assert f"does not see {root}" in line, line
+        assert f"does not see {root}, where MLflow's tracking database is (MLFLOW_TRACKING_URI)" in line, line
         assert not (root / "data/features").exists() or not any((root / "data").glob(".features.partial*"))
 
         node.kill()  # without it the stages run, and Ray Train says nothing of the missing dashboard

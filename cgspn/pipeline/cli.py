@@ -11,6 +11,7 @@ into one clear line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -41,7 +42,26 @@ def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[st
             return main(params, Path(args.root), run)
     except (InputError, FileNotFoundError) as e:
         print(f"\nstage {name}: error: {error_line(e, args.params)}", file=sys.stderr)
+        print_restore_hint(name)
         sys.exit(BAD_INPUT)
+    except BaseException:
+        print_restore_hint(name)
+        raise
+
+
+def print_restore_hint(name: str) -> None:
+    """Under `dvc repro` (which sets DVC_STAGE and DVC_ROOT), a stage whose outputs are not `persist` failed
+    after DVC deleted its earlier outputs: name the command that puts them back (cgspn.pipeline.restore)."""
+    root = os.environ.get("DVC_ROOT")
+    if os.environ.get("DVC_STAGE") != name or not root:
+        return
+    import yaml
+
+    spec = (yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}).get("stages", {}).get(name, {})
+    entries = [e for kind in ("outs", "metrics", "plots") for e in spec.get(kind, [])]
+    if any(not (isinstance(e, dict) and (next(iter(e.values())) or {}).get("persist")) for e in entries):
+        print(f"stage {name}: DVC removed its earlier outputs before this run; put them back with: "
+              f"python -m cgspn.pipeline.restore {name}", file=sys.stderr)
 
 
 def error_line(e: Exception, params_file: str) -> str:

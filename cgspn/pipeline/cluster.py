@@ -41,7 +41,7 @@ def start_ray(local_cpus: int, stage: str, shared: list[Path] = ()) -> bool:
         return True
     connect(address, stage)
     try:
-        check_nodes(stage, shared)
+        check_nodes(stage, [*shared, *filter(None, [tracking_folder()])])
     except BaseException:
         ray.shutdown()
         raise
@@ -101,26 +101,21 @@ def cluster_runtime_env(stage: str) -> dict:
 def pin_ray_address() -> None:
     """Run in every worker of the job: RAY_ADDRESS = this cluster. Ray Train's helpers (its placement-group
     cleaner) look the cluster up by address; without one they search the machine and fail with "Found
-    multiple active Ray instances" whenever another Ray runs there (a traceback in every stage's log)."""
+    multiple active Ray instances" whenever another Ray runs there (a traceback in every stage's log).
+    Self-contained (its own imports), so that local_setup_hook can ship it by value."""
+    import os
+
     import ray
 
     os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def local_setup_hook():
-    """pin_ray_address as a closure, for a local Ray: Ray ships a closure by value, while a hook named by
-    import path would be imported in the worker before the driver's sys.path is in place (`cgspn` would then
-    resolve to the installed copy instead of the code the stage runs). Ray's client cannot ship a closure,
-    hence the named hook on a cluster, where the working directory puts the code first."""
-
-    def pin() -> None:
-        import os
-
-        import ray
-
-        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
-
-    return pin
+    """pin_ray_address by value, for a local Ray: a hook named by import path would be imported in the worker
+    before the driver's sys.path is in place (`cgspn` would then resolve to the installed copy instead of the
+    code the stage runs). Ray's client cannot ship a function by value, hence the named hook on a cluster,
+    where py_modules put the code first."""
+    return by_value(pin_ray_address)
 
 
 def code_files(stage: str) -> dict[str, str]:
@@ -173,6 +168,19 @@ def markers_in(folders: list[Path]):
             f.unlink(missing_ok=True)
 
 
+def tracking_folder() -> Path | None:
+    """The folder of MLflow's tracking store when it is local (sqlite:///<file> or a path), else None. The
+    training workers log their metrics there, so on a cluster every node must see it (or it is a server)."""
+    from cgspn.pipeline.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).resolve().parent
+    if uri.startswith("file:") or "://" not in uri:
+        return Path(uri.removeprefix("file://").removeprefix("file:")).resolve()
+    return None
+
+
 def check_nodes(stage: str, shared: list[Path]) -> None:
     """Run node_check on every alive node of the cluster; one ClusterError naming each node that fails."""
     import ray
@@ -204,8 +212,15 @@ def check_nodes(stage: str, shared: list[Path]) -> None:
         elif r["differ"]:
             problems.append(f"{name} runs other code for stage {stage} than this driver's working tree "
                             f"({', '.join(r['differ'][:3])}: an installed copy of the project comes first there)")
-        if r["unseen"]:
-            folders = ", ".join(str(Path(m).parent) for m in r["unseen"])
+        unseen = {Path(m).parent for m in r["unseen"]}
+        if tracking_folder() in unseen:
+            unseen.discard(tracking_folder())
+            problems.append(f"{name} does not see {tracking_folder()}, where MLflow's tracking database is "
+                            "(MLFLOW_TRACKING_URI): its workers would log to a database of their own; give "
+                            "MLFLOW_TRACKING_URI=http://<host>:5000, a tracking server every node reaches "
+                            "(docs/team.md)")
+        if unseen:
+            folders = ", ".join(sorted(map(str, unseen)))
             problems.append(f"{name} does not see {folders}: local paths on a cluster need a file system every "
                             "node shares; give s3://... URIs (shard.path, cache_teacher.store, storage_path) "
                             "or run from a shared folder")

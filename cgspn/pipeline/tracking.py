@@ -6,7 +6,9 @@
 
 Tracking URI: `MLFLOW_TRACKING_URI`, else `sqlite:///<repo>/mlflow.db`. Experiment: `CGSPN_EXPERIMENT`
 (default "cgspn"). When `CGSPN_PARENT_RUN_ID` holds a run id (the Prefect flow sets it), the stage run
-goes into that run's experiment with the tag `mlflow.parentRunId`, so MLflow shows it as a child.
+goes into that run's experiment with the tag `mlflow.parentRunId`, so MLflow shows it as a child. A stage run
+without one (`dvc repro`, `python -m stages.<name>`) goes into "<experiment>-stages", so that the flow's
+experiment holds pipeline runs only.
 mlflow is imported lazily: the models never need it.
 """
 from __future__ import annotations
@@ -107,6 +109,7 @@ class StageRun:
 
 
 RUN_KEY_TAG = "cgspn.ray_run"
+STANDALONE_SUFFIX = "-stages"  # the experiment of stage runs outside a pipeline run: "cgspn-stages"
 
 
 def supersede_attempts(run: StageRun, key: str) -> str | None:
@@ -142,8 +145,7 @@ def stage_run(stage: str, params: dict, extra_tags: dict | None = None) -> Itera
         experiment = mlflow.MlflowClient().get_run(parent).info.experiment_id
         tags["mlflow.parentRunId"] = parent
     else:
-        name = os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
-        experiment = experiment_id(name)
+        experiment = experiment_id((os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT) + STANDALONE_SUFFIX)
     with mlflow.start_run(run_name=stage, experiment_id=experiment, tags=tags) as run:
         handle = StageRun(run)
         mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})

@@ -1,5 +1,5 @@
 """What a training stage writes once training is done: the model into models/<stage>/ (replaced whole),
-reports/metrics/<stage>.json and the curves reports/plots/<stage>.{csv,png}, tracked, so written at the
+reports/metrics/<stage>.json (a DVC output) and the curves reports/plots/<stage>.{csv,png} (git), written at the
 precision that means something (4 significant digits: another machine differs further down); the wall
 time and images/s into reports/timings/<stage>.json (untracked) and MLflow, with the figures and the model.
 """
