@@ -86,7 +86,7 @@ bench: $(STAMP)
 # Two pytest workers (pytest-xdist): the tests on the Prefect flow's run in one, those on the micro root in
 # the other, the kernel, model and report tests around them (tests/conftest.py).
 test: $(STAMP) $(PLOTS_TEMPLATE) system-data
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=15
 
 clean-venv:
 	rm -rf $(VENV)

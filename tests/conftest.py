@@ -84,28 +84,31 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def flow_run(tmp_path_factory, prefect_harness):
     """The whole pipeline on the micro configuration through the Prefect flow, in a fresh git + DVC
-    repository, twice: the first run runs every stage, the second should skip them all."""
+    repository, twice: the first run runs every stage, the second should skip them all. MLflow is a tracking
+    server (tests/servers.py), as a team's would be: every stage's run, the Ray Train workers' metrics, the
+    parent run and the logged model go to it over HTTP."""
     import mlflow
 
     from flows.pipeline import pipeline
     from micro import make_repo
+    from servers import mlflow_server
 
     repo = make_repo(tmp_path_factory.mktemp("flow") / "repo")
     saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "CGSPN_EXPERIMENT")}
-    os.environ.update({"MLFLOW_TRACKING_URI": f"sqlite:///{repo.parent / 'mlflow.db'}", "CGSPN_EXPERIMENT": "flow"})
-    try:
-        first = pipeline(root=str(repo))
-        second = pipeline(root=str(repo))
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-        experiment = mlflow.get_experiment_by_name("flow").experiment_id
-        yield {"root": repo, "first": first, "second": second, "experiment": experiment,
-               "tracking_uri": os.environ["MLFLOW_TRACKING_URI"]}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with mlflow_server(repo.parent / "mlflow") as tracking:
+        os.environ.update({"MLFLOW_TRACKING_URI": tracking, "CGSPN_EXPERIMENT": "flow"})
+        try:
+            first = pipeline(root=str(repo))
+            second = pipeline(root=str(repo))
+            mlflow.set_tracking_uri(tracking)
+            experiment = mlflow.get_experiment_by_name("flow").experiment_id
+            yield {"root": repo, "first": first, "second": second, "experiment": experiment, "tracking_uri": tracking}
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -46,7 +46,8 @@ def server(cmd: list[str], url: str, log: Path, env: dict, timeout: float = 120)
     """Run `cmd` in a process group of its own until the block ends; wait until `url` answers."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=log.parent,
+                                start_new_session=True)
     try:
         wait_for(url, proc, log, timeout)
         yield proc

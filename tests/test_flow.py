@@ -57,6 +57,12 @@ def test_mlflow_has_one_parent_run_per_run_that_ran_with_a_child_per_stage(flow_
     children = client.search_runs([flow_run["experiment"]], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.info.run_name for r in children) == sorted(STAGES)
     assert all(r.info.status == "FINISHED" for r in children)
+    assert flow_run["tracking_uri"].startswith("http://")  # a tracking server (conftest.flow_run)
+    steps = yaml.safe_load((flow_run["root"] / "params.yaml").read_text())
+    for child in (r for r in children if r.info.run_name in ("distill_stage1", "distill_stage2", "highres")):
+        # logged by Ray Train's rank-0 worker, a process of its own, over HTTP like the stage itself
+        losses = client.get_metric_history(child.info.run_id, "loss")
+        assert len(losses) == steps[child.info.run_name]["steps"], (child.info.run_name, len(losses))
     assert parent.info.status == "FINISHED" and parent.info.run_name == flow_run["first"]["flow_run"]
     assert parent.data.tags["cgspn.prefect_flow_run"] == flow_run["first"]["flow_run"]
     assert parent.data.tags["cgspn.prefect_flow_run_id"] and parent.data.tags["mlflow.source.git.commit"]

@@ -104,14 +104,19 @@ def restore(root: Path, stage: str) -> tuple[list[str], list[str]]:
         return [], [f"dvc.lock has no outputs of stage {stage} (it never succeeded here): nothing to restore"]
     uncached = uncached_paths(root, stage)
     cache = cache_folder(root)
-    problems = [p for out in outs if out["path"] in uncached and (p := restore_uncached(root, cache, out))]
-    if any(out["path"] not in uncached for out in outs):
+    problems, failed = [], set()
+    for out in outs:
+        if out["path"] in uncached and (problem := restore_uncached(root, cache, out)):
+            problems.append(problem)
+            failed.add(out["path"])
+    cached = [out["path"] for out in outs if out["path"] not in uncached]
+    if cached:
         done = subprocess.run([dvc_executable(), "checkout", "--force", stage], cwd=root, capture_output=True,
                               text=True)
         if done.returncode != 0:
             problems.append(f"dvc checkout {stage}: " + " ".join((done.stderr or done.stdout).split())[-500:])
-    failed = {p.split(":")[0] for p in problems}
-    return [o["path"] for o in outs if o["path"] not in failed], problems
+            failed.update(cached)
+    return [out["path"] for out in outs if out["path"] not in failed], problems
 
 
 def main(argv=None) -> int:
