@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,14 +19,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from servers import free_port, stop  # noqa: F401 - free_port: for the tests that import it from here
+
 BUCKET = "cgspn-test"
 REGION = "us-east-1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -93,10 +87,4 @@ def s3_server():
         server.client().create_bucket(Bucket=server.bucket)
         yield server
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
