@@ -32,11 +32,11 @@ def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 def check_remote(root: Path) -> str:
     """The default remote's name; RemoteError when there is none."""
-    done = dvc(root, "remote", "list")
+    names = [line.split()[0] for line in dvc(root, "remote", "list").stdout.splitlines() if line.strip()]
     default = dvc(root, "config", "core.remote").stdout.strip()
     if not default:
-        raise RemoteError(f"{root}: no default DVC remote (remotes: {done.stdout.split() or 'none'}); add the "
-                          "team's with `dvc remote add -d team s3://bucket/cgspn` (or a shared folder) and "
+        raise RemoteError(f"{Path(root).resolve()}: no default DVC remote (remotes: {', '.join(names) or 'none'}); "
+                          "add the team's with `dvc remote add -d team s3://bucket/cgspn` (or a shared folder) and "
                           "commit .dvc/config (docs/team.md)")
     return default
 

@@ -5,7 +5,8 @@
 
 The deployment `cgspn-pipeline/nightly` then shows in the UI, runs on the cron schedule (or every
 `--interval SECONDS`), and can be
-started by hand from there (with parameter overrides, which go through `dvc exp run --set-param`).
+started by hand from there (with parameter overrides: each such run is one DVC experiment, flows.experiment).
+For a team's work pool, with runs in a fresh clone at a fixed commit, see prefect.yaml and docs/team.md.
 """
 from __future__ import annotations
 
