@@ -47,6 +47,7 @@ from cgspn.pipeline.cli import BAD_INPUT  # noqa: E402
 from cgspn.pipeline.names import LISTING_STAGE, PARENT_RUN_ENV, STAGES  # noqa: E402
 from flows.experiment import OverrideRun, parse_override  # noqa: E402
 from flows.log_levels import OutputLevels  # noqa: E402
+from flows.remote import missing_lines  # noqa: E402
 
 SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for a stage that is up to date
 RESTORED = "is cached - skipping run"  # what it prints for a stage whose run the run-cache holds
@@ -145,6 +146,8 @@ def pipeline(overrides: list[str] | None = None, root: str = str(REPO), stages: 
     try:
         with ParentRun(name, overrides, rootp) as parent, OverrideRun(rootp, overrides) as experiment:
             parent.log_params(rootp / "params.yaml")
+            for line in missing_lines(rootp, "the workspace"):  # a fresh clone, a partial pull: in the run's log
+                get_run_logger().info("%s", line)
             if "shard" in stages:  # what is at shard.path now: shard reruns only if that changed
                 run_stage(LISTING_STAGE, root, parent.id, return_state=True).result()
             for stage in stages:

@@ -56,20 +56,22 @@ def missing_outputs(root: Path) -> dict[str, list[str]]:
     return missing
 
 
-def pull(root: Path) -> dict[str, list[str]]:
-    """Everything the default remote holds of dvc.lock and the run-cache -> the outputs it lacked, by stage."""
+def missing_lines(root: Path, holder: str) -> list[str]:
+    """One line per stage whose outputs are not in the workspace: `holder` lacks them, and what happens next."""
+    return [f"{holder} lacks {', '.join(paths)} (stage {stage}): `make demo` or `dvc repro` computes them, or "
+            "restores them from the run-cache" for stage, paths in missing_outputs(root).items()]
+
+
+def pull(root: Path) -> list[str]:
+    """Everything the default remote holds of dvc.lock and the run-cache -> a line per stage it lacked."""
     remote = check_remote(root)
     print(f"dvc pull --run-cache from remote {remote!r}", flush=True)
     done = dvc(root, "pull", "--run-cache", "--allow-missing")
     if done.returncode != 0:
         raise RemoteError(f"dvc pull from remote {remote!r} failed: " + last_error(done))
-    missing = missing_outputs(root)
-    for stage, paths in missing.items():
-        print(f"remote {remote!r} lacks {', '.join(paths)} (stage {stage}): `make demo` or `dvc repro` computes "
-              "them, or restores them from the run-cache", flush=True)
-    if not missing:
-        print(f"every output dvc.lock names came from remote {remote!r}", flush=True)
-    return missing
+    lines = missing_lines(root, f"remote {remote!r}")
+    print("\n".join(lines) or f"every output dvc.lock names came from remote {remote!r}", flush=True)
+    return lines
 
 
 def push(root: Path) -> str:

@@ -159,6 +159,7 @@ def test_the_deployment_clones_pulls_runs_and_pushes_on_a_work_pool(flow_run, tm
         text = "\n".join(r["message"] for r in logs)
         pull_step = worker.stdout + worker.stderr  # a shell step's output goes to the worker's, not to the API
         assert "lacks data/shards" in pull_step and "(stage shard)" in pull_step, pull_step[-3000:]
+        assert "the workspace lacks data/shards" in text  # the gap in the run's own log, for the UI
         assert "Running stage 'shard'" in text and "dvc push --run-cache to remote 'team'" in text
         assert "Running stage 'teacher'" not in text  # the same shards: nothing after shard reran
 
