@@ -12,11 +12,11 @@ Without overrides it does nothing: the stages run on the workspace and DVC recor
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
+
+from flows.remote import dvc
 
 
 class OverrideError(ValueError):
@@ -121,8 +121,7 @@ class OverrideRun:
         self.restore()
 
     def _dvc(self, *args: str, check: bool = True) -> str:
-        dvc = str(Path(sys.executable).with_name("dvc"))
-        done = subprocess.run([dvc, *args], cwd=self.root, capture_output=True, text=True)
+        done = dvc(self.root, *args)
         if check and done.returncode != 0:
             raise RuntimeError(f"dvc {' '.join(args)} failed in {self.root}: {done.stderr.strip()[-2000:]}")
         return done.stdout

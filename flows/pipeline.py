@@ -45,6 +45,7 @@ from prefect.states import Completed, Failed  # noqa: E402
 
 from cgspn.pipeline.cli import BAD_INPUT  # noqa: E402
 from cgspn.pipeline.names import LISTING_STAGE, PARENT_RUN_ENV, STAGES  # noqa: E402
+from cgspn.pipeline.restore import dvc_executable, restore  # noqa: E402
 from flows.experiment import OverrideRun, parse_override  # noqa: E402
 from flows.log_levels import OutputLevels  # noqa: E402
 from flows.remote import missing_lines  # noqa: E402
@@ -87,7 +88,7 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 
 
 def dvc_command(stage: str) -> list[str]:
-    return [str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", stage]
+    return [dvc_executable(), "repro", "--single-item", stage]
 
 
 @task(retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=retry_unless_bad_input, task_run_name="{stage}")
@@ -113,8 +114,6 @@ def run_stage(stage: str, root: str, parent_run_id: str | None):
     if proc.wait() != 0:
         error = stage_error(stage, proc.returncode, tail, ran)
         if ran:  # DVC deleted the stage's outputs before running it: dvc.lock still names the earlier ones
-            from cgspn.pipeline.restore import restore
-
             restored, problems = restore(Path(root), stage)
             logger.info("restored the earlier outputs of %s: %s", stage, ", ".join(restored) or "none")
             for line in problems:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cgspn.pipeline.cli import BAD_INPUT
 from cgspn.pipeline.errors import InputError
+from cgspn.pipeline.restore import dvc_executable
 
 
 class RemoteError(InputError):
@@ -26,8 +27,8 @@ class RemoteError(InputError):
 
 
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).with_name("dvc")), *args], cwd=root, capture_output=True,
-                          text=True)
+    """`dvc <args>` in `root` with this environment's dvc, its output captured."""
+    return subprocess.run([dvc_executable(), *args], cwd=root, capture_output=True, text=True)
 
 
 def check_remote(root: Path) -> str:

@@ -52,14 +52,10 @@ def run_stage(name: str, schema: dict[str, Param], main: Callable, argv: list[st
 def print_restore_hint(name: str) -> None:
     """Under `dvc repro` (which sets DVC_STAGE and DVC_ROOT), a stage whose outputs are not `persist` failed
     after DVC deleted its earlier outputs: name the command that puts them back (cgspn.pipeline.restore)."""
-    root = os.environ.get("DVC_ROOT")
-    if os.environ.get("DVC_STAGE") != name or not root:
-        return
-    import yaml
+    from cgspn.pipeline.restore import removes_outputs
 
-    spec = (yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}).get("stages", {}).get(name, {})
-    entries = [e for kind in ("outs", "metrics", "plots") for e in spec.get(kind, [])]
-    if any(not (isinstance(e, dict) and (next(iter(e.values())) or {}).get("persist")) for e in entries):
+    root = os.environ.get("DVC_ROOT")
+    if os.environ.get("DVC_STAGE") == name and root and removes_outputs(Path(root), name):
         print(f"stage {name}: DVC removed its earlier outputs before this run; put them back with: "
               f"python -m cgspn.pipeline.restore {name}", file=sys.stderr)
 

@@ -41,7 +41,7 @@ def start_ray(local_cpus: int, stage: str, shared: list[Path] = ()) -> bool:
         return True
     connect(address, stage)
     try:
-        check_nodes(stage, [*shared, *filter(None, [tracking_folder()])])
+        check_nodes(stage, shared)
     except BaseException:
         ray.shutdown()
         raise
@@ -182,14 +182,16 @@ def tracking_folder() -> Path | None:
 
 
 def check_nodes(stage: str, shared: list[Path]) -> None:
-    """Run node_check on every alive node of the cluster; one ClusterError naming each node that fails."""
+    """Run node_check on every alive node of the cluster; one ClusterError naming each node that fails. The
+    folders checked: `shared` and that of a local MLflow tracking store."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     modules = code_files(stage)
+    tracking = tracking_folder()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     check = ray.remote(num_cpus=0, max_retries=0)(by_value(node_check))
-    with markers_in(list(shared)) as markers:
+    with markers_in([*shared, *filter(None, [tracking])]) as markers:
         refs = [check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(
             modules, markers) for n in nodes]
         deadline, results = time.monotonic() + CHECK_TIMEOUT_S, []
@@ -213,9 +215,9 @@ def check_nodes(stage: str, shared: list[Path]) -> None:
             problems.append(f"{name} runs other code for stage {stage} than this driver's working tree "
                             f"({', '.join(r['differ'][:3])}: an installed copy of the project comes first there)")
         unseen = {Path(m).parent for m in r["unseen"]}
-        if tracking_folder() in unseen:
-            unseen.discard(tracking_folder())
-            problems.append(f"{name} does not see {tracking_folder()}, where MLflow's tracking database is "
+        if tracking in unseen:
+            unseen.discard(tracking)
+            problems.append(f"{name} does not see {tracking}, where MLflow's tracking database is "
                             "(MLFLOW_TRACKING_URI): its workers would log to a database of their own; give "
                             "MLFLOW_TRACKING_URI=http://<host>:5000, a tracking server every node reaches "
                             "(docs/team.md)")

@@ -33,17 +33,24 @@ def locked_outputs(root: Path, stage: str) -> list[dict]:
     return (yaml.safe_load(lock.read_text()).get("stages", {}).get(stage) or {}).get("outs", [])
 
 
+def dvc_outputs(root: Path, stage: str) -> dict[str, dict]:
+    """dvc.yaml's outputs of `stage` (outs, metrics and plots) -> {path: its options ({} for none)}."""
+    spec = (yaml.safe_load((Path(root) / "dvc.yaml").read_text()) or {}).get("stages", {}).get(stage) or {}
+    outputs = {}
+    for entry in (e for kind in ("outs", "metrics", "plots") for e in spec.get(kind, [])):
+        (path, options), = entry.items() if isinstance(entry, dict) else [(entry, {})]
+        outputs[path] = options or {}
+    return outputs
+
+
 def uncached_paths(root: Path, stage: str) -> set[str]:
     """The outputs of `stage` that dvc.yaml keeps out of DVC's cache (cache: false)."""
-    spec = yaml.safe_load((Path(root) / "dvc.yaml").read_text())["stages"][stage]
-    paths = set()
-    for kind in ("outs", "metrics", "plots"):
-        for entry in spec.get(kind, []):
-            if isinstance(entry, dict):
-                (path, options), = entry.items()
-                if isinstance(options, dict) and options.get("cache") is False:
-                    paths.add(path)
-    return paths
+    return {path for path, options in dvc_outputs(root, stage).items() if options.get("cache") is False}
+
+
+def removes_outputs(root: Path, stage: str) -> bool:
+    """Whether `dvc repro` deletes some output of `stage` before running it (one that is not `persist`)."""
+    return any(not options.get("persist") for options in dvc_outputs(root, stage).values())
 
 
 def md5_of(data: bytes) -> str:
