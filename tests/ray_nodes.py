@@ -14,7 +14,8 @@ The dashboard is on (bound to 127.0.0.1) unless a test turns it off: Ray Train V
 differs from the tests' in three variables (see RayCluster): RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 (else a
 second node refuses to join), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 (stop without a 30 s drain) and
 RAY_ADDRESS = the head's address, fixed before it starts (so that Ray's own processes on the nodes find their
-cluster when another Ray runs on the machine).
+cluster when another Ray runs on the machine); with the dashboard off, a fourth, RAY_API_SERVER_ADDRESS, names a
+port nothing listens on.
 
 The nodes' temp dir (sessions, logs, sockets, the `ray_current_cluster` address file) lies under the test's
 own folder, reached through a short symlink in /tmp: a Unix socket path may not exceed 107 bytes, and a
@@ -210,6 +211,13 @@ class RayCluster:
         self.port = free_port()
         self.address = build_address(self.ip, self.port)
         self.env["RAY_ADDRESS"] = self.address
+        if not dashboard:
+            # Without a dashboard the state API has no server, and Train's PlacementGroupCleaner (whose stop is
+            # given 12 s) must find that out at once, as on a machine where nothing holds the dashboard's
+            # default port 8265. Here other tests' local Ray holds it: the head's minimal dashboard then writes
+            # no address, and each state query retries for some 40 s (internal_kv_get_with_retry), so the
+            # stop timed out and printed a traceback. A port nothing listens on answers at once.
+            self.env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{free_port()}"
         self.nodes: list[RayNode] = []
 
     def common_args(self, cpus: int, gpus: int = 0) -> list[str]:
