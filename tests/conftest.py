@@ -1,6 +1,8 @@
 """Test-wide settings: CPU Triton runs in its interpreter; quiet, offline embedded services."""
+import atexit
 import json
 import os
+import shutil
 import tempfile
 
 # Must be set before anything imports triton (the kernels pick the interpreter at definition time).
@@ -26,6 +28,7 @@ for key, value in {
     os.environ.setdefault(key, value)
 # Importing the flow defaults PREFECT_HOME to the checkout's .prefect/ (make's too): tests keep theirs apart.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="cgspn-test-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], True)  # each pytest process made one
 
 import torch  # noqa: E402
 
